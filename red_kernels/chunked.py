@@ -1,0 +1,131 @@
+"""Exact chunked PyTorch path (the CPU backend): never holds more than one [chunk, V] block of logits.
+
+Per token, with z = (x·Wᵀ + b)/τ, m = max z, the stats kept are shifted so that one-hot-like rows lose no
+precision:  logs = log Σ exp(z − m),  ezs = E_p[z − m].  Then
+
+    log p_y = (z_y − m) − logs,     H = logs − ezs,
+    ∂L/∂z_j = g_lp·(1[j = y] − p_j) − g_H·p_j·((z_j − m) − ezs),    dX = dZ·W/τ,  dW = dZᵀ·X/τ,  db = Σ dZ/τ.
+
+`forward_stats` + `backward` recompute the logits in backward (4 GEMM sweeps, memory O(chunk·V)).
+`forward_with_grad` forms the gradient during the forward sweep when the per-token loss is known there
+(3 GEMM sweeps): that is what the fused losses use.
+"""
+from __future__ import annotations
+
+import torch
+
+# Elements of one [chunk, V] fp32 block: 2^24 (64 MiB); a few such blocks live at once.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def rows_per_chunk(vocab: int, chunk_size: int | None = None) -> int:
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+
+def _logits(x, w32, b32, tau):
+    z = x.float() @ w32.t()
+    if b32 is not None:
+        z += b32
+    if tau != 1.0:
+        z /= tau
+    return z
+
+
+def _stats(z, y):
+    """Shifted stats of a logits block; overwrites z with z − m. Returns (m, zs, p, logs, ezs, zy_s)."""
+    m = z.amax(dim=1)
+    zs = z.sub_(m[:, None])                   # shifted logits, ≤ 0
+    p = zs.exp()
+    s = p.sum(dim=1)
+    p.div_(s[:, None])
+    logs = s.log()
+    ezs = torch.linalg.vecdot(p, zs, dim=1)
+    zy_s = zs.gather(1, y[:, None]).squeeze(1)
+    return m, zs, p, logs, ezs, zy_s
+
+
+def _dz(zs, p, y, ezs, g_lp, g_h, tau):
+    """∂L/∂z_raw for one chunk, in place over p (p is not needed afterwards)."""
+    # g_lp·(1[y] − p) − g_H·p·(zs − ezs)  =  −p·(g_lp + g_H·(zs − ezs)) + g_lp·1[y]
+    zs.sub_(ezs[:, None]).mul_(g_h[:, None]).add_(g_lp[:, None])
+    dz = p.mul_(zs).neg_()
+    dz.scatter_add_(1, y[:, None], g_lp[:, None])
+    if tau != 1.0:
+        dz /= tau
+    return dz
+
+
+def _as_fp32(w, b):
+    return w.float(), (None if b is None else b.float())
+
+
+def forward_stats(x, w, b, y, tau, chunk_size=None):
+    """Per-token (m, logs, ezs, zy_s), each fp32 [M], for compacted rows x [M, H], y [M] (module docstring)."""
+    n = x.shape[0]
+    w32, b32 = _as_fp32(w, b)
+    out = torch.empty(4, n, dtype=torch.float32, device=x.device)
+    step = rows_per_chunk(w.shape[0], chunk_size)
+    for i in range(0, n, step):
+        z = _logits(x[i:i + step], w32, b32, tau)
+        m, zs, p, logs, ezs, zy_s = _stats(z, y[i:i + step])
+        out[0, i:i + step] = m
+        out[1, i:i + step] = logs
+        out[2, i:i + step] = ezs
+        out[3, i:i + step] = zy_s
+        del z, zs, p
+    return out[0], out[1], out[2], out[3]
+
+
+def backward(x, w, b, y, tau, m, logs, ezs, g_lp, g_h, chunk_size=None):
+    """(dX, dW, db) in fp32 from the saved stats and the per-token upstream grads g_lp, g_h [M]."""
+    w32, b32 = _as_fp32(w, b)
+    dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
+    db = None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=x.device)
+    step = rows_per_chunk(w.shape[0], chunk_size)
+    for i in range(0, x.shape[0], step):
+        sl = slice(i, i + step)
+        z = _logits(x[sl], w32, b32, tau)
+        zs = z.sub_(m[sl, None])
+        p = zs.exp().mul_(torch.exp(-logs[sl])[:, None])
+        dz = _dz(zs, p, y[sl], ezs[sl], g_lp[sl].float(), g_h[sl].float(), tau)
+        _accumulate(dz, x[sl], w32, dx[sl], dw, db)
+        del z, zs, p, dz
+    return dx, dw, db
+
+
+def _accumulate(dz, xc, w32, dx_out, dw, db):
+    torch.matmul(dz, w32, out=dx_out)
+    dw.addmm_(dz.t(), xc.float())
+    if db is not None:
+        db += dz.sum(dim=0)
+
+
+def forward_with_grad(x, w, b, y, tau, token_grad_fn, chunk_size=None):
+    """One sweep that also forms the gradient, for losses whose per-token gradient is local.
+
+    token_grad_fn(rows: slice, logp [c], entropy [c]) -> (g_lp [c], g_h [c]) gives ∂L/∂log p and ∂L/∂H for
+    the chunk's rows (any normalisers must already be folded in). Returns (logp [M], entropy [M], dX, dW, db),
+    gradients in fp32.
+    """
+    n = x.shape[0]
+    w32, b32 = _as_fp32(w, b)
+    logp = torch.empty(n, dtype=torch.float32, device=x.device)
+    ent = torch.empty(n, dtype=torch.float32, device=x.device)
+    dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
+    db = None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=x.device)
+    step = rows_per_chunk(w.shape[0], chunk_size)
+    for i in range(0, n, step):
+        sl = slice(i, i + step)
+        z = _logits(x[sl], w32, b32, tau)
+        _, zs, p, logs, ezs, zy_s = _stats(z, y[sl])
+        logp[sl] = zy_s - logs
+        ent[sl] = logs - ezs
+        g_lp, g_h = token_grad_fn(sl, logp[sl], ent[sl])
+        dz = _dz(zs, p, y[sl], ezs, g_lp.float(), g_h.float(), tau)
+        _accumulate(dz, x[sl], w32, dx[sl], dw, db)
+        del zs, p, dz
+    return logp, ent, dx, dw, db

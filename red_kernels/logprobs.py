@@ -1,0 +1,93 @@
+"""`linear_logprobs`: per-token log p(target) and entropy straight from hidden states and the lm_head weight."""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from ._validate import check_linear_inputs
+from .reference import reference_logprobs
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Compacted rows only: x [M, H], y [M] valid ids. Returns (logp [M], entropy [M]) in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, y, tau, impl, chunk_size):
+        kw = {"chunk_size": chunk_size}
+        m, logs, ezs, zy_s = impl.forward_stats(x, w, b, y, tau, **kw)
+        ctx.save_for_backward(x, w, b, y, m, logs, ezs)
+        ctx.tau, ctx.impl, ctx.kw = tau, impl, kw
+        return zy_s - logs, logs - ezs
+
+    @staticmethod
+    def backward(ctx, g_lp, g_h):
+        x, w, b, y, m, logs, ezs = ctx.saved_tensors
+        if g_lp is None:
+            g_lp = torch.zeros_like(logs)
+        if g_h is None:
+            g_h = torch.zeros_like(logs)
+        dx, dw, db = ctx.impl.backward(x, w, b, y, ctx.tau, m, logs, ezs, g_lp, g_h, **ctx.kw)
+        return (dx.to(x.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
+                None, None, None, None)
+
+
+def compact_rows(hidden, targets, ignore_index):
+    """Flatten to [N, H] / [N] and keep only rows whose target is not ignore_index.
+
+    Returns (x [M, H], y [M], index [M] of kept rows in the flat order). One host sync (nonzero) on CUDA.
+    """
+    x = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    index = (y != ignore_index).nonzero().squeeze(1)
+    return x.index_select(0, index), y.index_select(0, index).long(), index
+
+
+def scatter_rows(values, index, n, shape):
+    """Inverse of compact_rows for a per-row value: zeros for ignored rows (differentiable)."""
+    out = values.new_zeros(n)
+    return out.index_copy(0, index, values).reshape(shape)
+
+
+def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                    return_entropy=True, backend=None, chunk_size=None, check_inputs=True):
+    """Per-token log-probabilities of `targets` and full-vocabulary entropy, without materialising logits.
+
+    With z = (hidden·weightᵀ + bias) / temperature and p = softmax(z):
+    logprobs = log p[target],  entropy = −Σ_v p_v log p_v  (nats).
+
+    Args:
+        hidden: [..., H] last hidden states (fp32, bf16 or fp16).
+        weight: [V, H] lm_head weight, same dtype as hidden.
+        targets: [...] integer token ids in [0, V), or `ignore_index` for rows to skip.
+        bias: optional [V] lm_head bias.
+        temperature: > 0; logits are divided by it (use the rollout temperature for RL log-probs).
+        ignore_index: target id marking ignored rows (prompt, padding): they give 0, get zero gradient and
+            are removed before any GEMM-shaped work.
+        return_entropy: if False the second output is None (the entropy costs nothing extra to compute,
+            but a caller that does not use it should not hold on to it).
+        backend: None (auto: CUDA → 'triton', CPU → 'torch'), 'triton', 'torch' or 'reference' (float64,
+            materialised logits, tests only). The env var RED_KERNELS_BACKEND sets the default.
+        chunk_size: rows per chunk on the 'torch' backend (default: [chunk, V] ≈ 2^24 elements).
+        check_inputs: validate target range and finiteness (costs host syncs; turn off under CUDA graphs).
+
+    Returns:
+        (logprobs, entropy): float32 tensors shaped like `targets`; differentiable w.r.t. hidden, weight
+        and bias through both outputs.
+    """
+    check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_inputs)
+    name = backends.resolve(backend, hidden.device)
+    tau = float(temperature)
+    if name == "reference":
+        logp, ent = reference_logprobs(hidden, weight, targets, bias, tau, ignore_index)
+        return logp.float(), (ent.float() if return_entropy else None)
+    x, y, index = compact_rows(hidden, targets, ignore_index)
+    n = targets.numel()
+    if x.shape[0] == 0:
+        # Nothing to compute: zeros that still carry a (zero) gradient path to every input.
+        zero = (hidden.sum() * 0 + weight.sum() * 0 + (0 if bias is None else bias.sum() * 0)).float()
+        logp = zero.expand(targets.shape).clone()
+        return logp, (logp.clone() if return_entropy else None)
+    logp_c, ent_c = _LinearLogprobs.apply(x, weight, bias, y, tau, backends.ops(name), chunk_size)
+    logp = scatter_rows(logp_c, index, n, targets.shape)
+    ent = scatter_rows(ent_c, index, n, targets.shape) if return_entropy else None
+    return logp, ent

