@@ -61,6 +61,7 @@ def _as_fp32(w, b):
     return w.float(), (None if b is None else b.float())
 
 
+@torch.no_grad()
 def forward_stats(x, w, b, y, tau, chunk_size=None):
     """Per-token (m, logs, ezs, zy_s), each fp32 [M], for compacted rows x [M, H], y [M] (module docstring)."""
     n = x.shape[0]
@@ -78,6 +79,7 @@ def forward_stats(x, w, b, y, tau, chunk_size=None):
     return out[0], out[1], out[2], out[3]
 
 
+@torch.no_grad()
 def backward(x, w, b, y, tau, m, logs, ezs, g_lp, g_h, chunk_size=None):
     """(dX, dW, db) in fp32 from the saved stats and the per-token upstream grads g_lp, g_h [M]."""
     w32, b32 = _as_fp32(w, b)
@@ -103,6 +105,7 @@ def _accumulate(dz, xc, w32, dx_out, dw, db):
         db += dz.sum(dim=0)
 
 
+@torch.no_grad()
 def forward_with_grad(x, w, b, y, tau, token_grad_fn, chunk_size=None):
     """One sweep that also forms the gradient, for losses whose per-token gradient is local.
 

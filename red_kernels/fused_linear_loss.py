@@ -1,0 +1,69 @@
+"""A scalar loss Σ_t f_t(log p_t, H_t) over compacted token rows, with its gradient formed during the op.
+
+Because f is a sum of per-token terms, ∂L/∂log p_t and ∂L/∂H_t are local: they are known as soon as a token's
+log p and H are. So the hidden/weight gradients are computed eagerly in the forward call and handed to autograd
+(scaled by the upstream gradient of the loss):
+
+* 'torch' backend: one chunked sweep (logits → stats → per-token grads → dZ → dX, dW), 3 GEMM-shaped passes;
+* 'triton' backend: the forward kernel, then the recompute backward kernel right away (1 forward + 1 recompute
+  vocabulary sweep, the same as linear_logprobs forward+backward).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import chunked
+
+
+class _PrecomputedGrad(torch.autograd.Function):
+    """loss → loss, with d loss / d(x, w, b) already computed as (dx, dw, db)."""
+
+    @staticmethod
+    def forward(ctx, loss, x, w, b, dx, dw, db):
+        ctx.save_for_backward(dx, dw, db)
+        ctx.has_bias = b is not None
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        dx, dw, db = ctx.saved_tensors
+        return (None, dx * g.to(dx.dtype), dw * g.to(dw.dtype),
+                (db * g.to(db.dtype)) if ctx.has_bias else None, None, None, None)
+
+
+def fused_linear_token_loss(x, w, b, y, tau, token_loss, impl, chunk_size=None):
+    """L = Σ_chunks token_loss(rows, logp, H) with exact gradients w.r.t. x [M, H], w [V, H], b [V].
+
+    token_loss(rows: slice, logp [c], entropy [c]) must return the chunk's scalar loss as a differentiable
+    function of its logp/entropy arguments (plain torch ops). `impl` is the backend module (chunked or
+    triton_ops). Returns (loss 0-dim fp32, logp [M] fp32, entropy [M] fp32), logp/entropy detached.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
+
+    def grads(rows, logp, ent):
+        nonlocal total
+        lp = logp.detach().requires_grad_(needs_grad)
+        h = ent.detach().requires_grad_(needs_grad)
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            loss = token_loss(rows, lp, h)
+        total = total + loss.detach().float()
+        if not needs_grad:
+            return None
+        g_lp, g_h = torch.autograd.grad(loss, (lp, h), allow_unused=True)
+        return (torch.zeros_like(lp) if g_lp is None else g_lp), (torch.zeros_like(h) if g_h is None else g_h)
+
+    if impl is chunked and needs_grad:
+        logp, ent, dx, dw, db = chunked.forward_with_grad(x, w, b, y, tau, grads, chunk_size)
+    else:
+        m, logs, ezs, zy_s = impl.forward_stats(x, w, b, y, tau, chunk_size=chunk_size)
+        logp, ent = zy_s - logs, logs - ezs
+        g = grads(slice(None), logp, ent)
+        if g is None:
+            return total, logp, ent
+        dx, dw, db = impl.backward(x, w, b, y, tau, m, logs, ezs, g[0], g[1], chunk_size=chunk_size)
+    if not needs_grad:
+        return total, logp, ent
+    loss = _PrecomputedGrad.apply(total, x, w, b, dx.to(x.dtype), dw.to(w.dtype),
+                                  None if db is None else db.to(b.dtype))
+    return loss, logp, ent

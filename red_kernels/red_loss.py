@@ -1,0 +1,200 @@
+"""`red_loss`: the mixed GRPO / offline (LUFFY, RED) / SFT policy loss straight from hidden states.
+
+The vocabulary work is one fused sweep (fused_linear_loss); everything else is O(tokens) math from
+policy_loss. Shapes: B sequences of T positions; H hidden size; V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import backends
+from ._validate import check_linear_inputs, check_same_shape
+from .fused_linear_loss import fused_linear_token_loss
+from .logprobs import compact_rows, linear_logprobs, scatter_rows
+from .policy_loss import REDLossConfig, aggregation_weights, shaping, token_terms
+
+METRIC_KEYS = ("pg_online", "pg_offline", "sft", "entropy_bonus", "kl", "clip_frac_low", "clip_frac_high",
+               "ratio_mean", "entropy_online", "entropy_offline", "teacher_prob", "phi_mean")
+
+
+@dataclass
+class REDLossOutput:
+    """loss: 0-dim differentiable. logprobs, entropy: [B, T] fp32, detached, 0 outside loss_mask.
+    metrics: 0-dim detached tensors (call .item() when logging; no host sync inside the op)."""
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    metrics: dict
+
+
+def _per_seq(name, t, b, required_default):
+    if t is None:
+        return None if required_default is None else torch.full((b,), required_default)
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, dtype=torch.float32)
+    if tuple(t.shape) != (b,):
+        raise ValueError(f"{name} must be per sequence, shape [{b}], got {tuple(t.shape)}")
+    return t
+
+
+def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, ref, is_w, cfg):
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be [B, T] (sequences × positions), got shape {tuple(targets.shape)}")
+    b = targets.shape[0]
+    check_same_shape("targets", targets, loss_mask=loss_mask, offline_mask=offline_mask, old_logprobs=old,
+                     ref_logprobs=ref, is_weights=is_w)
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in ((b,), tuple(targets.shape)):
+        shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise ValueError(f"advantages must be [B]={b} or [B, T]={tuple(targets.shape)}, got {shape}")
+    mask = loss_mask.bool()
+    off = torch.zeros_like(mask) if offline_mask is None else offline_mask.bool()
+    if bool((off & ~mask).any()):
+        raise ValueError("offline_mask marks tokens where loss_mask is off: teacher tokens must be loss tokens "
+                         "(use offline_mask & loss_mask)")
+    if bool((mask & (targets == cfg.ignore_index)).any()):
+        raise ValueError(f"loss_mask is on where targets == ignore_index ({cfg.ignore_index}); "
+                         "mask those positions out of loss_mask")
+    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(targets)
+    if not bool(torch.isfinite(adv[mask]).all()):
+        raise ValueError("advantages contain NaN/inf on loss tokens (a group with zero std and no epsilon?)")
+    for name, t in (("old_logprobs", old), ("ref_logprobs", ref), ("is_weights", is_w)):
+        if t is not None and not bool(torch.isfinite(t[mask]).all()):
+            raise ValueError(f"{name} contain NaN/inf on loss tokens")
+    if r_bar is not None and not bool(((r_bar >= 0) & (r_bar <= 1)).all()):
+        raise ValueError(f"group_accuracy (r̄) must be in [0, 1], got min {float(r_bar.min())}, "
+                         f"max {float(r_bar.max())}")
+    if w is not None and not bool((torch.isfinite(w) & (w >= 0)).all()):
+        raise ValueError("offline_weight (w) must be finite and ≥ 0")
+    if cfg.kl_coef and ref is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs [B, T]")
+    if cfg.offline_shaping == "red" and r_bar is None and bool(off.any()):
+        raise ValueError("offline_shaping='red' needs group_accuracy [B] (the group's mean accuracy r̄) "
+                         "when there are offline tokens")
+    return mask, off, adv
+
+
+def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=None, offline_mask=None,
+             group_accuracy=None, offline_weight=None, ref_logprobs=None, is_weights=None, bias=None,
+             config: REDLossConfig | None = None, global_normalizer=None, backend=None, chunk_size=None,
+             check_inputs=True, **config_overrides) -> REDLossOutput:
+    """The RED policy loss (and its baselines GRPO / LUFFY / SFT by configuration) from hidden states.
+
+    Args:
+        hidden: [B, T, H] last hidden states at the positions that predict `targets`.
+        weight: [V, H] lm_head weight (bias: optional [V]).
+        targets: [B, T] token ids (ignore_index allowed outside loss_mask).
+        advantages: [B] or [B, T] advantages A (the offline weight w is applied here, not by the caller).
+        loss_mask: [B, T] bool/0-1, the response tokens that carry loss.
+        old_logprobs: [B, T] log p_old of online tokens; None → ρ ≡ 1 (one update per rollout batch).
+        offline_mask: [B, T] bool, teacher-trace tokens (subset of loss_mask); None → all online.
+        group_accuracy: [B] r̄ of each sequence's group (offline_shaping='red').
+        offline_weight: [B] w, the entropy-ratio weight of offline sequences (default 1).
+        ref_logprobs: [B, T] reference-policy log-probs (kl_coef > 0).
+        is_weights: [B, T] truncated importance weights for online tokens (rollout-engine mismatch).
+        config / **config_overrides: REDLossConfig fields (clip_eps_low, offline_shaping, loss_agg, ...).
+        global_normalizer: sequences (seq_*) or tokens (token_mean) of the whole batch across micro-batches
+            and ranks, so accumulated micro-batch gradients equal the full-batch gradient.
+        backend, chunk_size, check_inputs: as in linear_logprobs.
+    """
+    cfg = REDLossConfig.build(config, **config_overrides)
+    check_linear_inputs(hidden, weight, targets, bias, cfg.temperature, cfg.ignore_index, check_inputs)
+    b = targets.shape[0] if targets.dim() == 2 else 0
+    r_bar = _per_seq("group_accuracy", group_accuracy, b, None)
+    w = _per_seq("offline_weight", offline_weight, b, None)
+    mask, off, adv = _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old_logprobs,
+                                   ref_logprobs, is_weights, cfg)
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    on = mask & ~off
+    agg = aggregation_weights(mask.to(**f32), cfg, global_normalizer)
+
+    seq = lambda t, fill: (torch.full((b,), fill, **f32) if t is None else t.to(**f32))[:, None].expand_as(targets)
+    side_full = {
+        "online": on.to(**f32), "offline": off.to(**f32), "adv": adv.to(**f32), "agg": agg,
+        "r_bar": seq(r_bar, 0.5), "w": seq(w, 1.0),
+        "is_w": torch.ones(targets.shape, **f32) if is_weights is None else is_weights.to(**f32),
+        "old_logp": None if old_logprobs is None else old_logprobs.to(**f32),
+        "ref_logp": None if ref_logprobs is None else ref_logprobs.to(**f32),
+    }
+    eff_targets = torch.where(mask, targets, torch.full_like(targets, cfg.ignore_index))
+    name = backends.resolve(backend, dev)
+    if name == "reference":
+        logp, ent = linear_logprobs(hidden, weight, eff_targets, bias=bias, temperature=cfg.temperature,
+                                    ignore_index=cfg.ignore_index, backend="reference", check_inputs=False)
+        side = {k: (v.reshape(-1) if v is not None else None) for k, v in side_full.items()}
+        loss = _weighted_loss(logp.reshape(-1), ent.reshape(-1), side, cfg)
+        logp_d, ent_d = logp.detach(), ent.detach()
+    else:
+        x, y, index = compact_rows(hidden, eff_targets, cfg.ignore_index)
+        side = {k: (v.reshape(-1).index_select(0, index) if v is not None else None) for k, v in side_full.items()}
+
+        def token_loss(rows, lp, h):
+            return _weighted_loss(lp, h, {k: (v[rows] if v is not None else None) for k, v in side.items()}, cfg)
+
+        if x.shape[0] == 0:
+            zero = (hidden.sum() * 0 + weight.sum() * 0 + (0 if bias is None else bias.sum() * 0)).float()
+            loss, logp_c, ent_c = zero, x.new_zeros(0, dtype=torch.float32), x.new_zeros(0, dtype=torch.float32)
+        else:
+            loss, logp_c, ent_c = fused_linear_token_loss(x, weight, bias, y, cfg.temperature, token_loss,
+                                                          backends.ops(name), chunk_size)
+        n = targets.numel()
+        logp_d = scatter_rows(logp_c, index, n, targets.shape)
+        ent_d = scatter_rows(ent_c, index, n, targets.shape)
+    metrics = _metrics(logp_d, ent_d, side_full, mask, on, off, cfg)
+    return REDLossOutput(loss=loss, logprobs=logp_d, entropy=ent_d, metrics=metrics)
+
+
+def _sanitised(logp, side):
+    """Side inputs with the old log-probs of non-online tokens replaced by log p (ρ = 1 there), so a masked-out
+    term can never produce inf·0 = NaN."""
+    old = side["old_logp"]
+    s = dict(side)
+    s["old_logp"] = logp.detach() if old is None else torch.where(side["online"] > 0, old, logp.detach())
+    if s["ref_logp"] is not None:
+        s["ref_logp"] = torch.where(side["agg"] > 0, s["ref_logp"], logp.detach())
+    return s
+
+
+def _weighted_loss(logp, ent, side, cfg):
+    terms = token_terms(logp, ent, _sanitised(logp, side), cfg)
+    return sum((side["agg"] * t).sum() for t in terms.values())
+
+
+def _metrics(logp, ent, side, mask, on, off, cfg):
+    """Loss components (aggregated like the loss) and diagnostics, all detached 0-dim tensors."""
+    with torch.no_grad():
+        s = _sanitised(logp, side)
+        terms = token_terms(logp, ent, s, cfg)
+        out = {k: (side["agg"] * terms[k]).sum() if k in terms else logp.new_zeros(())
+               for k in ("pg_online", "pg_offline", "sft", "entropy_bonus", "kl")}
+        mean = lambda v, m: (v * m).sum() / m.sum().clamp(min=1)
+        ratio = (logp - s["old_logp"]).exp()
+        onf, offf = on.float(), off.float()
+        adv = side["adv"]
+        out["clip_frac_low"] = mean(((ratio < 1 - cfg.clip_eps_low) & (adv < 0)).float(), onf)
+        out["clip_frac_high"] = mean(((ratio > 1 + cfg.clip_eps_high) & (adv > 0)).float(), onf)
+        out["ratio_mean"] = mean(ratio, onf)
+        out["entropy_online"] = mean(ent, onf)
+        out["entropy_offline"] = mean(ent, offf)
+        p = logp.exp()
+        out["teacher_prob"] = mean(p, offf)
+        out["phi_mean"] = mean(shaping(p, side["r_bar"], cfg), offf)
+    return out
+
+
+class FusedLinearREDLoss(torch.nn.Module):
+    """Module form of red_loss: holds the REDLossConfig; forward(hidden, weight, targets, advantages, **kw)."""
+
+    def __init__(self, config: REDLossConfig | None = None, backend=None, **config_overrides):
+        super().__init__()
+        self.config = REDLossConfig.build(config, **config_overrides)
+        self.backend = backend
+
+    def forward(self, hidden, weight, targets, advantages, **kwargs) -> REDLossOutput:
+        kwargs.setdefault("backend", self.backend)
+        return red_loss(hidden, weight, targets, advantages, config=self.config, **kwargs)
+
+    def extra_repr(self):
+        return repr(self.config)
