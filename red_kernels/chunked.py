@@ -34,23 +34,27 @@ def _logits(x, w32, b32, tau):
 
 
 def _stats(z, y):
-    """Shifted stats of a logits block; overwrites z with z − m. Returns (m, zs, p, logs, ezs, zy_s)."""
+    """Shifted stats of a logits block; overwrites z with z − m.
+
+    Returns (m, zs, e, s, logs, ezs, zy_s) where e = exp(zs) is unnormalised (p = e / s): skipping the division
+    saves one pass over the block."""
     m = z.amax(dim=1)
     zs = z.sub_(m[:, None])                   # shifted logits, ≤ 0
-    p = zs.exp()
-    s = p.sum(dim=1)
-    p.div_(s[:, None])
+    e = zs.exp()
+    s = e.sum(dim=1)
     logs = s.log()
-    ezs = torch.linalg.vecdot(p, zs, dim=1)
+    ezs = torch.linalg.vecdot(e, zs, dim=1) / s
     zy_s = zs.gather(1, y[:, None]).squeeze(1)
-    return m, zs, p, logs, ezs, zy_s
+    return m, zs, e, s, logs, ezs, zy_s
 
 
-def _dz(zs, p, y, ezs, g_lp, g_h, tau):
-    """∂L/∂z_raw for one chunk, in place over p (p is not needed afterwards)."""
-    # g_lp·(1[y] − p) − g_H·p·(zs − ezs)  =  −p·(g_lp + g_H·(zs − ezs)) + g_lp·1[y]
-    zs.sub_(ezs[:, None]).mul_(g_h[:, None]).add_(g_lp[:, None])
-    dz = p.mul_(zs).neg_()
+def _dz(zs, e, s, y, ezs, g_lp, g_h, tau):
+    """∂L/∂z_raw for one chunk, computed in place over zs and e (neither is needed afterwards).
+
+    g_lp·(1[y] − p) − g_H·p·(zs − ezs)  =  −e·(g_lp + g_H·(zs − ezs))/s + g_lp·1[y],   p = e/s."""
+    inv_s = 1.0 / s
+    zs.sub_(ezs[:, None]).mul_((g_h * inv_s)[:, None]).add_((g_lp * inv_s)[:, None])
+    dz = e.mul_(zs).neg_()
     dz.scatter_add_(1, y[:, None], g_lp[:, None])
     if tau != 1.0:
         dz /= tau
@@ -70,12 +74,12 @@ def forward_stats(x, w, b, y, tau, chunk_size=None):
     step = rows_per_chunk(w.shape[0], chunk_size)
     for i in range(0, n, step):
         z = _logits(x[i:i + step], w32, b32, tau)
-        m, zs, p, logs, ezs, zy_s = _stats(z, y[i:i + step])
+        m, zs, e, s, logs, ezs, zy_s = _stats(z, y[i:i + step])
         out[0, i:i + step] = m
         out[1, i:i + step] = logs
         out[2, i:i + step] = ezs
         out[3, i:i + step] = zy_s
-        del z, zs, p
+        del z, zs, e
     return out[0], out[1], out[2], out[3]
 
 
@@ -91,10 +95,10 @@ def backward(x, w, b, y, tau, m, logs, ezs, g_lp, g_h, chunk_size=None):
         sl = slice(i, i + step)
         z = _logits(x[sl], w32, b32, tau)
         zs = z.sub_(m[sl, None])
-        p = zs.exp().mul_(torch.exp(-logs[sl])[:, None])
-        dz = _dz(zs, p, y[sl], ezs[sl], g_lp[sl].float(), g_h[sl].float(), tau)
+        e = zs.exp()
+        dz = _dz(zs, e, logs[sl].exp(), y[sl], ezs[sl], g_lp[sl].float(), g_h[sl].float(), tau)
         _accumulate(dz, x[sl], w32, dx[sl], dw, db)
-        del z, zs, p, dz
+        del z, zs, e, dz
     return dx, dw, db
 
 
@@ -124,11 +128,11 @@ def forward_with_grad(x, w, b, y, tau, token_grad_fn, chunk_size=None):
     for i in range(0, n, step):
         sl = slice(i, i + step)
         z = _logits(x[sl], w32, b32, tau)
-        _, zs, p, logs, ezs, zy_s = _stats(z, y[sl])
+        _, zs, e, s, logs, ezs, zy_s = _stats(z, y[sl])
         logp[sl] = zy_s - logs
         ent[sl] = logs - ezs
         g_lp, g_h = token_grad_fn(sl, logp[sl], ent[sl])
-        dz = _dz(zs, p, y[sl], ezs, g_lp.float(), g_h.float(), tau)
+        dz = _dz(zs, e, s, y[sl], ezs, g_lp.float(), g_h.float(), tau)
         _accumulate(dz, x[sl], w32, dx[sl], dw, db)
-        del zs, p, dz
+        del z, zs, e, dz
     return logp, ent, dx, dw, db
