@@ -1,0 +1,138 @@
+"""Triton kernels of `linear_logprobs`: forward statistics and the logits gradient, never the full logits.
+
+Notation (all per token row r, vocabulary column j): z_rj = (x_r·w_j + b_j) / τ, m = max_j z, logs = log Σ exp(z − m),
+ezs = E_p[z − m]. Kernels load x/w in their own dtype and compute in fp32: on a GPU the tile product runs as a
+bf16/fp16 `tl.dot` with fp32 accumulation (UPCAST=False); in Triton's interpreter, whose bf16 arithmetic is wrong,
+tiles are upcast to fp32 right after the load (UPCAST=True). The launchers live in `triton_ops.py`.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau,
+                 stride_xm, stride_xh, stride_wv, stride_wh,
+                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """z[BLOCK_N, BLOCK_V] = (X[rows]·W[cols]ᵀ + b[cols]) / τ in fp32, looping over H in BLOCK_K steps.
+
+    Masked rows/columns load zeros, so every entry is finite (masked columns hold b=0 → 0).
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < H
+        xt = tl.load(x_rows + k[None, :] * stride_xh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_cols + k[:, None] * stride_wh, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    return acc / tau
+
+
+@triton.jit
+def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
+                         M, V, H, cols_per_split, tau,
+                         stride_xm, stride_xh, stride_wv, stride_wh,
+                         HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial softmax statistics of one (token block, vocabulary split).
+
+    Program (i, k) owns rows [i·BLOCK_N, (i+1)·BLOCK_N) and columns [k·C, min((k+1)·C, V)), C = cols_per_split.
+    It sweeps its columns in BLOCK_V tiles with an online accumulator, rescaled whenever the running max grows
+    from m to m' (α = e^{m − m'}):
+
+        s' = α·s + Σ_j e^{z_j − m'}
+        t' = α·(t + (m − m')·s) + Σ_j e^{z_j − m'}·(z_j − m')        (t = Σ e^{z − m}(z − m))
+
+    m starts at −∞ (never 0: all-negative rows must not underflow to NaN); the (m − m') term is zeroed while m is
+    still −∞ and columns beyond the split are excluded with tl.where, so no −∞ − −∞ or 0·∞ is ever formed.
+    It also sums z_y over the columns it owns (the target lies in exactly one split). Outputs go to row k of the
+    [splits, M] fp32 buffers m, s, t, zy; `triton_ops.merge_splits` combines them.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+    v_start = pid_s * cols_per_split
+    v_end = tl.minimum(v_start + cols_per_split, V)
+
+    neg_inf = float("-inf")
+    m_i = tl.full((BLOCK_N,), neg_inf, dtype=tl.float32)
+    s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau,
+                         stride_xm, stride_xh, stride_wv, stride_wh,
+                         HAS_BIAS, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_mask[None, :], z, 0.0), axis=1)
+        z = tl.where(col_mask[None, :], z, neg_inf)
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)           # finite reference for the subtraction
+        alpha = tl.exp(m_i - m_ref)                               # 0 while m_i = −∞
+        shift = tl.where(m_i == neg_inf, 0.0, m_i - m_ref)
+        zs = z - m_ref[:, None]
+        e = tl.exp(zs)                                            # 0 on masked columns
+        zs = tl.where(col_mask[None, :], zs, 0.0)
+        t_i = alpha * (t_i + shift * s_i) + tl.sum(e * zs, axis=1)
+        s_i = alpha * s_i + tl.sum(e, axis=1)
+        m_i = m_new
+    out = pid_s * M + rows
+    tl.store(m_ptr + out, m_i, mask=row_mask)
+    tl.store(s_ptr + out, s_i, mask=row_mask)
+    tl.store(t_ptr + out, t_i, mask=row_mask)
+    tl.store(zy_ptr + out, zy, mask=row_mask)
+
+
+@triton.jit
+def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr, gh_ptr, dz_ptr,
+                   M, V, H, tau,
+                   stride_xm, stride_xh, stride_wv, stride_wh, stride_dzm,
+                   HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_N, BLOCK_V] tile of ∂L/∂(x·wᵀ + b), recomputed from the saved per-row stats.
+
+    With zs = z − m and p = exp(zs − logs) (the exact softmax, since logs = log Σ e^{zs}):
+
+        dZ_j = ( g_lp·(1[j = y] − p_j) − g_H·p_j·(zs_j − ezs) ) / τ
+             = ( −p_j·(g_lp + g_H·(zs_j − ezs)) + g_lp·1[j = y] ) / τ
+
+    stored (cast to dz's dtype) into the [M, V] chunk buffer; the GEMMs dX = dZ·W, dW = dZᵀ·X run afterwards.
+    Masked rows load zero stats and masked columns zero weights, so nothing non-finite appears in unused lanes.
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau,
+                     stride_xm, stride_xh, stride_wv, stride_wh,
+                     HAS_BIAS, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
+    logs = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
+    ezs = tl.load(ezs_ptr + rows, mask=row_mask, other=0.0)
+    g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    g_h = tl.load(gh_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+
+    zs = z - m[:, None]
+    p = tl.exp(zs - logs[:, None])
+    dz = -p * (g_lp[:, None] + g_h[:, None] * (zs - ezs[:, None]))
+    dz += tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0)
+    dz = dz / tau
+    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
