@@ -1,0 +1,100 @@
+"""Plain-Python benchmark runner (no pytest-benchmark needed), for the GPU image.
+
+    python -m bench.gpu_bench [--out DIR] [--budget-s 170] [--ops logprobs,loss] [--device cuda]
+
+Runs cases.gpu_cases (headline shape first), times each with CUDA events after warm-up (the Triton autotuning
+happens there), measures peak extra memory on one separate call, and writes the same results schema as the
+pytest run to DIR/<device>.json (rewritten after every case, so a killed run keeps what it measured), then
+DIR/<device>.md and .png. Cases that cannot run (no Liger, no red_loss) are skipped; failures (OOM, compile
+errors) become rows with an "error". Cases not started when the time budget is spent are listed as skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import cases, impls, measure, record
+
+
+def _priority(case: cases.Case):
+    """Headline shape (Qwen2.5-0.5B, 16,384 tokens) first, then larger token counts, then the rest."""
+    return (case.model != "qwen2.5-0.5b" or case.tokens != 16_384, -case.tokens, case.model)
+
+
+def time_case(case: cases.Case, warmup: int = 2, max_reps: int = 10, target_s: float = 1.0):
+    """(seconds per call list, extra bytes, peak bytes) for one case (see measure.py)."""
+    run = impls.build(case, cases.make_inputs(case))
+    for _ in range(warmup):
+        run()
+    measured = measure.MeasuredRun(run, case.device, measure_call=0)
+    t0 = time.perf_counter()
+    measured()
+    once = time.perf_counter() - t0
+    reps = max(3, min(max_reps, int(target_s / max(once, 1e-6))))
+    if case.device == "cuda":
+        times = measure.time_cuda(run, warmup=0, reps=reps)
+    else:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return times, measured.extra_bytes, measured.peak_bytes
+
+
+def run_cases(case_list, out_path: Path, env: dict, budget_s: float = 170.0, **timing) -> list[dict]:
+    """Benchmark `case_list` in priority order, rewriting `out_path` (one appended run) after each case."""
+    out_path = Path(out_path)
+    data = json.loads(out_path.read_text()) if out_path.exists() else {"runs": []}
+    rows: list[dict] = []
+    data["runs"].append({**env, "results": rows})
+    start = time.perf_counter()
+    for case in sorted(case_list, key=_priority):
+        ok, why = impls.available(case)
+        if not ok:
+            print(f"skip {case.id}: {why}", flush=True)
+            continue
+        if time.perf_counter() - start > budget_s:
+            rows.append(record.make_row(case, None, None, error="not run: time budget spent"))
+            continue
+        try:
+            times, extra, peak = time_case(case, **timing)
+            rows.append(record.make_row(case, times, extra, peak_bytes=peak))
+        except Exception as e:  # noqa: BLE001 — an OOM or a compile error is a result worth recording
+            traceback.print_exc()
+            rows.append(record.make_row(case, None, None, error=f"{type(e).__name__}: {str(e)[:200]}"))
+        finally:
+            if case.device == "cuda":
+                torch.cuda.empty_cache()
+        r = rows[-1]
+        print(f"{case.id}: {r['time_s'] and round(r['time_s']['median'] * 1e3, 2)} ms, "
+              f"{r['tflops'] and round(r['tflops'], 1)} TFLOP/s, extra {r['extra_mib'] and round(r['extra_mib'])}"
+              f" MiB{' ERROR ' + r['error'] if r['error'] else ''}", flush=True)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(data, indent=1) + "\n")
+    out_path.write_text(json.dumps(data, indent=1) + "\n")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=record.RESULTS_DIR, help="directory for <device>.json/.md/.png")
+    p.add_argument("--budget-s", type=float, default=170.0, help="stop starting new cases after this many s")
+    p.add_argument("--ops", default="logprobs,loss")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--note", default="")
+    a = p.parse_args(argv)
+    case_list = [c for op in a.ops.split(",") for c in cases.cases_for(op, a.device)]
+    out = a.out / f"{record.device_name(a.device)}.json"
+    run_cases(case_list, out, record.environment(a.device, a.note or "bench/gpu_bench.py"), a.budget_s)
+    from .report import write_report
+    print(write_report(out).read_text())
+
+
+if __name__ == "__main__":
+    main()
