@@ -129,7 +129,8 @@ def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr
     g_h = tl.load(gh_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
 
-    zs = z - m[:, None]
+    # unused lanes get zs = 0 (their z − m could be huge and overflow exp); they are never stored
+    zs = tl.where(row_mask[:, None] & col_mask[None, :], z - m[:, None], 0.0)
     p = tl.exp(zs - logs[:, None])
     dz = -p * (g_lp[:, None] + g_h[:, None] * (zs - ezs[:, None]))
     dz += tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0)

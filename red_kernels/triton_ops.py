@@ -55,11 +55,16 @@ def _pow2_clamp(n, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
+# Largest (BLOCK_N, BLOCK_V, BLOCK_K) under the interpreter; tests lower it to exercise many tiles and H steps.
+INTERPRETER_MAX_BLOCKS = (256, 2048, 256)
+
+
 def interpreter_blocks(n_rows, vocab, hidden):
     """(BLOCK_N, BLOCK_V, BLOCK_K) for the interpreter: few, large tiles (cost ≈ programs × loop steps)."""
-    bn = _pow2_clamp(n_rows, 16, 256)
-    bk = _pow2_clamp(hidden, 16, 256)
-    bv = _pow2_clamp(vocab, 16, min(2048, (1 << 19) // bn))
+    max_n, max_v, max_k = INTERPRETER_MAX_BLOCKS
+    bn = _pow2_clamp(n_rows, 16, max_n)
+    bk = _pow2_clamp(hidden, 16, max_k)
+    bv = _pow2_clamp(vocab, 16, min(max_v, (1 << 19) // bn))
     return bn, bv, bk
 
 
@@ -83,10 +88,10 @@ def _split_layout(n_rows, vocab, device, vocab_splits):
             vocab_splits = min(triton.cdiv(2 * _sm_count(device), token_blocks), triton.cdiv(vocab, 4 * _SPLIT_ALIGN))
         else:
             vocab_splits = 1
-    vocab_splits = max(1, min(int(vocab_splits), triton.cdiv(vocab, _SPLIT_ALIGN)))
     align = _SPLIT_ALIGN
-    if INTERPRET:  # keep interpreter tiles whole inside a split
-        align = max(align, interpreter_blocks(n_rows, vocab, 16)[1])
+    if INTERPRET:  # interpreter tiles stay whole inside a split
+        align = interpreter_blocks(n_rows, vocab, 16)[1]
+    vocab_splits = max(1, min(int(vocab_splits), triton.cdiv(vocab, align)))
     cols = triton.cdiv(triton.cdiv(vocab, vocab_splits), align) * align
     return triton.cdiv(vocab, cols), cols
 

@@ -1,0 +1,248 @@
+"""linear_logprobs on the 'torch' (chunked) and 'triton' backends against the float64 reference.
+
+Tolerances (shared/spec/kernels.md): fp32 inputs: log p and entropy ≤ 1e-4 absolute, gradients ≤ 1e-4 relative
+to the reference's max-abs; bf16/fp16 inputs (reference in fp64 on the same rounded inputs): log p ≤ 2e-3,
+entropy ≤ 5e-3, gradients ≤ 2e-2 relative.
+
+On CPU the 'triton' backend runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1). To run the same tests
+on the compiled kernels: `TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda pytest tests/test_linear_logprobs.py`
+(optionally RED_KERNELS_BACKEND=triton to run only that backend).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from red_kernels import chunked, linear_logprobs
+from red_kernels.reference import reference_logprobs
+
+DEVICE = torch.device(
+    "cuda" if os.environ.get("RED_KERNELS_TEST_DEVICE") == "cuda" and torch.cuda.is_available() else "cpu")
+_ONLY = os.environ.get("RED_KERNELS_BACKEND")
+BACKENDS = [_ONLY] if _ONLY in ("torch", "triton") else ["torch", "triton"]
+
+FP32_TOL = dict(lp=1e-4, ent=1e-4, grad=1e-4)
+HALF_TOL = dict(lp=2e-3, ent=5e-3, grad=2e-2)
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def make_inputs(shape, hidden, vocab, *, dtype=torch.float32, bias=False, seed=0, ignore_frac=0.2,
+                x_scale=1.0, w_scale=0.3, b_scale=0.5, ignore_index=-100):
+    """Random (hidden [*shape, H], weight [V, H], targets [*shape], bias [V] or None) on DEVICE, in `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, hidden, generator=g) * x_scale).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=g) * w_scale).to(dtype)
+    b = (torch.randn(vocab, generator=g) * b_scale).to(dtype) if bias else None
+    y = torch.randint(0, vocab, tuple(shape), generator=g)
+    y[torch.rand(tuple(shape), generator=g) < ignore_frac] = ignore_index
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(x), to(w), to(y), to(b)
+
+
+def upstream(shape, mode, seed=1):
+    """Per-token upstream weights (a for log p, c for entropy) of the loss L = Σ a·logp + Σ c·H."""
+    g = torch.Generator().manual_seed(seed)
+    a, c = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    return (None if mode == "ent" else a.to(DEVICE)), (None if mode == "lp" else c.to(DEVICE))
+
+
+def run_op(fn, x, w, y, b, mode, **kw):
+    """(logp, entropy, grads of (hidden, weight[, bias])) of fn under the upstream weights of `mode`."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+    bias = leaves[2] if b is not None else None
+    lp, ent = fn(leaves[0], leaves[1], y, bias, **kw)
+    a, c = upstream(y.shape, mode)
+    loss = sum((t * u).sum() for t, u in ((lp, a), (ent, c)) if u is not None)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
+    return lp.detach(), ent.detach(), grads
+
+
+def _op(backend, chunk_size=None, **kw):
+    def fn(x, w, y, b, **extra):
+        return linear_logprobs(x, w, y, bias=b, backend=backend, chunk_size=chunk_size, **kw, **extra)
+    return fn
+
+
+def _ref(x, w, y, b, temperature=1.0, ignore_index=-100):
+    # float64 leaves so that the reference gradients are exact (not rounded back to bf16)
+    return reference_logprobs(x.double(), w.double(), y, None if b is None else b.double(), temperature,
+                              ignore_index)
+
+
+def max_logit(x, w, b, tau):
+    z = x.double().reshape(-1, x.shape[-1]) @ w.double().t()
+    if b is not None:
+        z = z + b.double()
+    return (z / tau).abs().max().item() if z.numel() else 0.0
+
+
+def check_against_reference(backend, x, w, y, b, *, tau=1.0, mode="mix", tol=None, chunk_size=None,
+                            ignore_index=-100, logit_ulps=0.0):
+    """Compare values and gradients with the fp64 reference; returns the observed errors.
+
+    logit_ulps > 0 widens every tolerance by logit_ulps·eps32·max|z|: fp32 logits of magnitude |z| are only
+    known to ~eps32·|z|, so log p, entropy and the softmax (hence the gradients) inherit that absolute error.
+    """
+    tol = dict(tol or (FP32_TOL if x.dtype == torch.float32 else HALF_TOL))
+    slack = logit_ulps * EPS32 * max_logit(x, w, b, tau)
+    lp, ent, grads = run_op(_op(backend, chunk_size, ignore_index=ignore_index), x, w, y, b, mode,
+                            temperature=tau)
+    lp_r, ent_r, grads_r = run_op(_ref, x, w, y, b, mode, temperature=tau, ignore_index=ignore_index)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == y.shape
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    ignored = y == ignore_index
+    assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
+    errs = {"lp": (lp.double() - lp_r).abs().max().item() if lp.numel() else 0.0,
+            "ent": (ent.double() - ent_r).abs().max().item() if ent.numel() else 0.0}
+    assert errs["lp"] <= tol["lp"] + slack, errs
+    assert errs["ent"] <= tol["ent"] + slack, errs
+    for name, g, g_r in zip(("hidden", "weight", "bias"), grads, grads_r):
+        assert g.dtype == x.dtype and g.shape == g_r.shape and torch.isfinite(g).all(), name
+        scale = g_r.abs().max().item()
+        errs[name] = (g.double() - g_r).abs().max().item() / scale if scale > 0 else g.abs().max().item()
+        assert errs[name] <= tol["grad"] + slack, (name, errs)
+    assert (grads[0][ignored] == 0).all()  # ignored rows get exactly zero gradient
+    return errs
+
+
+# (shape, H, V, dtype, bias, tau, chunk_size): N, H and V divisible by no block size; batch and flat rows.
+CASES = {
+    "flat_fp32": ((37,), 48, 1000, torch.float32, False, 1.0, None),
+    "batch_bias_tau": ((2, 9), 100, 777, torch.float32, True, 0.7, None),
+    "multi_tile_chunked": ((130,), 33, 3001, torch.float32, True, 1.3, 50),
+    "bf16": ((3, 17), 64, 1500, torch.bfloat16, True, 0.8, None),
+    "fp16": ((50,), 72, 1203, torch.float16, False, 1.0, None),
+}
+
+
+@pytest.mark.parametrize("mode", ["lp", "ent", "mix"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, case, mode):
+    shape, h, v, dtype, bias, tau, chunk = CASES[case]
+    x, w, y, b = make_inputs(shape, h, v, dtype=dtype, bias=bias, seed=len(case))
+    check_against_reference(backend, x, w, y, b, tau=tau, mode=mode, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index(backend):
+    x, w, y, b = make_inputs((24,), 20, 300, ignore_index=-1, ignore_frac=0.5, bias=True)
+    check_against_reference(backend, x, w, y, b, ignore_index=-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_gives_zeros(backend):
+    x, w, y, b = make_inputs((2, 5), 16, 50, bias=True, ignore_frac=1.1)
+    lp, ent, grads = run_op(_op(backend), x, w, y, b, "mix")
+    assert lp.shape == ent.shape == (2, 5)
+    assert (lp == 0).all() and (ent == 0).all()
+    assert all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("shape", [(0,), (2, 0)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_tokens(backend, shape):
+    x, w, y, b = make_inputs(shape, 16, 50)
+    lp, ent, grads = run_op(_op(backend), x, w, y, b, "mix")
+    assert lp.shape == ent.shape == shape
+    assert all((g == 0).all() and g.shape == t.shape for g, t in zip(grads, (x, w)))
+
+
+def _extreme(kind):
+    x, w, y, b = make_inputs((40,), 32, 900, bias=True, seed=7)
+    g = torch.Generator().manual_seed(8)
+    if kind == "all_very_negative":   # every logit ≈ −1e4 (NaN with a running max initialised at 0)
+        b = b - 1e4
+    elif kind == "spread_1e4":        # logits near ±1e4: most p underflow to exactly 0
+        b = b + 1e4 * torch.where(torch.rand(900, generator=g) < 0.5, -1.0, 1.0).to(DEVICE)
+    elif kind == "one_hot_rows":      # large hidden norm: p ≈ one-hot, entropy ≈ 0, log p of others ≈ −hundreds
+        x = x * 40
+    return x, w, y, b
+
+
+@pytest.mark.parametrize("kind", ["all_very_negative", "spread_1e4", "one_hot_rows"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits(backend, kind):
+    x, w, y, b = _extreme(kind)
+    # fp32 logits of magnitude ~1e4 carry ~1e-3 rounding (eps32·1e4) in both implementations, which the fp64
+    # reference does not: widen the tolerance by 16 ulps of the largest logit (≈ 2e-2 at 1e4, ≈ 1e-4 at ~50).
+    check_against_reference(backend, x, w, y, b, tau=0.9, mode="mix", logit_ulps=16)
+
+
+def test_large_vocab_torch_backend():
+    # the real Qwen2.5 vocabulary size; the chunked path holds [rows, V] blocks only
+    x, w, y, b = make_inputs((3,), 16, 151_936, bias=True, ignore_frac=0.0, seed=3)
+    check_against_reference("torch", x, w, y, b, tau=1.1, mode="mix")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend deselected by RED_KERNELS_BACKEND")
+@pytest.mark.parametrize("splits", [2, 3])
+def test_triton_vocab_splits_merge(splits):
+    """Several vocabulary splits per token block merge to the chunked path's statistics."""
+    from red_kernels import triton_ops
+    x, w, y, b = make_inputs((20,), 40, 5000, bias=True, ignore_frac=0.0, seed=5)
+    got = triton_ops.forward_stats(x, w, b, y, 0.9, vocab_splits=splits)
+    want = chunked.forward_stats(x, w, b, y, 0.9)
+    assert triton_ops._split_layout(20, 5000, x.device, splits)[0] == splits
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend deselected by RED_KERNELS_BACKEND")
+def test_triton_backward_is_deterministic_and_forward_with_grad_matches():
+    from red_kernels import triton_ops
+    x, w, y, b = make_inputs((30,), 24, 700, bias=True, ignore_frac=0.0, seed=9)
+    m, logs, ezs, zy_s = triton_ops.forward_stats(x, w, b, y, 1.2)
+    a, c = upstream(y.shape, "mix")
+    first = triton_ops.backward(x, w, b, y, 1.2, m, logs, ezs, a, c, chunk_size=7)
+    second = triton_ops.backward(x, w, b, y, 1.2, m, logs, ezs, a, c, chunk_size=7)
+    assert all(torch.equal(p, q) for p, q in zip(first, second))
+
+    def grad_fn(rows, logp, ent):
+        return a[rows] * 2, c[rows] - 1
+    got = triton_ops.forward_with_grad(x, w, b, y, 1.2, grad_fn)
+    want = chunked.forward_with_grad(x, w, b, y, 1.2, grad_fn)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-4)
+
+
+SMALL_TILE_CASES = {
+    # (shape, H, V, dtype, bias, tau, vocab splits of the forward)
+    "fp32_many_tiles": ((45,), 40, 700, torch.float32, True, 0.8, 3),
+    "bf16_many_tiles": ((2, 11), 50, 333, torch.bfloat16, False, 1.2, 1),
+}
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend deselected by RED_KERNELS_BACKEND")
+@pytest.mark.parametrize("case", [*SMALL_TILE_CASES, "all_very_negative", "spread_1e4"])
+def test_triton_small_tiles(case, monkeypatch):
+    """16×64×16 interpreter tiles: many token blocks, vocabulary tiles (online rescaling) and H steps."""
+    from red_kernels import triton_ops
+    monkeypatch.setattr(triton_ops, "INTERPRETER_MAX_BLOCKS", (16, 64, 16))
+    if case in SMALL_TILE_CASES:
+        shape, h, v, dtype, bias, tau, splits = SMALL_TILE_CASES[case]
+        x, w, y, b = make_inputs(shape, h, v, dtype=dtype, bias=bias, seed=11)
+        ulps = 0.0
+    else:
+        (x, w, y, b), tau, splits, ulps = _extreme(case), 0.9, 2, 16
+    forward = triton_ops.forward_stats
+    monkeypatch.setattr(triton_ops, "forward_stats", lambda *a, **k: forward(*a, **k, vocab_splits=splits))
+    check_against_reference("triton", x, w, y, b, tau=tau, mode="mix", chunk_size=13, logit_ulps=ulps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=12, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 200), h=st.integers(1, 160), v=st.integers(2, 2500), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]),
+       tau=st.floats(0.5, 2.0), x_scale=st.floats(0.1, 4.0), ignore_frac=st.floats(0.0, 0.6),
+       mode=st.sampled_from(["lp", "ent", "mix"]), chunk=st.sampled_from([None, 29, 64]),
+       seed=st.integers(0, 2**16))
+def test_random_shapes(backend, n, h, v, bias, dtype, tau, x_scale, ignore_frac, mode, chunk, seed):
+    x, w, y, b = make_inputs((n,), h, v, dtype=dtype, bias=bias, seed=seed, x_scale=x_scale,
+                             ignore_frac=ignore_frac)
+    check_against_reference(backend, x, w, y, b, tau=tau, mode=mode, chunk_size=chunk)
