@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from . import chunked
-
 
 class _PrecomputedGrad(torch.autograd.Function):
     """loss → loss, with d loss / d(x, w, b) already computed as (dx, dw, db)."""
@@ -54,19 +52,14 @@ def fused_linear_token_loss(x, w, b, y, tau, token_loss, impl, chunk_size=None):
         return (torch.zeros_like(lp) if g_lp is None else g_lp), (torch.zeros_like(h) if g_h is None else g_h)
 
     xd, wd, bd = x.detach(), w.detach(), (None if b is None else b.detach())
-    if impl is chunked and needs_grad:
-        logp, ent, dx, dw, db = chunked.forward_with_grad(xd, wd, bd, y, tau, grads, chunk_size)
-    else:
+    if not needs_grad:
         with torch.no_grad():
             m, logs, ezs, zy_s = impl.forward_stats(xd, wd, bd, y, tau, chunk_size=chunk_size)
         logp, ent = zy_s - logs, logs - ezs
-        g = grads(slice(None), logp, ent)
-        if g is None:
-            return total, logp, ent
-        with torch.no_grad():
-            dx, dw, db = impl.backward(xd, wd, bd, y, tau, m, logs, ezs, g[0], g[1], chunk_size=chunk_size)
-    if not needs_grad:
+        grads(slice(None), logp, ent)
         return total, logp, ent
+    with torch.no_grad():
+        logp, ent, dx, dw, db = impl.forward_with_grad(xd, wd, bd, y, tau, grads, chunk_size)
     loss = _PrecomputedGrad.apply(total, x, w, b, dx.to(x.dtype), dw.to(w.dtype),
                                   None if db is None else db.to(b.dtype))
     return loss, logp, ent
