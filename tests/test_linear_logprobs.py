@@ -50,9 +50,12 @@ def upstream(shape, mode, seed=1):
     return (None if mode == "ent" else a.to(DEVICE)), (None if mode == "lp" else c.to(DEVICE))
 
 
-def run_op(fn, x, w, y, b, mode, **kw):
-    """(logp, entropy, grads of (hidden, weight[, bias])) of fn under the upstream weights of `mode`."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+def run_op(fn, x, w, y, b, mode, leaf_dtype=None, **kw):
+    """(logp, entropy, grads of (hidden, weight[, bias])) of fn under the upstream weights of `mode`.
+
+    leaf_dtype=torch.float64 makes the inputs float64 leaves (exact reference gradients, not rounded to bf16).
+    """
+    leaves = [t.detach().to(leaf_dtype or t.dtype).clone().requires_grad_() for t in (x, w, b) if t is not None]
     bias = leaves[2] if b is not None else None
     lp, ent = fn(leaves[0], leaves[1], y, bias, **kw)
     a, c = upstream(y.shape, mode)
@@ -69,9 +72,7 @@ def _op(backend, chunk_size=None, **kw):
 
 
 def _ref(x, w, y, b, temperature=1.0, ignore_index=-100):
-    # float64 leaves so that the reference gradients are exact (not rounded back to bf16)
-    return reference_logprobs(x.double(), w.double(), y, None if b is None else b.double(), temperature,
-                              ignore_index)
+    return reference_logprobs(x, w, y, b, temperature, ignore_index)
 
 
 def max_logit(x, w, b, tau):
@@ -92,7 +93,8 @@ def check_against_reference(backend, x, w, y, b, *, tau=1.0, mode="mix", tol=Non
     slack = logit_ulps * EPS32 * max_logit(x, w, b, tau)
     lp, ent, grads = run_op(_op(backend, chunk_size, ignore_index=ignore_index), x, w, y, b, mode,
                             temperature=tau)
-    lp_r, ent_r, grads_r = run_op(_ref, x, w, y, b, mode, temperature=tau, ignore_index=ignore_index)
+    lp_r, ent_r, grads_r = run_op(_ref, x, w, y, b, mode, leaf_dtype=torch.float64, temperature=tau,
+                                  ignore_index=ignore_index)
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == y.shape
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     ignored = y == ignore_index
@@ -170,8 +172,9 @@ def _extreme(kind):
 def test_extreme_logits(backend, kind):
     x, w, y, b = _extreme(kind)
     # fp32 logits of magnitude ~1e4 carry ~1e-3 rounding (eps32·1e4) in both implementations, which the fp64
-    # reference does not: widen the tolerance by 16 ulps of the largest logit (≈ 2e-2 at 1e4, ≈ 1e-4 at ~50).
-    check_against_reference(backend, x, w, y, b, tau=0.9, mode="mix", logit_ulps=16)
+    # reference does not: widen the tolerance by 8 ulps of the largest logit (≈ 1e-2 at 1.1e4, ≈ 1e-4 at ~100;
+    # observed on CPU: log p 2.9e-3, entropy 7.5e-4, gradients 3.5e-4 relative at 1.1e4).
+    check_against_reference(backend, x, w, y, b, tau=0.9, mode="mix", logit_ulps=8)
 
 
 def test_large_vocab_torch_backend():
@@ -190,7 +193,7 @@ def test_triton_vocab_splits_merge(splits):
     want = chunked.forward_stats(x, w, b, y, 0.9)
     assert triton_ops._split_layout(20, 5000, x.device, splits)[0] == splits
     for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, atol=2e-6, rtol=1e-6)
+        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend deselected by RED_KERNELS_BACKEND")
@@ -229,7 +232,7 @@ def test_triton_small_tiles(case, monkeypatch):
         x, w, y, b = make_inputs(shape, h, v, dtype=dtype, bias=bias, seed=11)
         ulps = 0.0
     else:
-        (x, w, y, b), tau, splits, ulps = _extreme(case), 0.9, 2, 16
+        (x, w, y, b), tau, splits, ulps = _extreme(case), 0.9, 2, 8
     forward = triton_ops.forward_stats
     monkeypatch.setattr(triton_ops, "forward_stats", lambda *a, **k: forward(*a, **k, vocab_splits=splits))
     check_against_reference("triton", x, w, y, b, tau=tau, mode="mix", chunk_size=13, logit_ulps=ulps)
