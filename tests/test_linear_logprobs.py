@@ -249,3 +249,47 @@ def test_random_shapes(backend, n, h, v, bias, dtype, tau, x_scale, ignore_frac,
     x, w, y, b = make_inputs((n,), h, v, dtype=dtype, bias=bias, seed=seed, x_scale=x_scale,
                              ignore_frac=ignore_frac)
     check_against_reference(backend, x, w, y, b, tau=tau, mode=mode, chunk_size=chunk)
+
+
+_COMPILE_SCRIPT = r"""
+import itertools
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from red_kernels import triton_kernels as K
+from red_kernels.triton_ops import _gpu_configs
+
+def signature(fn, dtype, dz_dtype):
+    ptr = {"x_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "y_ptr": "i64", "dz_ptr": dz_dtype}
+    sig = {}
+    for name, param in zip(fn.arg_names, fn.params):
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptr.get(name, "fp32")
+        else:
+            sig[name] = "fp32" if name == "tau" else "i32"
+    return sig
+
+config = min(_gpu_configs(), key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])  # smallest: quick to build
+for fn, (dtype, precision) in itertools.product(
+        (K.forward_stats_kernel, K.dlogits_kernel), (("bf16", None), ("fp32", "ieee"))):
+    consts = dict(config.kwargs, HAS_BIAS=True, UPCAST=False, INPUT_PRECISION=precision)
+    src = ASTSource(fn, signature(fn, dtype, dtype), constexprs=consts)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    assert len(kernel.asm["cubin"]) > 0
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper_without_gpu(tmp_path):
+    """The compiled path (not the interpreter): both kernels, bf16 and fp32, lower to sm_90 cubin with the ptxas
+    shipped in the triton wheel. Catches type errors the interpreter accepts; needs no GPU."""
+    import subprocess
+    import sys
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-4000:]
