@@ -35,9 +35,8 @@ _DZ_ELEMENTS_CPU = 1 << 24
 
 
 def _gpu_configs():
-    shapes = [  # BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages
-        (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-        (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 32, 8, 4), (64, 64, 64, 4, 4),
+    shapes = [  # BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages (every BLOCK_V divides _SPLIT_ALIGN)
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
     ]
     return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for n, v, k, w, s in shapes]

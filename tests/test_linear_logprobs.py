@@ -132,6 +132,16 @@ def test_matches_reference(backend, case, mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_weight_and_hidden(backend):
+    """A transposed-view weight (stride (1, V)) and a hidden that is a column slice are read through strides."""
+    x, w, y, b = make_inputs((2, 13), 40, 300, bias=True, seed=4)
+    w_view = w.t().contiguous().t()
+    x_view = torch.cat([x, x], dim=-1)[..., :40]
+    assert not w_view.is_contiguous() and not x_view.is_contiguous()
+    check_against_reference(backend, x_view, w_view, y, b, tau=0.9, mode="mix")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ignore_index(backend):
     x, w, y, b = make_inputs((24,), 20, 300, ignore_index=-1, ignore_frac=0.5, bias=True)
     check_against_reference(backend, x, w, y, b, ignore_index=-1)
