@@ -87,6 +87,7 @@ def setup(request, tmp_path_factory):
     assert engine.tied == tied
     yield engine, model, tok
     engine.close()
+    assert not torch.distributed.is_initialized()  # the gloo group vLLM made in-process is gone again
 
 
 def test_greedy_matches_hf_before_and_after_weight_update(setup):

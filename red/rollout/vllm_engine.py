@@ -106,14 +106,14 @@ class VLLMEngine:
             be sent by load_weights before the next generate).
         distributed: None = external_launcher on CUDA (one engine per torchrun rank), in-process uniproc on CPU.
         stop_token_ids: extra stop tokens besides the tokenizer's EOS (e.g. <|im_end|> for base tokenizers).
-        kv_cache_gib: CPU only, VLLM_CPU_KVCACHE_SPACE when not already set (default 1 GiB).
+        kv_cache_gib: CPU only, VLLM_CPU_KVCACHE_SPACE (whole GiB) when not already set (default 1).
         llm_kwargs: any further `vllm.LLM` arguments (override the defaults above).
     """
 
     def __init__(self, model_path: str, *, max_prompt_len: int, max_new_tokens: int, seed: int = 0,
                  dtype: str = "auto", gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool | None = None,
                  sleep_level: int = 1, distributed: bool | None = None, stop_token_ids: list[int] | None = None,
-                 kv_cache_gib: float = 1.0, llm_kwargs: dict | None = None):
+                 kv_cache_gib: int = 1, llm_kwargs: dict | None = None):
         cuda = torch.cuda.is_available()
         self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
         self.seed, self.sleep_level = int(seed), int(sleep_level)
@@ -127,7 +127,7 @@ class VLLMEngine:
             warnings.warn("VLLMEngine needs the in-process engine; setting VLLM_ENABLE_V1_MULTIPROCESSING=0")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not cuda:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
         kwargs = dict(model=model_path, dtype=dtype, seed=self.seed + self.rank,
                       max_model_len=self.max_prompt_len + self.max_new_tokens,
                       logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True)
@@ -147,6 +147,9 @@ class VLLMEngine:
 
         from vllm import LLM  # imported here: env vars above must be set first
 
+        # Without a process group vLLM creates one (gloo, world of 1) in this process; close() removes it again.
+        # With one (torchrun + the trainer's init_process_group, which must come first) vLLM reuses it.
+        self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         with _preserved_rng():
             self.llm = LLM(**kwargs)
         self._init_state(sleep_mode)
@@ -257,8 +260,14 @@ class VLLMEngine:
                             dtype=torch.float32)
 
     def close(self) -> None:
-        """Drop the engine (frees its memory once nothing else references it)."""
+        """Drop the engine, and the process group it created if the trainer had none."""
         import gc
 
         self.llm = None
         gc.collect()
+        if getattr(self, "_owns_process_group", False):
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+            self._owns_process_group = False
