@@ -42,7 +42,8 @@ def bench_case(benchmark):
         benchmark.name = case.impl
         benchmark.pedantic(measured, rounds=rounds, warmup_rounds=warmup, iterations=1)
         stats = benchmark.stats.stats
-        row = record.make_row(case, list(stats.data), measured.extra_bytes, peak_bytes=measured.peak_bytes)
+        row = record.make_row(case, list(stats.data), measured.extra_bytes, peak_bytes=measured.peak_bytes,
+                              cpu_times=measured.cpu_times if case.device == "cpu" else None)
         benchmark.extra_info.update(
             {k: row[k] for k in ("gemms", "tflop", "tflops", "frac_peak", "peak_mib", "extra_mib")})
         ROWS.append(row)

@@ -22,8 +22,9 @@ from . import cases, impls, measure, record
 
 
 def _priority(case: cases.Case):
-    """Headline shape (Qwen2.5-0.5B, 16,384 tokens) first, then larger token counts, then the rest."""
-    return (case.model != "qwen2.5-0.5b" or case.tokens != 16_384, -case.tokens, case.model)
+    """Headline shape (Qwen2.5-0.5B at the device's largest token count) first, then larger token counts."""
+    headline = 16_384 if case.device == "cuda" else 4096
+    return (case.model != "qwen2.5-0.5b" or case.tokens != headline, -case.tokens, case.model)
 
 
 def time_case(case: cases.Case, warmup: int = 2, max_reps: int = 10, target_s: float = 1.0):
@@ -86,10 +87,13 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=record.RESULTS_DIR, help="directory for <device>.json/.md/.png")
     p.add_argument("--budget-s", type=float, default=170.0, help="stop starting new cases after this many s")
     p.add_argument("--ops", default="logprobs,loss")
+    p.add_argument("--models", default=",".join(cases.MODELS), help="comma-separated subset of cases.MODELS")
+    p.add_argument("--impls", default=",".join(cases.IMPLS), help="comma-separated subset of cases.IMPLS")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
-    case_list = [c for op in a.ops.split(",") for c in cases.cases_for(op, a.device)]
+    case_list = [c for op in a.ops.split(",") for c in cases.cases_for(op, a.device)
+                 if c.model in a.models.split(",") and c.impl in a.impls.split(",")]
     out = a.out / f"{record.device_name(a.device)}.json"
     run_cases(case_list, out, record.environment(a.device, a.note or "bench/gpu_bench.py"), a.budget_s)
     from .report import write_report

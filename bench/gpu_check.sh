@@ -33,7 +33,7 @@ tests_rc=0
 if python -c "import pytest" 2>/dev/null; then
     log "1/2 correctness tests on the compiled Triton path"
     # -o addopts= drops pyproject's --benchmark-skip, which fails when pytest-benchmark is absent.
-    TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda timeout 150 \
+    TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda timeout 140 \
         python -m pytest -o addopts= -p no:cacheprovider -q -rfE --durations=5 \
         tests/test_linear_logprobs.py tests/test_red_loss*.py 2>&1 | tee "$DEST/gpu_tests.log"
     tests_rc=${PIPESTATUS[0]}
@@ -44,7 +44,7 @@ else
 fi
 
 log "2/2 benchmarks"
-TRITON_INTERPRET=0 timeout 210 python -m bench.gpu_bench --out "$DEST" --budget-s 150 \
+TRITON_INTERPRET=0 timeout 170 python -m bench.gpu_bench --out "$DEST" --budget-s 120 \
     --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 log "benchmarks exit code $bench_rc"

@@ -91,13 +91,16 @@ class PeakMemory:
 
 class MeasuredRun:
     """Wraps run() for a timer that calls it repeatedly: call number `measure_call` (0-based) runs under
-    PeakMemory and sets .peak_bytes (growth over the inputs) and .extra_bytes (that minus what run returns)."""
+    PeakMemory and sets .peak_bytes (growth over the inputs) and .extra_bytes (that minus what run returns).
+    .cpu_times: process CPU time (all threads) of each call from that one on."""
 
     def __init__(self, run, device: str, measure_call: int = 0):
         self.run, self.device, self.measure_call = run, device, measure_call
         self.calls, self.peak_bytes, self.extra_bytes = 0, None, None
+        self.cpu_times = []     # process CPU seconds of calls from measure_call on (robust to a busy machine)
 
     def __call__(self):
+        c0 = time.process_time()
         if self.calls == self.measure_call:
             if hasattr(self.run, "reset"):
                 self.run.reset()     # free the previous call's gradients before taking the baseline
@@ -108,6 +111,8 @@ class MeasuredRun:
                 self.extra_bytes = max(0, pm.peak_bytes - tensor_bytes(out))
         else:
             out = self.run()
+        if self.calls >= self.measure_call:
+            self.cpu_times.append(time.process_time() - c0)
         self.calls += 1
         del out
 

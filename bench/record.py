@@ -4,9 +4,10 @@ File schema: {"runs": [run, ...]}, one run appended per recorded session:
   run = {"timestamp", "device", "machine": {...}, "versions": {...}, "git": {"commit", "dirty"}, "note",
          "results": [row, ...]}
   row = {"id", "op", "mode", "model", "tokens", "hidden", "vocab", "dtype", "impl", "device", "gemms", "tflop",
-         "time_s": {"min", "median", "mean", "rounds"}, "tflops", "frac_peak", "peak_mib", "extra_mib",
+         "time_s": {"min", "median", "mean", "rounds", "cpu_median"}, "tflops", "frac_peak", "peak_mib", "extra_mib",
          "error"}
-peak_mib: memory growth during the call over the inputs; extra_mib: peak_mib minus the outputs and gradients
+cpu_median: process CPU seconds (all threads) per call, CPU runs only: less sensitive than wall time to other
+jobs on a shared machine. peak_mib: memory growth during the call over the inputs; extra_mib: peak_mib minus the outputs and gradients
 the call returns (a lower bound when the peak comes before an output exists). tflops uses the median time; frac_peak = tflops / 800 (H100-class GPUs; None on CPU).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def make_row(case: Case, times: list[float] | None, extra_bytes: int | None, error: str | None = None,
-             peak_bytes: int | None = None) -> dict:
+             peak_bytes: int | None = None, cpu_times: list[float] | None = None) -> dict:
     row = {"id": case.id, "op": case.op, "mode": case.mode, "model": case.model, "tokens": case.tokens,
            "hidden": case.hidden, "vocab": case.vocab, "dtype": str(case.dtype).replace("torch.", ""),
            "impl": case.impl, "device": case.device, "gemms": case.gemms, "tflop": case.flop / 1e12,
@@ -39,7 +40,8 @@ def make_row(case: Case, times: list[float] | None, extra_bytes: int | None, err
            "extra_mib": None if extra_bytes is None else extra_bytes / 2**20, "error": error}
     if times:
         med = statistics.median(times)
-        row["time_s"] = {"min": min(times), "median": med, "mean": statistics.fmean(times), "rounds": len(times)}
+        row["time_s"] = {"min": min(times), "median": med, "mean": statistics.fmean(times), "rounds": len(times),
+                         "cpu_median": statistics.median(cpu_times) if cpu_times else None}
         row["tflops"] = case.flop / med / 1e12
         if case.device == "cuda":
             row["frac_peak"] = row["tflops"] / PEAK_TFLOPS

@@ -55,7 +55,7 @@ def test_tensor_bytes_counts_shared_storage_once():
 def _row(impl, mode, t, mib, device="cpu"):
     case = cases.Case("logprobs" if mode.startswith("fwd") else "loss", mode, "qwen2.5-0.5b",
                       4096 if device == "cpu" else 16_384, impl, device)
-    return record.make_row(case, [t, t * 1.1, t * 0.9], mib * MIB)
+    return record.make_row(case, [t, t * 1.1, t * 0.9], mib * MIB, cpu_times=[2 * t, 2.2 * t])
 
 
 def test_rows_targets_and_report(tmp_path):
@@ -71,7 +71,7 @@ def test_rows_targets_and_report(tmp_path):
     assert mem["ratio"] == pytest.approx(0.1) and mem["met"]
     assert got[("linear_logprobs fwd+bwd, time", "time")]["ratio"] == pytest.approx(1.25)
     red = got[("RED loss fwd+bwd, time", "time")]
-    assert red["ratio"] == pytest.approx(1.3) and red["met"] is False
+    assert red["ratio"] == pytest.approx(1.3) and red["met"] is False and red["cpu_ratio"] == pytest.approx(1.3)
     assert got[("GRPO loss fwd+bwd vs Liger GRPO (eager), time", "time")]["ratio"] == pytest.approx(0.7)
 
     path = record.append_run(tmp_path / "cpu-test.json", {"device": "test cpu", "note": "first"}, rows[:2])
@@ -79,8 +79,8 @@ def test_rows_targets_and_report(tmp_path):
     data = json.loads(path.read_text())
     assert [run["note"] for run in data["runs"]] == ["first", "second"]
     md = report.write_report(path).read_text()
-    assert "| 1.300 | ≤ 1.2 | **no** |" in md              # RED loss time target missed
-    assert "| 25000.0 | 1.25 | 4 |" in md                    # torch fwd+bwd row: ms, × naive, GEMMs
+    assert "| 1.300 | 1.300 | ≤ 1.2 | **no** |" in md      # RED loss time target missed
+    assert "| 25000.0 | 52500 | 1.25 | 4 |" in md            # torch fwd+bwd: ms, CPU ms, × naive, GEMMs
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
