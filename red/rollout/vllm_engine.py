@@ -163,6 +163,10 @@ class VLLMEngine:
         self._stale_prefix_cache = False
         self._calls = 0
         self.last_sync_seconds = None
+        self.syncs = 0                # completed load_weights calls
+        self._temp_dirs: list[str] = []
+        self._sync_check = None       # (model, probe_ids, atol, strict) set by attach_sync_check
+        self.last_sync_check = None   # SyncReport of the latest check
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Rollout]]:
@@ -218,7 +222,25 @@ class VLLMEngine:
         self._stale_prefix_cache = True
         if not self._asleep:
             self._reset_prefix_cache()
+        self.syncs += 1
         self.last_sync_seconds = time.perf_counter() - t0
+        if self._sync_check is not None:
+            self._run_sync_check()
+
+    def attach_sync_check(self, model, probe_ids: list[int], atol: float, strict: bool = True) -> None:
+        """After every load_weights, compare the engine's and `model`'s log-probs of `probe_ids` (one prefill each;
+        wakes the engine). strict: raise RuntimeError when max |difference| > atol, else only warn.
+        The report is kept in `last_sync_check`."""
+        self._sync_check = (model, list(probe_ids), float(atol), bool(strict))
+
+    def _run_sync_check(self) -> None:
+        from .weight_sync import verify_weight_sync
+
+        model, probe, atol, strict = self._sync_check
+        self.last_sync_check = verify_weight_sync(self, model, probe, atol=atol, raise_on_error=strict)
+        if not self.last_sync_check.ok:
+            warnings.warn(f"vLLM weight sync check: log-probs differ from the trainer's by up to "
+                          f"{self.last_sync_check.max_abs_diff:.3g} (atol {atol:.3g})")
 
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
@@ -262,12 +284,60 @@ class VLLMEngine:
     def close(self) -> None:
         """Drop the engine, and the process group it created if the trainer had none."""
         import gc
+        import shutil
 
         self.llm = None
         gc.collect()
+        for d in self._temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self._temp_dirs.clear()
         if getattr(self, "_owns_process_group", False):
             from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
             destroy_model_parallel()
             destroy_distributed_environment()
             self._owns_process_group = False
+
+
+# Keys of `rollout.vllm` read here; any other key is passed to vllm.LLM unchanged.
+_ENGINE_KEYS = ("gpu_memory_utilization", "enable_sleep_mode", "sleep_level", "kv_cache_gib", "dtype")
+_DEFAULT_SYNC_ATOL = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.5}
+
+
+def engine_from_config(cfg, model, tokenizer, stop_token_ids=None) -> VLLMEngine:
+    """VLLMEngine for the trainer's live `model` (red.config.Config): no weight file is written or read.
+
+    vLLM starts from the model's config and tokenizer only (`load_format="dummy"`), then gets the trainer's
+    current weights through load_weights, so synthetic, warmed-up and resumed models all work the same way.
+    `rollout.vllm` keys: gpu_memory_utilization (0.5), enable_sleep_mode, sleep_level (1), kv_cache_gib (1, CPU),
+    dtype (default model.dtype), verify_sync (true), verify_atol (default 1e-3 for float32, 0.5 for bf16/fp16;
+    setting it makes a failed check raise), anything else -> vllm.LLM.
+    """
+    import shutil
+    import tempfile
+
+    opts = dict(cfg.rollout.vllm or {})
+    verify = bool(opts.pop("verify_sync", True))
+    atol = opts.pop("verify_atol", None)
+    engine_kw = {k: opts.pop(k) for k in _ENGINE_KEYS if k in opts}
+    engine_kw.setdefault("dtype", cfg.model.dtype)
+    model_dir = tempfile.mkdtemp(prefix="red-vllm-")   # config + tokenizer only (kilobytes); removed by close()
+    try:
+        model.config.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        max_new = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
+        engine = VLLMEngine(model_dir, max_prompt_len=cfg.data.max_prompt_len, max_new_tokens=max_new,
+                            seed=cfg.seed, stop_token_ids=stop_token_ids,
+                            llm_kwargs={"load_format": "dummy", **opts}, **engine_kw)
+    except BaseException:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        raise
+    engine._temp_dirs.append(model_dir)
+    if verify:
+        g = torch.Generator().manual_seed(cfg.seed)
+        probe = torch.randint(0, model.config.vocab_size, (32,), generator=g).tolist()
+        dtype = engine_kw["dtype"]
+        engine.attach_sync_check(model, probe, atol if atol is not None else _DEFAULT_SYNC_ATOL.get(dtype, 0.5),
+                                 strict=atol is not None or dtype == "float32")
+    engine.load_weights(model.named_parameters())
+    return engine
