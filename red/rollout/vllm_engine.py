@@ -134,7 +134,7 @@ class VLLMEngine:
         if cuda:
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
         else:
-            kwargs["enforce_eager"] = True
+            kwargs["enforce_eager"] = True  # no torch.compile on CPU: start in seconds, not minutes
         if sleep_mode:
             kwargs["enable_sleep_mode"] = True
         if external:
@@ -181,7 +181,7 @@ class VLLMEngine:
         self.wake()
         greedy = sampling.temperature <= 0
         base = sampling.seed if sampling.seed is not None else self.seed * 7919 + self._calls
-        base = base + self.rank * _SEED_STRIDE_RANK
+        base = (base + self.rank * _SEED_STRIDE_RANK) % 2**62
         self._calls += 1
         params = [SamplingParams(n=n, temperature=0.0 if greedy else float(sampling.temperature),
                                  top_p=1.0 if greedy else float(sampling.top_p), max_tokens=sampling.max_new_tokens,
