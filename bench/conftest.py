@@ -29,6 +29,12 @@ def pytest_addoption(parser):
 
 
 @pytest.fixture
+def bench_rows():
+    """The session's results rows (for benchmarks that are not a cases.Case, e.g. the trainer)."""
+    return ROWS
+
+
+@pytest.fixture
 def bench_case(benchmark):
     """bench_case(case): time one case with pytest-benchmark, measure its peak extra memory, keep its row."""
     def run_case(case: cases.Case):
@@ -57,7 +63,7 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.write_sep("=", "red-kernels benchmark summary")
     terminalreporter.write_line(report.render_rows(ROWS))
     if config.getoption("record"):
-        device = ROWS[0]["device"]
+        device = next((r["device"] for r in ROWS if r["op"] != "trainer"), "cpu")
         name = record.device_name(device)
         path = record.append_run(record.RESULTS_DIR / f"{name}.json", record.environment(
             device, config.getoption("record_note")), ROWS)

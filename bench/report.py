@@ -57,10 +57,11 @@ def render_rows(rows: list[dict]) -> str:
     """One markdown table: every case group, its implementations, time and memory (× = relative to naive)."""
     head = ("| op | shape (N × H × V, dtype) | impl | time ms | CPU-time ms | × naive | GEMMs | TFLOP/s | % of "
             f"{PEAK_TFLOPS:.0f} | peak MiB | extra MiB | extra × naive |")
-    lines = [head, "|" + "---|" * 12]
     groups: dict = {}
     for r in rows:
-        groups.setdefault(_key(r), []).append(r)
+        if r["op"] != "trainer":
+            groups.setdefault(_key(r), []).append(r)
+    lines = [head, "|" + "---|" * 12] if groups else []
     for key, grp in groups.items():
         naive = next((r for r in grp if r["impl"] == "naive"), None)
         for r in sorted(grp, key=lambda r: IMPL_ORDER.get(r["impl"], 9)):
@@ -76,6 +77,15 @@ def render_rows(rows: list[dict]) -> str:
                      _fmt(r.get("peak_mib"), ".0f"), _fmt(r.get("extra_mib"), ".0f"),
                      _fmt(_ratio(r.get("extra_mib"), naive and naive.get("extra_mib")), ".3f")]
             lines.append("| " + " | ".join(cells) + " |")
+    trainer = [r for r in rows if r["op"] == "trainer"]
+    if trainer:
+        lines += ["", "| trainer (median s per RED step) | rollout | reward | old-policy pass | update | step | "
+                  "tokens/step | tokens/s |", "|" + "---|" * 8]
+        for r in trainer:
+            p = r["phases"]
+            lines.append(f"| `{r['command']}` | " + " | ".join(
+                f"{p[k]:.3f}" for k in ("time_rollout", "time_reward", "time_old_pass", "time_update", "time_step"))
+                + f" | {p['tokens_per_step']:.0f} | {p['tokens_per_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -85,6 +95,8 @@ def targets(rows: list[dict]) -> list[dict]:
     out = []
     for label, op, mode, ref_impl, metric, target in TARGETS:
         for r in rows:
+            if r["op"] == "trainer":
+                continue
             ours_impl = "triton" if r["device"] == "cuda" else "torch"
             n = 16_384 if r["device"] == "cuda" else 4096
             if (r["op"], r["mode"], r["model"], r["tokens"], r["impl"]) != (op, mode, "qwen2.5-0.5b", n, ours_impl):
@@ -138,7 +150,7 @@ def plot(run: dict, png: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = sorted((r for r in run["results"] if _time(r)), key=lambda r: (_key(r), IMPL_ORDER.get(r["impl"], 9)))
+    rows = sorted((r for r in run["results"] if r["op"] != "trainer" and _time(r)), key=lambda r: (_key(r), IMPL_ORDER.get(r["impl"], 9)))
     labels = [f"{r['op']} {r['mode']} {r['model']} N={r['tokens']} · {r['impl']}" for r in rows]
     colors = [f"C{IMPL_ORDER.get(r['impl'], 4)}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.32 * len(rows) + 1.5), sharey=True)

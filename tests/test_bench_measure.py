@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bench import cases, gpu_bench, impls, measure, record, report
+from bench.test_bench_trainer import phase_summary
 
 MIB = 2**20
 
@@ -104,3 +105,15 @@ def test_gpu_bench_runner_records_results_errors_and_budget(tmp_path, monkeypatc
     late = gpu_bench.run_cases(good, out, {"device": "tiny"}, budget_s=-1)
     assert all(r["error"] == "not run: time budget spent" for r in late)
     assert [len(run["results"]) for run in json.loads(out.read_text())["runs"]] == [3, 2]
+
+
+def test_trainer_phase_summary_and_table():
+    def step(i, rollout, update, mode="red"):
+        return {"step": i, "mode": mode, "time_rollout": rollout, "time_reward": 0.01, "time_old_pass": 0.2,
+                "time_update": update, "time_step": rollout + update + 0.21, "tokens": 1000, "tokens_per_s": 500.0}
+    metrics = [{"step": 0}, step(1, 9.0, 9.0), step(2, 1.0, 2.0), step(3, 3.0, 4.0), step(4, 2.0, 3.0),
+               {**step(5, 50.0, 50.0), "skipped_update": 1}]
+    p = phase_summary(metrics)
+    assert (p["time_rollout"], p["time_update"], p["steps"], p["first_step_s"]) == (2.0, 3.0, 3, 18.21)
+    md = report.render_rows([{"op": "trainer", "command": "python -m red.train", "phases": p}])
+    assert "| `python -m red.train` | 2.000 | 0.010 | 0.200 | 3.000 | 5.210 | 1000 | 500 |" in md
