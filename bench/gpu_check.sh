@@ -17,10 +17,16 @@ log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$DEST/gpu_check.log"; }
 
 log "start in $(pwd), writing to $DEST"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$DEST/gpu_check.log"
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    log "installing offline wheels from $WHEELS"
-    python -m pip install --no-index --no-deps -q "$WHEELS"/*.whl 2>&1 | tail -3 | tee -a "$DEST/gpu_check.log"
-fi
+# Install from the local wheels only what is missing (never touches packages already there).
+for spec in pytest:pytest hypothesis:hypothesis liger_kernel:liger-kernel; do
+    mod=${spec%%:*}; dist=${spec##*:}
+    if ! python -c "import $mod" 2>/dev/null && compgen -G "$WHEELS/*.whl" >/dev/null; then
+        log "installing $dist from $WHEELS"
+        flags=(--no-index --find-links "$WHEELS" -q)
+        [ "$dist" = liger-kernel ] && flags+=(--no-deps)   # its torch/triton requirement: the image's own
+        python -m pip install "${flags[@]}" "$dist" 2>&1 | tail -3 | tee -a "$DEST/gpu_check.log"
+    fi
+done
 python - <<'EOF' 2>&1 | tee -a "$DEST/gpu_check.log"
 import importlib.util, torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
@@ -44,7 +50,8 @@ else
 fi
 
 log "2/2 benchmarks"
-TRITON_INTERPRET=0 timeout 170 python -m bench.gpu_bench --out "$DEST" --budget-s 120 \
+# shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS: extra flags, e.g. "--models qwen2.5-0.5b --impls naive,triton"
+TRITON_INTERPRET=0 timeout 170 python -m bench.gpu_bench --out "$DEST" --budget-s 120 ${GPU_CHECK_BENCH_ARGS:-} \
     --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 log "benchmarks exit code $bench_rc"
