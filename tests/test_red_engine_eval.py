@@ -1,0 +1,97 @@
+"""HF rollout engine (sampled-token log-probs vs the trainer's red_kernels log-probs, stops, seeds) and evaluation
+(unbiased pass@k, per-source summary, the `python -m red.eval` command)."""
+import json
+import math
+
+import pytest
+import torch
+
+from red import synthetic
+from red.eval import main as eval_main
+from red.eval import pass_at_k, summarise
+from red.policy import Sequence, old_policy_pass
+from red.rollout.base import SamplingConfig
+from red.rollout.factory import make_engine
+from red.rollout.hf_engine import HFEngine
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = synthetic.build_tokenizer()
+    model = synthetic.build_model(tok, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "num_key_value_heads": 1}, seed=1)
+    return model, tok
+
+
+def _prompts(tok, n=3):
+    return [tok(tok.apply_chat_template([{"role": "user", "content": e["problem"]}], tokenize=False,
+                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            for e in synthetic.generate("chains", n, seed=0)]
+
+
+def test_engine_logprobs_equal_trainer_logprobs(tiny):
+    model, tok = tiny
+    eng = HFEngine(model, tok, batch_size=4)            # chunks of 4 < 3 prompts x 3 samples
+    prompts = _prompts(tok)
+    out = eng.generate(prompts, 3, SamplingConfig(max_new_tokens=12, temperature=0.8, seed=5))
+    assert [len(r) for r in out] == [3, 3, 3]
+    seqs = [Sequence(ro.prompt_ids, ro.token_ids) for group in out for ro in group]
+    lp, _ = old_policy_pass(model, seqs, tok.pad_token_id, 4096, 0.8, "cpu")
+    for ro, ref in zip([ro for g in out for ro in g], lp):
+        assert ro.prompt_ids in prompts and 1 <= len(ro.token_ids) <= 12
+        assert torch.allclose(torch.tensor(ro.logprobs), ref, atol=2e-4)
+        stopped = ro.token_ids[-1] == tok.eos_token_id
+        assert ro.finish_reason == ("stop" if stopped else "length")
+        assert tok.eos_token_id not in ro.token_ids[:-1]
+
+
+def test_engine_seeds_and_greedy_are_reproducible(tiny):
+    model, tok = tiny
+    eng = make_engine(type("C", (), {"rollout": type("R", (), {"engine": "hf", "batch_size": 64})})(), model, tok)
+    prompts = _prompts(tok, 2)
+    ids = lambda s: [[ro.token_ids for ro in g] for g in eng.generate(prompts, 2, s)]
+    a = ids(SamplingConfig(10, 1.0, seed=3))
+    assert a == ids(SamplingConfig(10, 1.0, seed=3))
+    assert a != ids(SamplingConfig(10, 1.0, seed=4))
+    g = ids(SamplingConfig(10, 0.0))
+    assert g[0][0] == g[0][1] and g == ids(SamplingConfig(10, 0.0))
+    state = torch.get_rng_state()
+    ids(SamplingConfig(10, 1.0, seed=9))
+    assert torch.equal(state, torch.get_rng_state())    # sampling never disturbs the trainer's RNG
+
+
+@pytest.mark.parametrize("n, c, k", [(4, 1, 2), (5, 2, 1), (8, 3, 4), (10, 0, 3), (6, 6, 2), (16, 1, 16)])
+def test_pass_at_k_is_unbiased_estimator(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+
+
+def test_summarise_per_source_lengths_and_truncation():
+    rec = lambda src, uid, ok, length, trunc=False: dict(source=src, uid=uid, correct=ok, length=length,
+                                                         truncated=trunc, status="correct" if ok else "wrong")
+    records = [rec("a", 0, True, 10), rec("a", 0, False, 30, True), rec("a", 1, False, 20), rec("a", 1, False, 40),
+               rec("b", 2, True, 5), rec("b", 2, True, 7)]
+    s = summarise(records, 2)
+    assert s["a"]["avg@2"] == 0.25 and s["a"]["pass@1"] == 0.25 and s["a"]["pass@2"] == 0.5
+    assert s["a"]["mean_length_correct"] == 10 and s["a"]["mean_length_wrong"] == 30
+    assert s["a"]["truncation_rate"] == 0.25 and s["b"]["pass@2"] == 1.0
+    assert s["all"]["problems"] == 3 and s["all"]["avg@2"] == pytest.approx(3 / 6)
+
+
+def test_eval_command_reads_jsonl_layouts(tiny, tmp_path, capsys):
+    model, tok = tiny
+    d = tmp_path / "model"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"})
+                              for i in range(3)) + "\n")
+    out = tmp_path / "res.json"
+    assert eval_main(["--model", str(d), "--data", str(data), "--data", "synthetic:chains", "--limit", "4",
+                      "--n", "2", "--temperature", "1.0", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "torch" in res["versions"] and "transformers" in res["versions"]
+    g = res["datasets"][str(data)]
+    assert g["per_source"]["gsm"]["problems"] == 3 and g["per_source"]["gsm"]["samples"] == 6
+    assert set(g["per_source"]["gsm"]) >= {"avg@2", "pass@1", "pass@2", "mean_length", "truncation_rate"}
+    assert res["datasets"]["synthetic:chains"]["per_source"]["all"]["problems"] == 4
+    assert "gsm" in capsys.readouterr().out
