@@ -6,6 +6,13 @@ import torch
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when t holds no NaN/inf, in one read-only pass: NaN and ±inf survive a sum (inf − inf = NaN), so a
+    finite fp32 sum proves finiteness; only a non-finite sum (or an overflow of huge finite values) needs the
+    exact elementwise check."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_values):
     """Validate the (hidden, weight, targets, bias, temperature) of a fused linear op."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
@@ -54,7 +61,7 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index
                 f"targets must be in [0, {vocab}) or ignore_index={ignore_index}; targets{list(first)} = "
                 f"{int(targets[first])}. Check the tokenizer/vocab size against weight.shape[0].")
         for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-            if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+            if t is not None and t.numel() and not all_finite(t):
                 raise ValueError(
                     f"{name} contains NaN or inf values; the op would return NaN gradients. "
                     "Find where they appear upstream (e.g. torch.autograd.set_detect_anomaly) or skip the batch.")

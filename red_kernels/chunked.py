@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-# Elements of one [chunk, V] fp32 block: 2^24 (64 MiB); a few such blocks live at once.
-CHUNK_ELEMENTS = 1 << 24
+# Elements of one [chunk, V] fp32 block: 2^26 (256 MiB, ~440 rows at V = 152k); two such blocks live at once.
+# Larger chunks mean fewer read-modify-writes of the fp32 dW accumulator (V·H) and better GEMM shapes.
+CHUNK_ELEMENTS = 1 << 26
 
 
 def rows_per_chunk(vocab: int, chunk_size: int | None = None) -> int:
@@ -52,13 +53,20 @@ def _dz(zs, e, s, y, ezs, g_lp, g_h, tau):
     """∂L/∂z_raw for one chunk, computed in place over zs and e (neither is needed afterwards).
 
     g_lp·(1[y] − p) − g_H·p·(zs − ezs)  =  −e·(g_lp + g_H·(zs − ezs))/s + g_lp·1[y],   p = e/s."""
-    inv_s = 1.0 / s
-    zs.sub_(ezs[:, None]).mul_((g_h * inv_s)[:, None]).add_((g_lp * inv_s)[:, None])
-    dz = e.mul_(zs).neg_()
+    a = -g_h / s                               # dz = e·(a·zs + c) + g_lp·1[y],  c = −(g_lp − g_h·ezs)/s
+    c = (g_h * ezs - g_lp) / s
+    dz = e.mul_(zs.mul_(a[:, None]).add_(c[:, None]))
     dz.scatter_add_(1, y[:, None], g_lp[:, None])
     if tau != 1.0:
         dz /= tau
     return dz
+
+
+def _grad_buffers(x, w, b):
+    """fp32 dW [V, H] and db [V] (or None): left unfilled (the first chunk writes them) unless there are no rows."""
+    fill = torch.zeros if x.shape[0] == 0 else torch.empty
+    dw = fill(w.shape, dtype=torch.float32, device=x.device)
+    return dw, (None if b is None else fill(b.shape, dtype=torch.float32, device=x.device))
 
 
 def _as_fp32(w, b):
@@ -88,8 +96,7 @@ def backward(x, w, b, y, tau, m, logs, ezs, g_lp, g_h, chunk_size=None):
     """(dX, dW, db) in fp32 from the saved stats and the per-token upstream grads g_lp, g_h [M]."""
     w32, b32 = _as_fp32(w, b)
     dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
-    db = None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=x.device)
+    dw, db = _grad_buffers(x, w, b)
     step = rows_per_chunk(w.shape[0], chunk_size)
     for i in range(0, x.shape[0], step):
         sl = slice(i, i + step)
@@ -97,16 +104,23 @@ def backward(x, w, b, y, tau, m, logs, ezs, g_lp, g_h, chunk_size=None):
         zs = z.sub_(m[sl, None])
         e = zs.exp()
         dz = _dz(zs, e, logs[sl].exp(), y[sl], ezs[sl], g_lp[sl].float(), g_h[sl].float(), tau)
-        _accumulate(dz, x[sl], w32, dx[sl], dw, db)
+        _accumulate(dz, x[sl], w32, dx[sl], dw, db, first=i == 0)
         del z, zs, e, dz
     return dx, dw, db
 
 
-def _accumulate(dz, xc, w32, dx_out, dw, db):
+def _accumulate(dz, xc, w32, dx_out, dw, db, first):
+    """dX rows = dZ·W;  dW (+)= dZᵀ·X;  db (+)= Σ dZ. The first chunk writes dW/db (no zero-fill pass)."""
     torch.matmul(dz, w32, out=dx_out)
-    dw.addmm_(dz.t(), xc.float())
+    if first:
+        torch.mm(dz.t(), xc.float(), out=dw)
+    else:
+        dw.addmm_(dz.t(), xc.float())
     if db is not None:
-        db += dz.sum(dim=0)
+        if first:
+            torch.sum(dz, dim=0, out=db)
+        else:
+            db += dz.sum(dim=0)
 
 
 @torch.no_grad()
@@ -122,8 +136,7 @@ def forward_with_grad(x, w, b, y, tau, token_grad_fn, chunk_size=None):
     logp = torch.empty(n, dtype=torch.float32, device=x.device)
     ent = torch.empty(n, dtype=torch.float32, device=x.device)
     dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
-    db = None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=x.device)
+    dw, db = _grad_buffers(x, w, b)
     step = rows_per_chunk(w.shape[0], chunk_size)
     for i in range(0, n, step):
         sl = slice(i, i + step)
@@ -133,6 +146,6 @@ def forward_with_grad(x, w, b, y, tau, token_grad_fn, chunk_size=None):
         ent[sl] = logs - ezs
         g_lp, g_h = token_grad_fn(sl, logp[sl], ent[sl])
         dz = _dz(zs, e, s, y[sl], ezs, g_lp.float(), g_h.float(), tau)
-        _accumulate(dz, x[sl], w32, dx[sl], dw, db)
+        _accumulate(dz, x[sl], w32, dx[sl], dw, db, first=i == 0)
         del z, zs, e, dz
     return logp, ent, dx, dw, db

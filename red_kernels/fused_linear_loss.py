@@ -24,9 +24,15 @@ class _PrecomputedGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        # In place: the saved gradients are used once (the loss is a scalar, its graph is not retained),
+        # which saves allocating another V×H buffer.
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("red_kernels losses support one backward pass per forward (their gradients are "
+                               "formed in the forward call); recompute the loss instead of retain_graph=True")
+        ctx.consumed = True
         dx, dw, db = ctx.saved_tensors
-        return (None, dx * g.to(dx.dtype), dw * g.to(dw.dtype),
-                (db * g.to(db.dtype)) if ctx.has_bias else None, None, None, None)
+        grads = [t if t is None else t.mul_(g.to(t.dtype)) for t in (dx, dw, db)]
+        return (None, grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None, None)
 
 
 def fused_linear_token_loss(x, w, b, y, tau, token_loss, impl, chunk_size=None):
