@@ -185,6 +185,10 @@ def train(cfg) -> int:
             if before is not None and D.is_main():
                 print(f"held-out accuracy before {effective(cfg)['mode']} (the base model): "
                       f"{100 * before['accuracy']:.1f}%", flush=True)
+        if D.is_main():
+            print(f"[{effective(cfg)['mode']} stage] steps {trainer.step + 1}..{cfg.train.steps}: "
+                  f"{cfg.train.prompts_per_step} prompts x {cfg.rollout.n} ({effective(cfg)['num_offline']} teacher) "
+                  f"per step on {cfg.data.train}", flush=True)
         _loop(cfg, trainer, engine, tok, eval_items, verifier, logger, summary)
     finally:
         verifier.close()

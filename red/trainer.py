@@ -207,29 +207,25 @@ class Trainer:
             m["skipped_update"] = 1
             return m
         seqs = [mem.seq for g in groups for mem in g.members]
-        is_off = torch.tensor([s.is_offline for s in seqs], dtype=torch.bool)
+        is_off = torch.tensor([s.is_offline for s in seqs], dtype=torch.bool).reshape(-1)
         t = time.perf_counter()
         old, ents = old_policy_pass(self.model, seqs, self.pad_id, cfg.train.micro_batch_tokens, self.tau, self.device)
         m["time_old_pass"] = time.perf_counter() - t
-        h = torch.stack([e.double().mean() if len(e) else torch.zeros((), dtype=torch.float64) for e in ents])
-        h_on, h_off = self._global_means(h, is_off)
+        h = torch.tensor([float(e.double().mean()) if len(e) else 0.0 for e in ents], dtype=torch.float64)
+        h_on, h_off = self._global_means(h, is_off)          # plain means over samples, all ranks
         w, w_raw = self.weight.update(h_on, h_off)
-        if k:
-            acc_all = torch.stack([g.acc() for g in groups])
-            adv = group_advantages(torch.stack([g.rewards() for g in groups]), torch.stack([g.is_offline() for g in groups]),
-                                   adv_std=cfg.algorithm.adv_std, adv_stats=cfg.algorithm.adv_stats)
-        else:
-            acc_all = torch.stack([g.acc() for g in groups])
-            adv = group_advantages(torch.stack([g.rewards() for g in groups]), torch.zeros_like(acc_all, dtype=torch.bool),
-                                   adv_std=cfg.algorithm.adv_std, adv_stats="group")
+        n = cfg.rollout.n   # (a rank may hold no kept group while others do: empty [0, n] tensors then)
+        acc_all = torch.stack([g.acc() for g in groups]) if groups else torch.zeros(0, n)
+        offline_flags = torch.stack([g.is_offline() for g in groups]) if groups else torch.zeros(0, n, dtype=torch.bool)
+        rewards = torch.stack([g.rewards() for g in groups]) if groups else torch.zeros(0, n)
+        adv = group_advantages(rewards, offline_flags, adv_std=cfg.algorithm.adv_std,
+                               adv_stats=cfg.algorithm.adv_stats if k else "group")
         rbar = group_accuracy(acc_all)
-        i = 0
         for gi, g in enumerate(groups):
             for j, mem in enumerate(g.members):
                 mem.seq.advantage = float(adv[gi, j])
                 mem.seq.group_accuracy = float(rbar[gi])
                 mem.seq.offline_weight = w
-                i += 1
         m.update(self._mismatch(seqs, old))
         t = time.perf_counter()
         for _ in range(cfg.train.ppo_epochs):
@@ -239,8 +235,9 @@ class Trainer:
         m["time_update"] = time.perf_counter() - t
         m.update(upd)
         m.update(H_on=h_on, H_off=h_off, w=w, w_raw=w_raw, w_raw_abs=abs(w_raw) if math.isfinite(w_raw) else None,
-                 rbar_mean=float(rbar.mean()), rbar_min=float(rbar.min()), rbar_max=float(rbar.max()),
-                 adv_offline_mean=float(adv[torch.stack([g.is_offline() for g in groups])].mean()) if k else None,
+                 rbar_mean=float(rbar.mean()) if len(rbar) else None,
+                 rbar_min=float(rbar.min()) if len(rbar) else None, rbar_max=float(rbar.max()) if len(rbar) else None,
+                 adv_offline_mean=float(adv[offline_flags].mean()) if k and len(rbar) else None,
                  groups_kept=D.sum_scalar(len(groups)))
         tokens = D.sum_scalar(sum(s.length for s in seqs))
         m["tokens"] = tokens

@@ -39,6 +39,9 @@ def run_warmup(cfg, model, tokenizer, device, eos_id: int):
     ws, rk = D.world_size(), D.rank()
     per_rank = max(w.batch_size // ws, 1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    if D.is_main():
+        print(f"[warm-up stage] SFT of the base model on {w.data} (a different, easier task than {cfg.data.train}; "
+              f"never the held-out problems): {w.steps} steps x {w.batch_size} traces", flush=True)
     path = os.path.join(cfg.output_dir, "warmup_metrics.jsonl")
     if D.is_main() and os.path.exists(path):
         os.remove(path)
@@ -58,6 +61,9 @@ def run_warmup(cfg, model, tokenizer, device, eos_id: int):
         bar.update(1)
         bar.set_postfix(nll=f"{m['sft']:.3f}", p_teacher=f"{m.get('teacher_prob', float('nan')):.3f}")
     bar.close()
+    if D.is_main():
+        print(f"[warm-up stage] done in {time.perf_counter() - t0:.0f}s: final NLL {m['sft']:.3f}, "
+              f"teacher-token prob {m.get('teacher_prob', float('nan')):.3f}", flush=True)
     save_model(model, tokenizer, warmup_dir(cfg.output_dir))
     return model
 
