@@ -248,12 +248,14 @@ class TokenizeReport:
 
 
 def tokenize_examples(examples: list[Example], tokenizer, dcfg, max_response_len: int, eos_id: int,
-                      need_traces: bool = False, name: str = "data") -> tuple[list[PromptItem], TokenizeReport]:
+                      need_traces: bool = False, name: str = "data",
+                      with_traces: bool = True) -> tuple[list[PromptItem], TokenizeReport]:
     """Chat-template and tokenise prompts and teacher traces (each trace + EOS, as an assistant response).
 
     Over-long prompts (> data.max_prompt_len) and traces (> max_response_len incl. EOS) are rejected or
     truncated per data.overlong_prompt / data.overlong_trace; every case is recorded by row in the report.
     need_traces: a problem without any usable trace is rejected (recorded as a rejected trace).
+    with_traces=False: prompts only (evaluation).
     """
     rep = TokenizeReport()
     items = []
@@ -267,7 +269,7 @@ def tokenize_examples(examples: list[Example], tokenizer, dcfg, max_response_len
             rep.prompts_truncated.append(ex.row)
             ids = ids[-dcfg.max_prompt_len:]
         traces = []
-        for tr in ex.traces:
+        for tr in (ex.traces if with_traces else []):
             if text.rstrip().endswith("<think>") and tr.lstrip().startswith("<think>"):
                 tr = tr.lstrip()[len("<think>"):].lstrip("\n")
                 rep.think_stripped += 1

@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     try:
         for spec in args.data:
             examples, skipped = load_source(spec, dcfg, split="heldout", limit=args.limit)
-            items, rep = tokenize_examples(examples, tok, dcfg, args.max_new_tokens, tok.eos_token_id, name=spec)
+            items, rep = tokenize_examples(examples, tok, dcfg, args.max_new_tokens, tok.eos_token_id, name=spec,
+                                           with_traces=False)
             res = evaluate(engine, tok, items, verifier, n=args.n, temperature=args.temperature,
                            max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed)
             res["skipped_rows"] = skipped

@@ -84,7 +84,8 @@ def load_items(cfg, tok, eos_id):
     evals = []
     for spec in cfg.data.eval:
         e, _ = load_source(spec, cfg.data, split="heldout", limit=cfg.data.eval_limit)
-        items, _ = tokenize_examples(e, tok, cfg.data, eval_max_tokens(cfg), eos_id, name=f"eval {spec}")
+        items, _ = tokenize_examples(e, tok, cfg.data, eval_max_tokens(cfg), eos_id, name=f"eval {spec}",
+                                     with_traces=False)
         evals.extend(items)
     for uid, it in enumerate(evals):
         it.uid = uid

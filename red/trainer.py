@@ -305,13 +305,15 @@ class Trainer:
         return mm.metrics()
 
     def _samples(self, groups) -> list:
-        cap = self.cfg.log.samples_max
+        """Up to log.samples_max members: one online sample and the teacher trace of the first groups."""
         out = []
         for g in groups:
-            for mem in g.members:
-                if len(out) >= cap:
+            picks = [next((m for m in g.members if not m.is_offline), None),
+                     next((m for m in g.members if m.is_offline), None)]
+            for mem in (p for p in picks if p is not None):
+                if len(out) >= self.cfg.log.samples_max:
                     return out
-                out.append({"row": g.item.row, "answer": g.item.answer, "offline": mem.is_offline,
-                            "status": mem.status, "reward": mem.reward, "advantage": mem.seq.advantage,
-                            "response": mem.text})
+                out.append({"row": g.item.row, "prompt": self.tok.decode(g.item.prompt_ids, skip_special_tokens=True),
+                            "answer": g.item.answer, "offline": mem.is_offline, "status": mem.status,
+                            "reward": mem.reward, "advantage": mem.seq.advantage, "response": mem.text})
         return out
