@@ -152,11 +152,11 @@ def _main(argv=None):
     run = impls.build(case, cases.make_inputs(case))
     _malloc_trim()
     base = _status_kib("VmRSS") * 1024
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = run()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"case": case.id, "time_s": dt, "peak_rss_mib": peak / 2**20,
+    print(json.dumps({"case": case.id, "time_s": dt, "cpu_s": cpu, "peak_rss_mib": peak / 2**20,
                       "peak_mib": (peak - base) / 2**20,
                       "extra_mib": max(0, peak - base - tensor_bytes(out)) / 2**20}))
 
