@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-# Elements of one [chunk, V] fp32 block: 2^26 (256 MiB, ~440 rows at V = 152k); two such blocks live at once.
+# Elements of one [chunk, V] fp32 block: 2^25 (128 MiB, ~220 rows at V = 152k); two such blocks live at once.
 # Larger chunks mean fewer read-modify-writes of the fp32 dW accumulator (V·H) and better GEMM shapes.
-CHUNK_ELEMENTS = 1 << 26
+CHUNK_ELEMENTS = 1 << 25
 
 
 def rows_per_chunk(vocab: int, chunk_size: int | None = None) -> int:
@@ -44,7 +44,7 @@ def _stats(z, y):
     e = zs.exp()
     s = e.sum(dim=1)
     logs = s.log()
-    ezs = torch.linalg.vecdot(e, zs, dim=1) / s
+    ezs = torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1) / s   # row dots without a block temporary
     zy_s = zs.gather(1, y[:, None]).squeeze(1)
     return m, zs, e, s, logs, ezs, zy_s
 
@@ -53,9 +53,12 @@ def _dz(zs, e, s, y, ezs, g_lp, g_h, tau):
     """∂L/∂z_raw for one chunk, computed in place over zs and e (neither is needed afterwards).
 
     g_lp·(1[y] − p) − g_H·p·(zs − ezs)  =  −e·(g_lp + g_H·(zs − ezs))/s + g_lp·1[y],   p = e/s."""
-    a = -g_h / s                               # dz = e·(a·zs + c) + g_lp·1[y],  c = −(g_lp − g_h·ezs)/s
-    c = (g_h * ezs - g_lp) / s
-    dz = e.mul_(zs.mul_(a[:, None]).add_(c[:, None]))
+    if g_h is None:                            # entropy unused: dz = −e·g_lp/s + g_lp·1[y]
+        dz = e.mul_((-g_lp / s)[:, None])
+    else:                                      # dz = e·(a·zs + c) + g_lp·1[y],  c = −(g_lp − g_h·ezs)/s
+        a = -g_h / s
+        c = (g_h * ezs - g_lp) / s
+        dz = e.mul_(zs.mul_(a[:, None]).add_(c[:, None]))
     dz.scatter_add_(1, y[:, None], g_lp[:, None])
     if tau != 1.0:
         dz /= tau
@@ -93,7 +96,8 @@ def forward_stats(x, w, b, y, tau, chunk_size=None):
 
 @torch.no_grad()
 def backward(x, w, b, y, tau, m, logs, ezs, g_lp, g_h, chunk_size=None):
-    """(dX, dW, db) in fp32 from the saved stats and the per-token upstream grads g_lp, g_h [M]."""
+    """(dX, dW, db) in fp32 from the saved stats and the per-token upstream grads g_lp, g_h [M] (g_h may be None
+    when the entropy output is unused: one pass less per block)."""
     w32, b32 = _as_fp32(w, b)
     dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     dw, db = _grad_buffers(x, w, b)
@@ -103,7 +107,8 @@ def backward(x, w, b, y, tau, m, logs, ezs, g_lp, g_h, chunk_size=None):
         z = _logits(x[sl], w32, b32, tau)
         zs = z.sub_(m[sl, None])
         e = zs.exp()
-        dz = _dz(zs, e, logs[sl].exp(), y[sl], ezs[sl], g_lp[sl].float(), g_h[sl].float(), tau)
+        g_h_rows = None if g_h is None else g_h[sl].float()
+        dz = _dz(zs, e, logs[sl].exp(), y[sl], ezs[sl], g_lp[sl].float(), g_h_rows, tau)
         _accumulate(dz, x[sl], w32, dx[sl], dw, db, first=i == 0)
         del z, zs, e, dz
     return dx, dw, db

@@ -17,6 +17,7 @@ class _LinearLogprobs(torch.autograd.Function):
         m, logs, ezs, zy_s = impl.forward_stats(x, w, b, y, tau, **kw)
         ctx.save_for_backward(x, w, b, y, m, logs, ezs)
         ctx.tau, ctx.impl, ctx.kw = tau, impl, kw
+        ctx.set_materialize_grads(False)  # an unused output arrives as None: its backward terms are skipped
         return zy_s - logs, logs - ezs
 
     @staticmethod
@@ -24,8 +25,6 @@ class _LinearLogprobs(torch.autograd.Function):
         x, w, b, y, m, logs, ezs = ctx.saved_tensors
         if g_lp is None:
             g_lp = torch.zeros_like(logs)
-        if g_h is None:
-            g_h = torch.zeros_like(logs)
         dx, dw, db = ctx.impl.backward(x, w, b, y, ctx.tau, m, logs, ezs, g_lp, g_h, **ctx.kw)
         return (dx.to(x.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
                 None, None, None, None)

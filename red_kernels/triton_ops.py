@@ -205,6 +205,8 @@ def backward(x, w, b, y, tau, m, logs, ezs, g_lp, g_h, chunk_size=None, *, dz_dt
     """
     n = x.shape[0]
     dev = x.device
+    if g_h is None:  # entropy output unused
+        g_h = torch.zeros_like(g_lp)
     dx = torch.empty(x.shape, dtype=torch.float32, device=dev)
     dw = torch.zeros(w.shape, dtype=torch.float32, device=dev)
     db = None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=dev)
