@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from red import synthetic
 from red.eval import main as eval_main
@@ -17,10 +18,7 @@ from red.rollout.hf_engine import HFEngine
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = synthetic.build_tokenizer()
-    model = synthetic.build_model(tok, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                        "num_attention_heads": 2, "num_key_value_heads": 1}, seed=1)
-    return model, tok
+    return tiny_model(seed=1)
 
 
 def _prompts(tok, n=3):

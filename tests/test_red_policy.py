@@ -2,18 +2,15 @@
 accumulation equal to the full batch, and no full-vocabulary logits anywhere in the trainer's passes."""
 import pytest
 import torch
+from conftest import tiny_model
 
-from red import synthetic
 from red.policy import IGNORE, Sequence, collate, micro_batches, old_policy_pass
 from red.trainer import policy_update
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = synthetic.build_tokenizer()
-    model = synthetic.build_model(tok, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                        "num_attention_heads": 2, "num_key_value_heads": 1}, seed=0)
-    return model, tok
+    return tiny_model(seed=0)
 
 
 def _seqs(n=6, seed=0):
