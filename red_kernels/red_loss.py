@@ -29,9 +29,10 @@ class REDLossOutput:
     metrics: dict
 
 
-def _per_seq(name, t, b, required_default):
+def _per_seq(name, t, b):
+    """A per-sequence input ([B] tensor, list, or None) as a tensor, or None."""
     if t is None:
-        return None if required_default is None else torch.full((b,), required_default)
+        return None
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t, dtype=torch.float32)
     if tuple(t.shape) != (b,):
@@ -101,8 +102,8 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
     cfg = REDLossConfig.build(config, **config_overrides)
     check_linear_inputs(hidden, weight, targets, bias, cfg.temperature, cfg.ignore_index, check_inputs)
     b = targets.shape[0] if targets.dim() == 2 else 0
-    r_bar = _per_seq("group_accuracy", group_accuracy, b, None)
-    w = _per_seq("offline_weight", offline_weight, b, None)
+    r_bar = _per_seq("group_accuracy", group_accuracy, b)
+    w = _per_seq("offline_weight", offline_weight, b)
     mask, off, adv = _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old_logprobs,
                                    ref_logprobs, is_weights, cfg)
     dev = hidden.device
