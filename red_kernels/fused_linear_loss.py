@@ -5,12 +5,14 @@ log p and H are. So the hidden/weight gradients are computed eagerly in the forw
 (scaled by the upstream gradient of the loss):
 
 * 'torch' backend: one chunked sweep (logits → stats → per-token grads → dZ → dX, dW), 3 GEMM-shaped passes;
-* 'triton' backend: the forward kernel, then the recompute backward kernel right away (1 forward + 1 recompute
-  vocabulary sweep, the same as linear_logprobs forward+backward).
+* 'triton' backend: per row chunk, the forward kernel, then the recompute dZ kernel right away (1 forward + 1
+  recompute vocabulary sweep, the same as linear_logprobs forward+backward).
 """
 from __future__ import annotations
 
 import torch
+
+from . import backends
 
 
 class _PrecomputedGrad(torch.autograd.Function):
@@ -35,12 +37,11 @@ class _PrecomputedGrad(torch.autograd.Function):
         return (None, grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None, None)
 
 
-def fused_linear_token_loss(x, w, b, y, tau, token_loss, impl, chunk_size=None):
+def fused_linear_token_loss(x, w, b, y, tau, token_loss, be, chunk_size=None):
     """L = Σ_chunks token_loss(rows, logp, H) with exact gradients w.r.t. x [M, H], w [V, H], b [V].
 
     token_loss(rows: slice, logp [c], entropy [c]) must return the chunk's scalar loss as a differentiable
-    function of its logp/entropy arguments (plain torch ops). `impl` is the backend module (chunked or
-    triton_ops). Returns (loss 0-dim fp32, logp [M] fp32, entropy [M] fp32), logp/entropy detached.
+    function of its logp/entropy arguments (plain torch ops). `be` is the backend module (backends.ops(name)). Returns (loss 0-dim fp32, logp [M] fp32, entropy [M] fp32), logp/entropy detached.
     """
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
@@ -60,12 +61,12 @@ def fused_linear_token_loss(x, w, b, y, tau, token_loss, impl, chunk_size=None):
     xd, wd, bd = x.detach(), w.detach(), (None if b is None else b.detach())
     if not needs_grad:
         with torch.no_grad():
-            m, logs, ezs, zy_s = impl.forward_stats(xd, wd, bd, y, tau, chunk_size=chunk_size)
+            m, logs, ezs, zy_s = backends.forward_stats(be, xd, wd, bd, y, tau, chunk_size)
         logp, ent = zy_s - logs, logs - ezs
         grads(slice(None), logp, ent)
         return total, logp, ent
     with torch.no_grad():
-        logp, ent, dx, dw, db = impl.forward_with_grad(xd, wd, bd, y, tau, grads, chunk_size)
+        logp, ent, dx, dw, db = backends.forward_with_grad(be, xd, wd, bd, y, tau, grads, chunk_size)
     loss = _PrecomputedGrad.apply(total, x, w, b, dx.to(x.dtype), dw.to(w.dtype),
                                   None if db is None else db.to(b.dtype))
     return loss, logp, ent

@@ -12,20 +12,18 @@ class _LinearLogprobs(torch.autograd.Function):
     """Compacted rows only: x [M, H], y [M] valid ids. Returns (logp [M], entropy [M]) in fp32."""
 
     @staticmethod
-    def forward(ctx, x, w, b, y, tau, impl, chunk_size):
-        kw = {"chunk_size": chunk_size}
-        m, logs, ezs, zy_s = impl.forward_stats(x, w, b, y, tau, **kw)
-        ctx.save_for_backward(x, w, b, y, m, logs, ezs)
-        ctx.tau, ctx.impl, ctx.kw = tau, impl, kw
+    def forward(ctx, x, w, b, y, tau, be, chunk_size):
+        stats = backends.forward_stats(be, x, w, b, y, tau, chunk_size)
+        m, logs, ezs, zy_s = stats
+        ctx.save_for_backward(x, w, b, y, *stats)
+        ctx.tau, ctx.be, ctx.chunk_size = tau, be, chunk_size
         ctx.set_materialize_grads(False)  # an unused output arrives as None: its backward terms are skipped
         return zy_s - logs, logs - ezs
 
     @staticmethod
     def backward(ctx, g_lp, g_h):
-        x, w, b, y, m, logs, ezs = ctx.saved_tensors
-        if g_lp is None:
-            g_lp = torch.zeros_like(logs)
-        dx, dw, db = ctx.impl.backward(x, w, b, y, ctx.tau, m, logs, ezs, g_lp, g_h, **ctx.kw)
+        x, w, b, y, *stats = ctx.saved_tensors
+        dx, dw, db = backends.backward(ctx.be, x, w, b, y, ctx.tau, stats, g_lp, g_h, ctx.chunk_size)
         return (dx.to(x.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
                 None, None, None, None)
 
@@ -81,11 +79,6 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
         return logp.float(), (ent.float() if return_entropy else None)
     x, y, index = compact_rows(hidden, targets, ignore_index)
     n = targets.numel()
-    if x.shape[0] == 0:
-        # Nothing to compute: zeros that still carry a (zero) gradient path to every input.
-        zero = (hidden.sum() * 0 + weight.sum() * 0 + (0 if bias is None else bias.sum() * 0)).float()
-        logp = zero.expand(targets.shape).clone()
-        return logp, (logp.clone() if return_entropy else None)
     logp_c, ent_c = _LinearLogprobs.apply(x, weight, bias, y, tau, backends.ops(name), chunk_size)
     logp = scatter_rows(logp_c, index, n, targets.shape)
     ent = scatter_rows(ent_c, index, n, targets.shape) if return_entropy else None

@@ -40,7 +40,7 @@ def _per_seq(name, t, b):
     return t
 
 
-def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, ref, is_w, cfg):
+def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, ref, is_w, cfg, global_normalizer):
     if targets.dim() != 2:
         raise ValueError(f"targets must be [B, T] (sequences × positions), got shape {tuple(targets.shape)}")
     b = targets.shape[0]
@@ -68,6 +68,12 @@ def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, r
                          f"max {float(r_bar.max())}")
     if w is not None and not bool((torch.isfinite(w) & (w >= 0)).all()):
         raise ValueError("offline_weight (w) must be finite and ≥ 0")
+    if global_normalizer is not None:
+        g = float(global_normalizer)
+        if not (g > 0 and g != float("inf")):
+            raise ValueError(f"global_normalizer must be a finite number > 0 (sequences for seq_*, tokens for "
+                             f"token_mean, over the whole batch), got {global_normalizer!r}; pass None to use "
+                             "this call's own count")
     if cfg.kl_coef and ref is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs [B, T]")
     if cfg.offline_shaping == "red" and r_bar is None and bool(off.any()):
@@ -105,7 +111,7 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
     r_bar = _per_seq("group_accuracy", group_accuracy, b)
     w = _per_seq("offline_weight", offline_weight, b)
     mask, off, adv = _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old_logprobs,
-                                   ref_logprobs, is_weights, cfg)
+                                   ref_logprobs, is_weights, cfg, global_normalizer)
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
     on = mask & ~off
@@ -134,12 +140,8 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
         def token_loss(rows, lp, h):
             return _weighted_loss(lp, h, {k: (v[rows] if v is not None else None) for k, v in side.items()}, cfg)
 
-        if x.shape[0] == 0:
-            zero = (hidden.sum() * 0 + weight.sum() * 0 + (0 if bias is None else bias.sum() * 0)).float()
-            loss, logp_c, ent_c = zero, x.new_zeros(0, dtype=torch.float32), x.new_zeros(0, dtype=torch.float32)
-        else:
-            loss, logp_c, ent_c = fused_linear_token_loss(x, weight, bias, y, cfg.temperature, token_loss,
-                                                          backends.ops(name), chunk_size)
+        loss, logp_c, ent_c = fused_linear_token_loss(x, weight, bias, y, cfg.temperature, token_loss,
+                                                      backends.ops(name), chunk_size)
         n = targets.numel()
         logp_d = scatter_rows(logp_c, index, n, targets.shape)
         ent_d = scatter_rows(ent_c, index, n, targets.shape)

@@ -5,7 +5,7 @@ to the reference's max-abs; bf16/fp16 inputs (reference in fp64 on the same roun
 entropy ≤ 5e-3, gradients ≤ 2e-2 relative.
 
 On CPU the 'triton' backend runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1). To run the same tests
-on the compiled kernels: `TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda pytest tests/test_linear_logprobs.py`
+on the compiled kernels: `TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda pytest tests/kernels/test_logprobs.py`
 (optionally RED_KERNELS_BACKEND=triton to run only that backend).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from red_kernels import chunked, linear_logprobs
+from red_kernels import backends, linear_logprobs
 from red_kernels.reference import reference_logprobs
 
 DEVICE = torch.device(
@@ -197,10 +197,10 @@ def test_large_vocab_torch_backend():
 @pytest.mark.parametrize("splits", [2, 3])
 def test_triton_vocab_splits_merge(splits):
     """Several vocabulary splits per token block merge to the chunked path's statistics."""
-    from red_kernels import triton_ops
+    triton_ops = backends.ops("triton")
     x, w, y, b = make_inputs((20,), 40, 5000, bias=True, ignore_frac=0.0, seed=5)
-    got = triton_ops.forward_stats(x, w, b, y, 0.9, vocab_splits=splits)
-    want = chunked.forward_stats(x, w, b, y, 0.9)
+    got, _ = triton_ops.stats(x, w, b, y, 0.9, vocab_splits=splits)
+    want = backends.forward_stats(backends.ops("torch"), x, w, b, y, 0.9)
     assert triton_ops._split_layout(20, 5000, x.device, splits)[0] == splits
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
@@ -208,18 +208,18 @@ def test_triton_vocab_splits_merge(splits):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend deselected by RED_KERNELS_BACKEND")
 def test_triton_backward_is_deterministic_and_forward_with_grad_matches():
-    from red_kernels import triton_ops
+    triton_ops, chunked = backends.ops("triton"), backends.ops("torch")
     x, w, y, b = make_inputs((30,), 24, 700, bias=True, ignore_frac=0.0, seed=9)
-    m, logs, ezs, zy_s = triton_ops.forward_stats(x, w, b, y, 1.2)
+    stats = backends.forward_stats(triton_ops, x, w, b, y, 1.2)
     a, c = upstream(y.shape, "mix")
-    first = triton_ops.backward(x, w, b, y, 1.2, m, logs, ezs, a, c, chunk_size=7)
-    second = triton_ops.backward(x, w, b, y, 1.2, m, logs, ezs, a, c, chunk_size=7)
+    first = backends.backward(triton_ops, x, w, b, y, 1.2, stats, a, c, chunk_size=7)
+    second = backends.backward(triton_ops, x, w, b, y, 1.2, stats, a, c, chunk_size=7)
     assert all(torch.equal(p, q) for p, q in zip(first, second))
 
     def grad_fn(rows, logp, ent):
         return a[rows] * 2, c[rows] - 1
-    got = triton_ops.forward_with_grad(x, w, b, y, 1.2, grad_fn)
-    want = chunked.forward_with_grad(x, w, b, y, 1.2, grad_fn)
+    got = backends.forward_with_grad(triton_ops, x, w, b, y, 1.2, grad_fn)
+    want = backends.forward_with_grad(chunked, x, w, b, y, 1.2, grad_fn)
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-4)
 
@@ -235,7 +235,7 @@ SMALL_TILE_CASES = {
 @pytest.mark.parametrize("case", [*SMALL_TILE_CASES, "all_very_negative", "spread_1e4"])
 def test_triton_small_tiles(case, monkeypatch):
     """16×64×16 interpreter tiles: many token blocks, vocabulary tiles (online rescaling) and H steps."""
-    from red_kernels import triton_ops
+    triton_ops = backends.ops("triton")
     monkeypatch.setattr(triton_ops, "INTERPRETER_MAX_BLOCKS", (16, 64, 16))
     if case in SMALL_TILE_CASES:
         shape, h, v, dtype, bias, tau, splits = SMALL_TILE_CASES[case]
@@ -243,8 +243,8 @@ def test_triton_small_tiles(case, monkeypatch):
         ulps = 0.0
     else:
         (x, w, y, b), tau, splits, ulps = _extreme(case), 0.9, 2, 8
-    forward = triton_ops.forward_stats
-    monkeypatch.setattr(triton_ops, "forward_stats", lambda *a, **k: forward(*a, **k, vocab_splits=splits))
+    forward = triton_ops.stats
+    monkeypatch.setattr(triton_ops, "stats", lambda *a, **k: forward(*a, **k, vocab_splits=splits))
     check_against_reference("triton", x, w, y, b, tau=tau, mode="mix", chunk_size=13, logit_ulps=ulps)
 
 
@@ -266,8 +266,8 @@ import itertools
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from red_kernels import triton_kernels as K
-from red_kernels.triton_ops import _gpu_configs
+from red_kernels.backends import triton_kernels as K
+from red_kernels.backends.triton import _gpu_configs
 
 def signature(fn, dtype, dz_dtype):
     ptr = {"x_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "y_ptr": "i64", "dz_ptr": dz_dtype}
@@ -301,5 +301,5 @@ def test_kernels_compile_for_hopper_without_gpu(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-4000:]

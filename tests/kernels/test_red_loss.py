@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from loss_reference import naive_red_loss
 from red_kernels import REDLossConfig, red_loss
+from red_kernels.reference import naive_red_loss
 
 DEVICE = os.environ.get("RED_KERNELS_TEST_DEVICE", "cpu")
 BACKENDS = ["torch", "triton"]
@@ -232,6 +232,9 @@ def _bad(**kw):
     (dict(offline_shaping="sft"), "offline_shaping"),
     (dict(clip_eps_low=1.5), "clip_eps_low"),
     (dict(not_a_key=1), "not_a_key"),
+    (dict(global_normalizer=0), "global_normalizer"),
+    (dict(global_normalizer=-2.0), "global_normalizer"),
+    (dict(global_normalizer=float("nan")), "global_normalizer"),
 ])
 def test_bad_input_names_the_argument(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
