@@ -115,7 +115,9 @@ def _strides(x, w):
 
 
 def prepare(w, b):
-    return w, b   # the kernels read the inputs in their own dtype
+    """The kernels read w in its own dtype through its strides; b is read with stride 1, so a strided bias view
+    (e.g. a slice of a larger tensor) is made contiguous here (a [V] copy)."""
+    return w, (None if b is None else b.contiguous())
 
 
 def stats_rows(n, vocab, x, chunk_size=None):

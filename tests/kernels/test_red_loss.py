@@ -252,3 +252,28 @@ def test_config_object_and_module_agree():
                  offline_mask=batch["offline"], offline_weight=batch["w"], offline_shaping="luffy",
                  loss_agg="token_mean", backend="torch")
     assert a.loss.item() == b.loss.item()
+
+
+def _strided_view(t):
+    """t's values as a non-contiguous view (every other element of a twice-as-wide tensor)."""
+    return torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_match_float64(backend):
+    """Every tensor argument of red_loss as a non-contiguous view (bias included: stride 2 was wrong on Triton);
+    the gradients flow through the views into their (contiguous) leaves."""
+    batch = make_batch(bias=True, seed=13)
+    g = torch.Generator().manual_seed(3)
+    batch["adv"] = torch.randn(batch["targets"].shape, generator=g).to(DEVICE)   # per-token: a [B, T] view
+    bases = {k: torch.stack([v, torch.zeros_like(v)], dim=-1) for k, v in batch.items()}
+    leaves = [bases[k].requires_grad_() for k in ("hidden", "weight", "bias")]
+    v = {k: t[..., 0] for k, t in bases.items()}
+    assert not any(t.is_contiguous() for t in v.values())
+    cfg = dict(kl_coef=0.05, entropy_coef=0.01, sft_coef=0.1, temperature=0.9)
+    out = red_loss(v["hidden"], v["weight"], v["targets"], v["adv"], loss_mask=v["mask"], old_logprobs=v["old"],
+                   offline_mask=v["offline"], group_accuracy=v["r_bar"], offline_weight=v["w"],
+                   ref_logprobs=v["ref"], bias=v["bias"], backend=backend, **cfg)
+    grads = [g[..., 0] for g in torch.autograd.grad(out.loss, leaves)]
+    ref_loss, ref_grads = reference(batch, **cfg)
+    assert_close(out, grads, ref_loss, ref_grads)
