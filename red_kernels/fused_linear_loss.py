@@ -37,7 +37,7 @@ class _PrecomputedGrad(torch.autograd.Function):
         return (None, grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None, None)
 
 
-def fused_linear_token_loss(x, w, b, y, tau, token_loss, be, chunk_size=None):
+def fused_linear_token_loss(x, w, b, y, zmap, token_loss, be, chunk_size=None):
     """L = Σ_chunks token_loss(rows, logp, H) with exact gradients w.r.t. x [M, H], w [V, H], b [V].
 
     token_loss(rows: slice, logp [c], entropy [c]) must return the chunk's scalar loss as a differentiable
@@ -61,12 +61,12 @@ def fused_linear_token_loss(x, w, b, y, tau, token_loss, be, chunk_size=None):
     xd, wd, bd = x.detach(), w.detach(), (None if b is None else b.detach())
     if not needs_grad:
         with torch.no_grad():
-            m, logs, ezs, zy_s = backends.forward_stats(be, xd, wd, bd, y, tau, chunk_size)
+            m, logs, ezs, zy_s = backends.forward_stats(be, xd, wd, bd, y, zmap, chunk_size)
         logp, ent = zy_s - logs, logs - ezs
         grads(slice(None), logp, ent)
         return total, logp, ent
     with torch.no_grad():
-        logp, ent, dx, dw, db = backends.forward_with_grad(be, xd, wd, bd, y, tau, grads, chunk_size)
+        logp, ent, dx, dw, db = backends.forward_with_grad(be, xd, wd, bd, y, zmap, grads, chunk_size)
     loss = _PrecomputedGrad.apply(total, x, w, b, dx.to(x.dtype), dw.to(w.dtype),
                                   None if db is None else db.to(b.dtype))
     return loss, logp, ent

@@ -12,18 +12,18 @@ class _LinearLogprobs(torch.autograd.Function):
     """Compacted rows only: x [M, H], y [M] valid ids. Returns (logp [M], entropy [M]) in fp32."""
 
     @staticmethod
-    def forward(ctx, x, w, b, y, tau, be, chunk_size):
-        stats = backends.forward_stats(be, x, w, b, y, tau, chunk_size)
+    def forward(ctx, x, w, b, y, zmap, be, chunk_size):
+        stats = backends.forward_stats(be, x, w, b, y, zmap, chunk_size)
         m, logs, ezs, zy_s = stats
         ctx.save_for_backward(x, w, b, y, *stats)
-        ctx.tau, ctx.be, ctx.chunk_size = tau, be, chunk_size
+        ctx.zmap, ctx.be, ctx.chunk_size = zmap, be, chunk_size
         ctx.set_materialize_grads(False)  # an unused output arrives as None: its backward terms are skipped
         return zy_s - logs, logs - ezs
 
     @staticmethod
     def backward(ctx, g_lp, g_h):
         x, w, b, y, *stats = ctx.saved_tensors
-        dx, dw, db = backends.backward(ctx.be, x, w, b, y, ctx.tau, stats, g_lp, g_h, ctx.chunk_size)
+        dx, dw, db = backends.backward(ctx.be, x, w, b, y, ctx.zmap, stats, g_lp, g_h, ctx.chunk_size)
         return (dx.to(x.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
                 None, None, None, None)
 
@@ -46,10 +46,12 @@ def scatter_rows(values, index, n, shape):
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=True, backend=None, chunk_size=None, check_inputs=True):
+                    return_entropy=True, backend=None, chunk_size=None, check_inputs=True, softcap=None,
+                    logit_scale=1.0):
     """Per-token log-probabilities of `targets` and full-vocabulary entropy, without materialising logits.
 
-    With z = (hidden·weightᵀ + bias) / temperature and p = softmax(z):
+    With u = hidden·weightᵀ + bias, z = logit_scale·u / temperature — or, with a softcap,
+    z = softcap·tanh(logit_scale·u / softcap) / temperature — and p = softmax(z):
     logprobs = log p[target],  entropy = −Σ_v p_v log p_v  (nats).
 
     Args:
@@ -66,20 +68,25 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
             materialised logits, tests only). The env var RED_KERNELS_BACKEND sets the default.
         chunk_size: rows per chunk on the 'torch' backend (default: [chunk, V] ≈ 2^24 elements).
         check_inputs: validate target range and finiteness (costs host syncs; turn off under CUDA graphs).
+        softcap: None, or c > 0 for tanh soft-capping of the logits (Gemma's `final_logit_softcapping`).
+        logit_scale: s > 0 multiplying the logits before the softcap (Cohere's `logit_scale`; Granite's
+            `logits_scaling` is 1/s).
 
     Returns:
         (logprobs, entropy): float32 tensors shaped like `targets`; differentiable w.r.t. hidden, weight
         and bias through both outputs.
     """
-    check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_inputs)
+    check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_inputs, softcap=softcap,
+                        logit_scale=logit_scale)
     name = backends.resolve(backend, hidden.device)
-    tau = float(temperature)
+    zmap = backends.LogitMap(float(temperature), float(logit_scale), None if softcap is None else float(softcap))
     if name == "reference":
-        logp, ent = reference_logprobs(hidden, weight, targets, bias, tau, ignore_index)
+        logp, ent = reference_logprobs(hidden, weight, targets, bias, zmap.temperature, ignore_index,
+                                       softcap=zmap.softcap, logit_scale=zmap.logit_scale)
         return logp.float(), (ent.float() if return_entropy else None)
     x, y, index = compact_rows(hidden, targets, ignore_index)
     n = targets.numel()
-    logp_c, ent_c = _LinearLogprobs.apply(x, weight, bias, y, tau, backends.ops(name), chunk_size)
+    logp_c, ent_c = _LinearLogprobs.apply(x, weight, bias, y, zmap, backends.ops(name), chunk_size)
     logp = scatter_rows(logp_c, index, n, targets.shape)
     ent = scatter_rows(ent_c, index, n, targets.shape) if return_entropy else None
     return logp, ent

@@ -30,6 +30,8 @@ class REDLossConfig:
     entropy_coef: float = 0.0               # entropy bonus (subtracted) on every loss token
     kl_coef: float = 0.0                    # k3 KL to a reference policy on every loss token
     temperature: float = 1.0                # logits are divided by it
+    softcap: float | None = None            # z = softcap·tanh(logit_scale·u/softcap)/temperature when set
+    logit_scale: float = 1.0                # s multiplying the logits u = x·Wᵀ + b (before the softcap)
     loss_agg: str = "seq_sum_const"         # 'seq_sum_const' | 'token_mean' | 'seq_mean'
     loss_const: float | None = None         # C of seq_sum_const; None → the sequence dimension T
     ignore_index: int = -100
@@ -54,6 +56,10 @@ class REDLossConfig:
                 bad(key, "must be ≥ 0")
         if not self.temperature > 0:
             bad("temperature", "must be > 0")
+        if self.softcap is not None and not 0 < self.softcap < float("inf"):
+            bad("softcap", "must be None or a finite number > 0")
+        if not 0 < self.logit_scale < float("inf"):
+            bad("logit_scale", "must be a finite number > 0")
         if self.loss_agg not in AGGREGATIONS:
             bad("loss_agg", f"must be one of {AGGREGATIONS}")
         if self.loss_const is not None and not self.loss_const > 0:

@@ -100,13 +100,15 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
         offline_weight: [B] w, the entropy-ratio weight of offline sequences (default 1).
         ref_logprobs: [B, T] reference-policy log-probs (kl_coef > 0).
         is_weights: [B, T] truncated importance weights for online tokens (rollout-engine mismatch).
-        config / **config_overrides: REDLossConfig fields (clip_eps_low, offline_shaping, loss_agg, ...).
+        config / **config_overrides: REDLossConfig fields (clip_eps_low, offline_shaping, loss_agg, temperature,
+            softcap, logit_scale, ...).
         global_normalizer: sequences (seq_*) or tokens (token_mean) of the whole batch across micro-batches
             and ranks, so accumulated micro-batch gradients equal the full-batch gradient.
         backend, chunk_size, check_inputs: as in linear_logprobs.
     """
     cfg = REDLossConfig.build(config, **config_overrides)
-    check_linear_inputs(hidden, weight, targets, bias, cfg.temperature, cfg.ignore_index, check_inputs)
+    check_linear_inputs(hidden, weight, targets, bias, cfg.temperature, cfg.ignore_index, check_inputs,
+                        softcap=cfg.softcap, logit_scale=cfg.logit_scale)
     b = targets.shape[0] if targets.dim() == 2 else 0
     r_bar = _per_seq("group_accuracy", group_accuracy, b)
     w = _per_seq("offline_weight", offline_weight, b)
@@ -129,7 +131,8 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
     name = backends.resolve(backend, dev)
     if name == "reference":
         logp, ent = linear_logprobs(hidden, weight, eff_targets, bias=bias, temperature=cfg.temperature,
-                                    ignore_index=cfg.ignore_index, backend="reference", check_inputs=False)
+                                    ignore_index=cfg.ignore_index, backend="reference", check_inputs=False,
+                                    softcap=cfg.softcap, logit_scale=cfg.logit_scale)
         side = {k: (v.reshape(-1) if v is not None else None) for k, v in side_full.items()}
         loss = _weighted_loss(logp.reshape(-1), ent.reshape(-1), side, cfg)
         logp_d, ent_d = logp.detach(), ent.detach()
@@ -140,8 +143,10 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
         def token_loss(rows, lp, h):
             return _weighted_loss(lp, h, {k: (v[rows] if v is not None else None) for k, v in side.items()}, cfg)
 
-        loss, logp_c, ent_c = fused_linear_token_loss(x, weight, bias, y, cfg.temperature, token_loss,
-                                                      backends.ops(name), chunk_size)
+        zmap = backends.LogitMap(float(cfg.temperature), float(cfg.logit_scale),
+                                 None if cfg.softcap is None else float(cfg.softcap))
+        loss, logp_c, ent_c = fused_linear_token_loss(x, weight, bias, y, zmap, token_loss, backends.ops(name),
+                                                      chunk_size)
         n = targets.numel()
         logp_d = scatter_rows(logp_c, index, n, targets.shape)
         ent_d = scatter_rows(ent_c, index, n, targets.shape)

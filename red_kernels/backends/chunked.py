@@ -1,9 +1,9 @@
 """The exact chunked PyTorch backend (CPU default): one [chunk, V] fp32 block of logits at a time.
 
-Per token, with z = (x·Wᵀ + b)/τ and m = max z, the stats are shifted so that one-hot-like rows lose no precision:
+Per token, with z = s·u/τ or c·tanh(s·u/c)/τ (u = x·Wᵀ + b, see LogitMap) and m = max z, the stats are shifted so that one-hot-like rows lose no precision:
 logs = log Σ exp(z − m), ezs = E_p[z − m], zy_s = z_y − m. Then log p_y = zy_s − logs, H = logs − ezs and
 
-    ∂L/∂z_j = g_lp·(1[j = y] − p_j) − g_H·p_j·((z_j − m) − ezs),     dZ = ∂L/∂(x·Wᵀ + b) = ∂L/∂z / τ.
+    ∂L/∂z_j = g_lp·(1[j = y] − p_j) − g_H·p_j·((z_j − m) − ezs),     dZ = ∂L/∂u = ∂L/∂z · ∂z/∂u.
 
 `stats(..., keep=True)` hands the shifted block and its exponentials to `dz`, so a loss that knows its per-token
 gradient right away needs one sweep (3 GEMMs); the row-chunk loop and the dX/dW/db GEMMs live in the driver
@@ -41,18 +41,19 @@ def prepare(w, b):
     return w.float(), (None if b is None else b.float())
 
 
-def _logits(x, w32, b32, tau):
+def _logits(x, w32, b32, zm):
     z = x.float() @ w32.t()
     if b32 is not None:
         z += b32
-    if tau != 1.0:
-        z /= tau
-    return z
+    if zm.softcap is not None:
+        return z.mul_(zm.logit_scale / zm.softcap).tanh_().mul_(zm.softcap / zm.temperature)
+    k = zm.logit_scale / zm.temperature
+    return z if k == 1.0 else z.mul_(k)
 
 
-def stats(x, w32, b32, y, tau, keep=False):
+def stats(x, w32, b32, y, zm, keep=False):
     """((m, logs, ezs, zy_s) [c], cache) for one chunk; cache = (zs, e, s) when keep (e = exp(z − m), p = e/s)."""
-    z = _logits(x, w32, b32, tau)
+    z = _logits(x, w32, b32, zm)
     m = z.amax(dim=1)
     zs = z.sub_(m[:, None])                   # shifted logits, ≤ 0 (in place)
     e = zs.exp()
@@ -63,16 +64,17 @@ def stats(x, w32, b32, y, tau, keep=False):
     return (m, logs, ezs, zy_s), ((zs, e, s) if keep else None)
 
 
-def dz(x, w32, b32, y, tau, st, g_lp, g_h, cache=None, out=None):
+def dz(x, w32, b32, y, zm, st, g_lp, g_h, cache=None, out=None):
     """dZ [c, V] fp32, computed in place over the (kept or recomputed) block; `out` is unused (no copy needed).
 
     g_lp·(1[y] − p) − g_H·p·(zs − ezs)  =  e·(a·zs + c) + g_lp·1[y],  a = −g_H/s,  c = (g_H·ezs − g_lp)/s."""
     m, logs, ezs, _ = st
     if cache is None:
-        zs = _logits(x, w32, b32, tau).sub_(m[:, None])
+        zs = _logits(x, w32, b32, zm).sub_(m[:, None])
         e, s = zs.exp(), logs.exp()
     else:
         zs, e, s = cache
+    factor = zm.factor(None if zm.softcap is None else zs + m[:, None])   # ∂z/∂u: a number, or a [c, V] block
     if g_h is None:                            # entropy unused: dz = −e·g_lp/s + g_lp·1[y]
         d = e.mul_((-g_lp / s)[:, None])
     else:
@@ -80,6 +82,4 @@ def dz(x, w32, b32, y, tau, st, g_lp, g_h, cache=None, out=None):
         c = (g_h * ezs - g_lp) / s
         d = e.mul_(zs.mul_(a[:, None]).add_(c[:, None]))
     d.scatter_add_(1, y[:, None], g_lp[:, None])
-    if tau != 1.0:
-        d /= tau
-    return d
+    return d.mul_(factor) if isinstance(factor, torch.Tensor) or factor != 1.0 else d

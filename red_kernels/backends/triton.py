@@ -43,7 +43,7 @@ def _gpu_configs():
             for n, v, k, w, s in shapes]
 
 
-_KEY = ["H", "V", "HAS_BIAS", "UPCAST", "INPUT_PRECISION"]
+_KEY = ["H", "V", "HAS_BIAS", "HAS_SOFTCAP", "UPCAST", "INPUT_PRECISION"]
 if INTERPRET:
     _forward_kernel, _dlogits_kernel = K.forward_stats_kernel, K.dlogits_kernel
 else:
@@ -140,7 +140,13 @@ def dz_rows(n, vocab, x, dtype, chunk_size=None):
     return max(1, _DZ_ELEMENTS_CPU // vocab)
 
 
-def stats(x, w, b, y, tau, keep=False, *, vocab_splits=None):
+def _zmap_args(zm):
+    """(tau, scale, softcap) kernel scalars and the HAS_SOFTCAP flag of a LogitMap."""
+    cap = zm.softcap
+    return (float(zm.temperature), float(zm.logit_scale), 1.0 if cap is None else float(cap)), cap is not None
+
+
+def stats(x, w, b, y, zm, keep=False, *, vocab_splits=None):
     """((m, logs, ezs, zy_s) each fp32 [c], None): nothing is kept, `dz` recomputes the logits tiles.
 
     vocab_splits overrides the number of vocabulary splits of the forward grid."""
@@ -148,11 +154,12 @@ def stats(x, w, b, y, tau, keep=False, *, vocab_splits=None):
     vocab = w.shape[0]
     splits, cols = _split_layout(n, vocab, x.device, vocab_splits)
     part = torch.empty(4, splits, n, dtype=torch.float32, device=x.device)
+    scalars, has_cap = _zmap_args(zm)
     upcast, precision = _precision(x.dtype)
     y = y.contiguous()
     args = (x, w, x if b is None else b, y, part[0], part[1], part[2], part[3],
-            n, vocab, hidden, cols, float(tau), *_strides(x, w))
-    flags = dict(HAS_BIAS=b is not None, UPCAST=upcast, INPUT_PRECISION=precision)
+            n, vocab, hidden, cols, *scalars, *_strides(x, w))
+    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, UPCAST=upcast, INPUT_PRECISION=precision)
     if INTERPRET:
         bn, bv, bk = interpreter_blocks(n, vocab, hidden)
         _forward_kernel[(triton.cdiv(n, bn), splits)](*args, **flags, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk)
@@ -162,7 +169,7 @@ def stats(x, w, b, y, tau, keep=False, *, vocab_splits=None):
     return merge_splits(part[0], part[1], part[2], part[3]), None
 
 
-def dz(x, w, b, y, tau, st, g_lp, g_h, cache, out):
+def dz(x, w, b, y, zm, st, g_lp, g_h, cache, out):
     """dZ of one chunk, recomputed from the saved stats by `dlogits_kernel` into `out` [c, V] (fp32 or half)."""
     m, logs, ezs, _ = (t.float().contiguous() for t in st)
     g_lp = g_lp.float().contiguous()
@@ -170,9 +177,10 @@ def dz(x, w, b, y, tau, st, g_lp, g_h, cache, out):
     n, hidden = x.shape
     vocab = w.shape[0]
     upcast, precision = _precision(x.dtype)
+    scalars, has_cap = _zmap_args(zm)
     args = (x, w, x if b is None else b, y.contiguous(), m, logs, ezs, g_lp, g_h, out,
-            n, vocab, hidden, float(tau), *_strides(x, w), out.stride(0))
-    flags = dict(HAS_BIAS=b is not None, UPCAST=upcast, INPUT_PRECISION=precision)
+            n, vocab, hidden, *scalars, *_strides(x, w), out.stride(0))
+    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, UPCAST=upcast, INPUT_PRECISION=precision)
     if INTERPRET:
         bn, bv, bk = interpreter_blocks(n, vocab, hidden)
         _dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vocab, bv))](

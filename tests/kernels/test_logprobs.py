@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from red_kernels import backends, linear_logprobs
-from red_kernels.reference import reference_logprobs
+from red_kernels.reference import reference_logits, reference_logprobs
 
 DEVICE = torch.device(
     "cuda" if os.environ.get("RED_KERNELS_TEST_DEVICE") == "cuda" and torch.cuda.is_available() else "cpu")
@@ -71,30 +71,29 @@ def _op(backend, chunk_size=None, **kw):
     return fn
 
 
-def _ref(x, w, y, b, temperature=1.0, ignore_index=-100):
-    return reference_logprobs(x, w, y, b, temperature, ignore_index)
+def _ref(x, w, y, b, temperature=1.0, ignore_index=-100, **zkw):
+    return reference_logprobs(x, w, y, b, temperature, ignore_index, **zkw)
 
 
-def max_logit(x, w, b, tau):
-    z = x.double().reshape(-1, x.shape[-1]) @ w.double().t()
-    if b is not None:
-        z = z + b.double()
-    return (z / tau).abs().max().item() if z.numel() else 0.0
+def max_logit(x, w, b, tau, **zkw):
+    z = reference_logits(x.reshape(-1, x.shape[-1]), w, b, tau, **zkw)
+    return z.abs().max().item() if z.numel() else 0.0
 
 
 def check_against_reference(backend, x, w, y, b, *, tau=1.0, mode="mix", tol=None, chunk_size=None,
-                            ignore_index=-100, logit_ulps=0.0):
+                            ignore_index=-100, logit_ulps=0.0, **zkw):
     """Compare values and gradients with the fp64 reference; returns the observed errors.
 
     logit_ulps > 0 widens every tolerance by logit_ulps·eps32·max|z|: fp32 logits of magnitude |z| are only
     known to ~eps32·|z|, so log p, entropy and the softmax (hence the gradients) inherit that absolute error.
+    zkw: softcap= / logit_scale= for both the op and the reference.
     """
     tol = dict(tol or (FP32_TOL if x.dtype == torch.float32 else HALF_TOL))
-    slack = logit_ulps * EPS32 * max_logit(x, w, b, tau)
+    slack = logit_ulps * EPS32 * max_logit(x, w, b, tau, **zkw)
     lp, ent, grads = run_op(_op(backend, chunk_size, ignore_index=ignore_index), x, w, y, b, mode,
-                            temperature=tau)
+                            temperature=tau, **zkw)
     lp_r, ent_r, grads_r = run_op(_ref, x, w, y, b, mode, leaf_dtype=torch.float64, temperature=tau,
-                                  ignore_index=ignore_index)
+                                  ignore_index=ignore_index, **zkw)
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == y.shape
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     ignored = y == ignore_index
@@ -183,6 +182,33 @@ def test_strided_inputs(backend, arg):
         assert (g.double() - g_r).abs().max() <= FP32_TOL["grad"] * g_r.abs().max()
 
 
+# (shape, H, V, dtype, bias, tau, x_scale, softcap, logit_scale): saturating rows have |s·u/c| ≫ 1 (tanh ≈ ±1)
+SOFTCAP_CASES = {
+    "softcap": ((33,), 40, 700, torch.float32, True, 0.8, 1.0, 3.0, 1.0),
+    "softcap_saturating_scaled": ((2, 9), 24, 513, torch.float32, True, 1.3, 4.0, 2.0, 1.7),
+    "logit_scale_only": ((21,), 32, 400, torch.float32, False, 0.9, 1.0, None, 0.35),
+    "softcap_bf16": ((19,), 48, 600, torch.bfloat16, True, 1.0, 1.0, 5.0, 0.8),
+}
+
+
+@pytest.mark.parametrize("mode", ["mix", "ent"])
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_and_logit_scale(backend, case, mode):
+    """z = c·tanh(s·u/c)/τ (or s·u/τ): values and exact gradients (∂z/∂u = s·(1 − tanh²)/τ) against float64."""
+    shape, h, v, dtype, bias, tau, x_scale, cap, scale = SOFTCAP_CASES[case]
+    x, w, y, b = make_inputs(shape, h, v, dtype=dtype, bias=bias, seed=len(case), x_scale=x_scale)
+    check_against_reference(backend, x, w, y, b, tau=tau, mode=mode, softcap=cap, logit_scale=scale)
+
+
+def test_softcap_changes_the_result():
+    """The softcap is applied (not silently ignored): capped log-probs differ from uncapped ones."""
+    x, w, y, b = make_inputs((9,), 16, 100, x_scale=4.0, ignore_frac=0.0)
+    plain, _ = linear_logprobs(x, w, y, backend="torch")
+    capped, _ = linear_logprobs(x, w, y, backend="torch", softcap=1.0)
+    assert (plain - capped).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ignore_index(backend):
     x, w, y, b = make_inputs((24,), 20, 300, ignore_index=-1, ignore_frac=0.5, bias=True)
@@ -241,7 +267,7 @@ def test_triton_vocab_splits_merge(splits):
     """Several vocabulary splits per token block merge to the chunked path's statistics."""
     triton_ops = backends.ops("triton")
     x, w, y, b = make_inputs((20,), 40, 5000, bias=True, ignore_frac=0.0, seed=5)
-    got, _ = triton_ops.stats(x, w, b, y, 0.9, vocab_splits=splits)
+    got, _ = triton_ops.stats(x, w, b, y, backends.LogitMap(0.9), vocab_splits=splits)
     want = backends.forward_stats(backends.ops("torch"), x, w, b, y, 0.9)
     assert triton_ops._split_layout(20, 5000, x.device, splits)[0] == splits
     for g_, w_ in zip(got, want):
@@ -270,6 +296,7 @@ SMALL_TILE_CASES = {
     # (shape, H, V, dtype, bias, tau, vocab splits of the forward)
     "fp32_many_tiles": ((45,), 40, 700, torch.float32, True, 0.8, 3),
     "bf16_many_tiles": ((2, 11), 50, 333, torch.bfloat16, False, 1.2, 1),
+    "softcap_many_tiles": ((37,), 40, 500, torch.float32, True, 0.9, 2),
 }
 
 
@@ -287,7 +314,8 @@ def test_triton_small_tiles(case, monkeypatch):
         (x, w, y, b), tau, splits, ulps = _extreme(case), 0.9, 2, 8
     forward = triton_ops.stats
     monkeypatch.setattr(triton_ops, "stats", lambda *a, **k: forward(*a, **k, vocab_splits=splits))
-    check_against_reference("triton", x, w, y, b, tau=tau, mode="mix", chunk_size=13, logit_ulps=ulps)
+    zkw = dict(softcap=2.5, logit_scale=1.3) if case.startswith("softcap") else {}
+    check_against_reference("triton", x, w, y, b, tau=tau, mode="mix", chunk_size=13, logit_ulps=ulps, **zkw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -320,13 +348,13 @@ def signature(fn, dtype, dz_dtype):
         elif name.endswith("_ptr"):
             sig[name] = "*" + ptr.get(name, "fp32")
         else:
-            sig[name] = "fp32" if name == "tau" else "i32"
+            sig[name] = "fp32" if name in ("tau", "scale", "softcap") else "i32"
     return sig
 
 config = min(_gpu_configs(), key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])  # smallest: quick to build
-for fn, (dtype, precision) in itertools.product(
-        (K.forward_stats_kernel, K.dlogits_kernel), (("bf16", None), ("fp32", "ieee"))):
-    consts = dict(config.kwargs, HAS_BIAS=True, UPCAST=False, INPUT_PRECISION=precision)
+for fn, (dtype, precision), cap in itertools.product(
+        (K.forward_stats_kernel, K.dlogits_kernel), (("bf16", None), ("fp32", "ieee")), (False, True)):
+    consts = dict(config.kwargs, HAS_BIAS=True, HAS_SOFTCAP=cap, UPCAST=False, INPUT_PRECISION=precision)
     src = ASTSource(fn, signature(fn, dtype, dtype), constexprs=consts)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})

@@ -105,6 +105,17 @@ def test_bias_dual_clip_per_token_advantages_and_is_weights(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap,scale", [(2.0, 1.0), (None, 0.6), (4.0, 1.8)])
+def test_softcap_and_logit_scale_match_float64(backend, softcap, scale):
+    batch = make_batch(bias=True, seed=17)
+    batch["hidden"] = batch["hidden"] * 3        # some logits reach the saturating part of the tanh
+    cfg = dict(softcap=softcap, logit_scale=scale, temperature=0.9, entropy_coef=0.01, kl_coef=0.05)
+    out, grads = ours(batch, backend, **cfg)
+    ref_loss, ref_grads = reference(batch, **cfg)
+    assert_close(out, grads, ref_loss, ref_grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_inputs(backend):
     batch = make_batch(dtype=torch.bfloat16, seed=3)
     out, grads = ours(batch, backend, sft_coef=0.1, entropy_coef=0.01)
@@ -231,6 +242,8 @@ def _bad(**kw):
     (dict(loss_agg="mean"), "loss_agg"),
     (dict(offline_shaping="sft"), "offline_shaping"),
     (dict(clip_eps_low=1.5), "clip_eps_low"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(logit_scale=-1.0), "logit_scale"),
     (dict(not_a_key=1), "not_a_key"),
     (dict(global_normalizer=0), "global_normalizer"),
     (dict(global_normalizer=-2.0), "global_normalizer"),
