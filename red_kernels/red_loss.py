@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends
+from . import backends, vocab_parallel
 from ._validate import check_linear_inputs, check_same_shape
 from .fused_linear_loss import fused_linear_token_loss
 from .logprobs import compact_rows, linear_logprobs, scatter_rows
@@ -94,7 +94,8 @@ def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, r
 def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=None, offline_mask=None,
              group_accuracy=None, offline_weight=None, ref_logprobs=None, is_weights=None, bias=None,
              config: REDLossConfig | None = None, global_normalizer=None, sequence_ids=None, backend=None,
-             chunk_size=None, check_inputs=True, **config_overrides) -> REDLossOutput:
+             chunk_size=None, check_inputs=True, process_group=None, vocab_start=None, reduce_hidden_grad=True,
+             **config_overrides) -> REDLossOutput:
     """The RED policy loss (and its baselines GRPO / LUFFY / SFT by configuration) from hidden states.
 
     Args:
@@ -123,10 +124,15 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
             divides by each sequence's own loss-token count; seq_sum_const then needs loss_const (see
             red_kernels/sequences.py). Packed and padded layouts of the same sequences give the same loss.
         backend, chunk_size, check_inputs: as in linear_logprobs.
+        process_group, vocab_start, reduce_hidden_grad: vocabulary-parallel weight shards, as in
+            linear_logprobs; every rank computes the (cheap, O(tokens)) loss stage redundantly and returns the same
+            loss, log-probs and metrics; weight/bias gradients are the shard's.
     """
     cfg = REDLossConfig.build(config, **config_overrides)
+    name = backends.resolve(backend, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
+    shard = vocab_parallel.setup(process_group, weight, hidden, vocab_start, reduce_hidden_grad, name)
     check_linear_inputs(hidden, weight, targets, bias, cfg.temperature, cfg.ignore_index, check_inputs,
-                        softcap=cfg.softcap, logit_scale=cfg.logit_scale)
+                        softcap=cfg.softcap, logit_scale=cfg.logit_scale, vocab=None if shard is None else shard.vocab)
     r_bar = _per_seq("group_accuracy", group_accuracy)
     w = _per_seq("offline_weight", offline_weight)
     mask, off, adv, ids, n_seq = _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w,
@@ -147,7 +153,6 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
         "ref_logp": None if ref_logprobs is None else ref_logprobs.to(**f32),
     }
     eff_targets = torch.where(mask, targets, torch.full_like(targets, cfg.ignore_index))
-    name = backends.resolve(backend, dev)
     if name == "reference":
         logp, ent = linear_logprobs(hidden, weight, eff_targets, bias=bias, temperature=cfg.temperature,
                                     ignore_index=cfg.ignore_index, backend="reference", check_inputs=False,
@@ -164,8 +169,10 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
 
         zmap = backends.LogitMap(float(cfg.temperature), float(cfg.logit_scale),
                                  None if cfg.softcap is None else float(cfg.softcap))
+        if shard is not None:
+            y = vocab_parallel.local_targets(y, shard, weight.shape[0])
         loss, logp_c, ent_c = fused_linear_token_loss(x, weight, bias, y, zmap, token_loss, backends.ops(name),
-                                                      chunk_size)
+                                                      chunk_size, shard)
         n = targets.numel()
         logp_d = scatter_rows(logp_c, index, n, targets.shape)
         ent_d = scatter_rows(ent_c, index, n, targets.shape)

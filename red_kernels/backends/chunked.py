@@ -60,7 +60,7 @@ def stats(x, w32, b32, y, zm, keep=False):
     s = e.sum(dim=1)
     logs = s.log()
     ezs = torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1) / s   # row dots without a block temporary
-    zy_s = zs.gather(1, y[:, None]).squeeze(1)
+    zy_s = zs.gather(1, y.clamp(min=0)[:, None]).squeeze(1)   # y = −1 (target on another shard): unused
     return (m, logs, ezs, zy_s), ((zs, e, s) if keep else None)
 
 
@@ -81,5 +81,5 @@ def dz(x, w32, b32, y, zm, st, g_lp, g_h, cache=None, out=None):
         a = -g_h / s
         c = (g_h * ezs - g_lp) / s
         d = e.mul_(zs.mul_(a[:, None]).add_(c[:, None]))
-    d.scatter_add_(1, y[:, None], g_lp[:, None])
+    d.scatter_add_(1, y.clamp(min=0)[:, None], torch.where(y >= 0, g_lp, 0.0)[:, None])
     return d.mul_(factor) if isinstance(factor, torch.Tensor) or factor != 1.0 else d

@@ -352,8 +352,8 @@ def signature(fn, dtype, dz_dtype):
     return sig
 
 config = min(_gpu_configs(), key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])  # smallest: quick to build
-for fn, (dtype, precision), cap in itertools.product(
-        (K.forward_stats_kernel, K.dlogits_kernel), (("bf16", None), ("fp32", "ieee")), (False, True)):
+variants = [(("bf16", None), False), (("fp32", "ieee"), False), (("bf16", None), True)]  # (dtype, precision), softcap
+for fn, ((dtype, precision), cap) in itertools.product((K.forward_stats_kernel, K.dlogits_kernel), variants):
     consts = dict(config.kwargs, HAS_BIAS=True, HAS_SOFTCAP=cap, UPCAST=False, INPUT_PRECISION=precision)
     src = ASTSource(fn, signature(fn, dtype, dtype), constexprs=consts)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
