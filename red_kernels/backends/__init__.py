@@ -14,10 +14,10 @@ A backend module supplies only the per-chunk vocabulary work, for compacted rows
     stats_rows(n, V, x, chunk_size) / dz_rows(n, V, x, dtype, chunk_size) -> rows per chunk (chunk_size: the
                                           caller's override or None);   gemm_dtype(x) -> dtype of dZ for the GEMMs
 
-`zmap` (a `LogitMap`) says how logits z come from u = x·Wᵀ + b: z = s·u/τ, or z = c·tanh(s·u/c)/τ with a softcap c.
-A target id of −1 means "not among these weight rows" (vocabulary-parallel shards): it adds no one-hot term to dZ
-and its zy_s is meaningless. The stats are shifted (m = max z, logs = log Σ e^{z−m}, ezs = E_p[z − m], zy_s = z_y − m), so that
-log p_y = zy_s − logs and H = logs − ezs. `keep=True` lets a backend hand its logits block to `dz` (one sweep,
+`zmap` (a `LogitMap`) says how logits z come from u = x·Wᵀ + b: z = s·u/τ, or z = c·tanh(s·u/c)/τ with a
+softcap c. The stats are shifted (m = max z, logs = log Σ e^{z−m}, ezs = E_p[z − m], zy_s = z_y − m), so that
+log p_y = zy_s − logs and H = logs − ezs. A target id of −1 means "not among these weight rows" (vocabulary-parallel
+shards): it adds no one-hot term to dZ and its zy_s is meaningless. `keep=True` lets a backend hand its logits block to `dz` (one sweep,
 3 GEMMs); a backend that keeps nothing recomputes the logits in `dz` (4 GEMMs). This driver owns chunk sizing,
 the fp32 accumulation of dX, dW and db, `forward_with_grad`, empty input and missing upstream gradients.
 """
