@@ -91,8 +91,9 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     """
     name = backends.resolve(backend, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
     shard = vocab_parallel.setup(process_group, weight, hidden, vocab_start, reduce_hidden_grad, name)
-    check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_inputs, softcap=softcap,
-                        logit_scale=logit_scale, vocab=None if shard is None else shard.vocab)
+    vocab_parallel.checked(shard, lambda: check_linear_inputs(
+        hidden, weight, targets, bias, temperature, ignore_index, check_inputs, softcap=softcap,
+        logit_scale=logit_scale, vocab=None if shard is None else shard.vocab))
     zmap = backends.LogitMap(float(temperature), float(logit_scale), None if softcap is None else float(softcap))
     if name == "reference":
         logp, ent = reference_logprobs(hidden, weight, targets, bias, zmap.temperature, ignore_index,

@@ -131,8 +131,9 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
     cfg = REDLossConfig.build(config, **config_overrides)
     name = backends.resolve(backend, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
     shard = vocab_parallel.setup(process_group, weight, hidden, vocab_start, reduce_hidden_grad, name)
-    check_linear_inputs(hidden, weight, targets, bias, cfg.temperature, cfg.ignore_index, check_inputs,
-                        softcap=cfg.softcap, logit_scale=cfg.logit_scale, vocab=None if shard is None else shard.vocab)
+    vocab_parallel.checked(shard, lambda: check_linear_inputs(
+        hidden, weight, targets, bias, cfg.temperature, cfg.ignore_index, check_inputs, softcap=cfg.softcap,
+        logit_scale=cfg.logit_scale, vocab=None if shard is None else shard.vocab))
     r_bar = _per_seq("group_accuracy", group_accuracy)
     w = _per_seq("offline_weight", offline_weight)
     mask, off, adv, ids, n_seq = _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w,

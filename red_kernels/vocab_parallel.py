@@ -12,7 +12,9 @@ which are exactly the single-process statistics (the same merge as the Triton fo
 The backward uses the merged stats on the local columns: dW, db stay local to the shard; dX is a partial sum that
 is all-reduced (the "reduce" a Megatron `copy_to_tensor_parallel_region` would otherwise do in backward) unless
 the caller's framework already does it. Communication per call: 16·N bytes forward (+ one [world, 4] int64
-gather of the shard layout), 4·N·H bytes for dX; the weight is never gathered.
+gather of the shard layout, and with check_inputs one int64 all-reduce so that an input error on any rank raises
+on every rank), 4·N·H bytes for dX; the weight is never gathered. The op assumes every rank of the group calls it
+with the same hidden/targets (checked: row count) and its own shard.
 """
 from __future__ import annotations
 
@@ -70,6 +72,25 @@ def shard_info(process_group, weight, hidden, vocab_start, reduce_hidden_grad) -
         raise ValueError(f"vocab_start by rank {given} does not match the shard sizes {sizes}: the shards must be "
                          f"contiguous slices of the vocabulary in rank order (vocab_start = {starts})")
     return VocabShard(process_group, starts[rank], sum(sizes), bool(reduce_hidden_grad))
+
+
+def checked(shard, check):
+    """Run the input checks `check()`; with a shard, every rank learns whether any rank's checks failed (one
+    int64 all-reduce) and raises too, so no rank is left waiting in a collective (e.g. NaN in one rank's shard)."""
+    if shard is None:
+        return check()
+    error = None
+    try:
+        check()
+    except (TypeError, ValueError) as e:
+        error = e
+    flag = torch.tensor([0 if error is None else 1 + dist.get_rank(shard.group)], dtype=torch.int64)
+    flag = _all_reduce(flag.to(_comm_device(shard.group, None)), dist.ReduceOp.MAX, shard.group)
+    if error is not None:
+        raise error
+    if int(flag) > 0:
+        raise ValueError(f"rank {int(flag) - 1} of process_group rejected its inputs (see the error on that "
+                         "rank); every rank stops so that none waits in a collective")
 
 
 def _comm_device(group, t):

@@ -106,6 +106,9 @@ def _bad_case(match, **change):
             x, w = torch.cat([x, x[..., :1]], -1), torch.cat([w, w[:, :1]], -1)
         if change.get("fewer_rows_on_rank1") and rank == 1:
             x, y = x[:-1], y[:-1]
+        if change.get("nan_on_rank1") and rank == 1:
+            w = w.clone()
+            w[0, 0] = float("nan")
         if change.get("target_out_of_range"):
             y = y.clone()
             y[0, 0] = V
@@ -139,6 +142,7 @@ CASES = {
     "bad_rows_differ": _bad_case("same on every rank", fewer_rows_on_rank1=True),
     "bad_target_out_of_global_vocab": _bad_case(r"targets must be in \[0, 37\)", target_out_of_range=True),
     "bad_reference_backend": _bad_case("reference", backend="reference"),
+    "bad_nan_in_one_shard": _bad_case("weight contains NaN|rank 1 of process_group rejected", nan_on_rank1=True),
 }
 
 
