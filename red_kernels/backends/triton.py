@@ -41,19 +41,22 @@ LOG2E = 1.4426950408889634
 
 _KEY = ["H", "V", "N_BUCKET", "HAS_BIAS", "HAS_SOFTCAP", "UPCAST", "INPUT_PRECISION", "GROUP_N"]
 _EVEN = {"EVEN_K": lambda a: a["H"] % a["BLOCK_K"] == 0, "EVEN_V": lambda a: a["V"] % a["BLOCK_V"] == 0}
+# the forward's tiles must also never straddle a split (interpreter tiles can be wider than SPLIT_ALIGN)
+_EVEN_FWD = dict(_EVEN, EVEN_V=lambda a: a["V"] % a["BLOCK_V"] == 0 and a["cols_per_split"] % a["BLOCK_V"] == 0)
 _RAW = {"forward": K.forward_stats_kernel, "dlogits": K.dlogits_kernel,
-        "lean_forward": triton.heuristics({"EVEN_K": _EVEN["EVEN_K"]})(L.lean_forward_kernel),
+        "lean_forward": triton.heuristics(_EVEN_FWD)(L.lean_forward_kernel),
         "lean_dlogits": triton.heuristics(_EVEN)(L.lean_dlogits_kernel)}
 _TUNED: dict = {}
 
 
-def _tuned(name):
-    """The autotuned kernel `name` (GPU only), built once; results cached per key (and on disk if supported)."""
-    if name not in _TUNED:
+def _tuned(name, fp32):
+    """The autotuned kernel `name` over the half or fp32 config list (GPU only), built once; the winner is cached
+    per key (and on disk where this Triton supports cache_results)."""
+    if (name, fp32) not in _TUNED:
         key = _KEY + (["STORE_Z"] if name == "forward" else [])
         extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-        _TUNED[name] = triton.autotune(configs=plan.gpu_configs(), key=key, **extra)(_RAW[name])
-    return _TUNED[name]
+        _TUNED[name, fp32] = triton.autotune(configs=plan.gpu_configs(fp32), key=key, **extra)(_RAW[name])
+    return _TUNED[name, fp32]
 
 
 def _pow2_clamp(n, lo, hi):
@@ -71,7 +74,8 @@ def interpreter_blocks(n_rows, vocab, hidden):
 def _launch(name, grid, args, flags, n, vocab, hidden):
     """Launch kernel `name`: pinned config (RED_KERNELS_TRITON_CONFIG), interpreter tiles, or the autotuner.
     grid(meta) -> launch grid from the BLOCK_* sizes."""
-    cfg = plan.fixed_config()
+    fp32 = args[0].dtype == torch.float32
+    cfg = plan.fixed_config(fp32=fp32)
     if cfg is not None:
         _RAW[name][grid(cfg.kwargs)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages)
@@ -80,7 +84,7 @@ def _launch(name, grid, args, flags, n, vocab, hidden):
         blocks = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk)
         _RAW[name][grid(blocks)](*args, **flags, **blocks)
     else:
-        _tuned(name)[grid](*args, **flags)
+        _tuned(name, fp32)[grid](*args, **flags)
 
 
 def _precision(dtype):

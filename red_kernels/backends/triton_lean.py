@@ -6,7 +6,7 @@ Differences (each a few instructions per logit on the GPU, where the GEMM tile i
 * targets are compared as int32;
 * interior tiles run without masks: token rows past M are clamped to row M − 1 for the loads (their results are
   never stored), H steps are unmasked when BLOCK_K divides H (EVEN_K), vocabulary tiles are unmasked except the
-  last tile of a split (forward) or when BLOCK_V does not divide V (dZ, EVEN_V).
+  when BLOCK_V does not divide V (EVEN_V; splits start at multiples of 256 ≥ BLOCK_V).
 
 Host scalars: k_in, k_out with z₂ = k_out·u (k_in unused), or with a softcap c: z₂ = k_out·(1 − 2/(2^{k_in·u} + 1)),
 k_in = 2·log₂e·s/c, k_out = log₂e·c/τ. dZ also takes k_t = ln2·τ/c (tanh = k_t·z₂) and k_d = s/τ.
@@ -18,7 +18,8 @@ import triton.language as tl
 
 from .triton_kernels import grouped_pid
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -86,8 +87,9 @@ def lean_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
                         stride_xm, stride_xh, stride_wv, stride_wh,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                         INPUT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr, EVEN_K: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """forward_stats_kernel's partial (m, s, t, z_y) per (token block, split), in natural units."""
+                        EVEN_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """forward_stats_kernel's partial (m, s, t, z_y) per (token block, split), in natural units. Splits are
+    multiples of SPLIT_ALIGN columns, so with EVEN_V (BLOCK_V divides V) no vocabulary tile needs a mask."""
     pid_n, pid_s = grouped_pid(M, n_splits, BLOCK_N, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
@@ -95,24 +97,17 @@ def lean_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
     y = tl.load(y_ptr + rows_c).to(tl.int32)
     v_start = pid_s * cols_per_split
     v_end = tl.minimum(v_start + cols_per_split, V)
-    v_full = v_start + (v_end - v_start) // BLOCK_V * BLOCK_V
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(v_start, v_full, BLOCK_V):
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z2 = _tile2(x_ptr, w_ptr, b_ptr, rows_c, cols, cols < V, H, k_in, k_out,
-                    stride_xm, stride_xh, stride_wv, stride_wh, HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION,
-                    EVEN_K, False, BLOCK_N, BLOCK_V, BLOCK_K)
-        m, s, t, zy = _online2(m, s, t, zy, z2, cols, cols < V, y, False)
-    if v_full < v_end:
-        cols = v_full + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         z2 = _tile2(x_ptr, w_ptr, b_ptr, rows_c, cols, col_mask, H, k_in, k_out,
                     stride_xm, stride_xh, stride_wv, stride_wh, HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION,
-                    EVEN_K, True, BLOCK_N, BLOCK_V, BLOCK_K)
-        m, s, t, zy = _online2(m, s, t, zy, z2, cols, col_mask, y, True)
+                    EVEN_K, not EVEN_V, BLOCK_N, BLOCK_V, BLOCK_K)
+        m, s, t, zy = _online2(m, s, t, zy, z2, cols, col_mask, y, not EVEN_V)
     out = pid_s * M + rows
     tl.store(m_ptr + out, m * LN2, mask=row_mask)
     tl.store(s_ptr + out, s, mask=row_mask)
@@ -144,7 +139,7 @@ def lean_dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, gl
     g_lp = tl.load(glp_ptr + rows_c)
     g_h = tl.load(gh_ptr + rows_c)
     y = tl.load(y_ptr + rows_c).to(tl.int32)
-    c = (m + logs) * 1.4426950408889634
+    c = (m + logs) * LOG2E
     a = g_lp - g_h * (m + ezs)
     b = g_h * LN2
     arg = z2 - c[:, None]

@@ -31,14 +31,23 @@ SPLIT_ALIGN = 256      # split starts are multiples of this (≥ every BLOCK_V, 
 SPLIT_COLS = 16_384    # target columns per vocabulary split: V = 151,936 → 10 splits, 320 programs at N = 4096
 N_BUCKETS = (256, 16_384)   # n_bucket range: powers of two
 
-# BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages (every BLOCK_V divides SPLIT_ALIGN)
-CONFIG_SHAPES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4),
+# BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages (every BLOCK_V divides SPLIT_ALIGN). Half-precision inputs
+# (tensor-core dots) and fp32 inputs (exact FMA dots: the fp32 operand tiles need registers, so smaller tiles)
+# get their own lists; tests/kernels/test_triton_compile.py compiles each for sm_90 and asserts no spills.
+# Every half config keeps BLOCK_N·BLOCK_V / (32·num_warps) = 64 fp32 accumulators per thread: with 128, ptxas
+# spilled (128×256 on 8 warps: 80 B in the forward; 128×128 on 4 warps: 56 B in dlogits, 152 B in lean dZ).
+CONFIG_SHAPES = ((128, 128, 64, 8, 3), (128, 256, 64, 16, 3), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4),
                  (64, 128, 64, 4, 4))
+FP32_CONFIG_SHAPES = ((64, 64, 32, 4, 2), (32, 128, 32, 4, 2), (64, 128, 16, 8, 2))
 
 
-def gpu_configs() -> list:
+def config_shapes(fp32: bool) -> tuple:
+    return FP32_CONFIG_SHAPES if fp32 else CONFIG_SHAPES
+
+
+def gpu_configs(fp32: bool = False) -> list:
     return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for n, v, k, w, s in CONFIG_SHAPES]
+            for n, v, k, w, s in config_shapes(fp32)]
 
 
 def variant(name: str | None = None) -> frozenset:
@@ -53,15 +62,15 @@ def variant(name: str | None = None) -> frozenset:
     return feats
 
 
-def fixed_config(spec: str | None = None):
+def fixed_config(spec: str | None = None, fp32: bool = False):
     """The tile config pinned by RED_KERNELS_TRITON_CONFIG (or `spec`), or None (autotune).
 
-    Accepted: 'default' (the first GPU config), an index into CONFIG_SHAPES, or 'BLOCK_N,BLOCK_V,BLOCK_K,
-    num_warps,num_stages' (e.g. '128,128,64,8,3')."""
+    Accepted: 'default' (the first config of the input dtype's list), an index into that list (CONFIG_SHAPES, or
+    FP32_CONFIG_SHAPES for fp32 inputs), or 'BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages' (e.g. '128,128,64,8,3')."""
     spec = (spec if spec is not None else os.environ.get("RED_KERNELS_TRITON_CONFIG") or "").strip()
     if not spec:
         return None
-    shapes = CONFIG_SHAPES
+    shapes = config_shapes(fp32)
     try:
         if spec == "default":
             shape = shapes[0]

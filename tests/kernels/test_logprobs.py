@@ -337,7 +337,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from red_kernels.backends import triton_kernels as K
-from red_kernels.backends.triton import _gpu_configs
+from red_kernels.backends.triton_plan import gpu_configs as _gpu_configs
 
 def signature(fn, dtype, dz_dtype):
     ptr = {"x_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "y_ptr": "i64", "dz_ptr": dz_dtype}
@@ -354,7 +354,9 @@ def signature(fn, dtype, dz_dtype):
 config = min(_gpu_configs(), key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])  # smallest: quick to build
 for fn, (dtype, precision), cap in itertools.product(
         (K.forward_stats_kernel, K.dlogits_kernel), (("bf16", None), ("fp32", "ieee")), (False, True)):
-    consts = dict(config.kwargs, HAS_BIAS=True, HAS_SOFTCAP=cap, UPCAST=False, INPUT_PRECISION=precision)
+    consts = dict(config.kwargs, HAS_BIAS=True, HAS_SOFTCAP=cap, UPCAST=False, INPUT_PRECISION=precision, GROUP_N=0)
+    if "STORE_Z" in fn.arg_names:
+        consts["STORE_Z"] = False
     src = ASTSource(fn, signature(fn, dtype, dtype), constexprs=consts)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})
