@@ -74,7 +74,7 @@ GPU_CONFIGS = [("half", i) for i in range(len(plan.CONFIG_SHAPES))] + [
 
 @pytest.mark.parametrize("lean", [False, True], ids=["baseline", "lean"])
 @pytest.mark.parametrize("kind,index", GPU_CONFIGS)
-def test_gpu_tile_config_in_interpreter(kind, index, lean, monkeypatch):
+def test_each_gpu_tile_config(kind, index, lean, monkeypatch):
     """Each GPU config's BLOCK_N × BLOCK_V × BLOCK_K (pinned through RED_KERNELS_TRITON_CONFIG) once, with the
     input dtype its list is for (fp16 stands in for the half list: the interpreter's bf16 tiles are upcast): two
     token blocks (one partial), a ragged last vocabulary tile, BLOCK_K | H (half) or a partial H step (fp32)."""
@@ -85,4 +85,4 @@ def test_gpu_tile_config_in_interpreter(kind, index, lean, monkeypatch):
     dtype = torch.float32 if kind == "fp32" else torch.float16
     h = bk + 6 if kind == "fp32" else 2 * bk
     x, w, y, b = make_inputs((bn + 5,), h, 2 * bv + 37, dtype=dtype, bias=index % 2 == 0, seed=index)
-    check_against_reference("triton", x, w, y, b, tau=0.8, mode="mix")
+    check_against_reference("triton", x, w, y, b, tau=0.8, mode="mix")  # on a GPU: the compiled path
