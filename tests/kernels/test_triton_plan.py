@@ -133,3 +133,23 @@ def test_half_gemm_partials_are_never_rounded_and_the_path_is_logged(monkeypatch
     assert (out.double() - 3 * want).abs().max() <= 1e-5 * want.abs().max()
     probes = [r.getMessage() for r in caplog.records if "out_dtype" in r.getMessage()]
     assert len(probes) == 2 and any("torch.mm(" in p for p in probes) and any("torch.addmm(" in p for p in probes)
+
+
+def test_gpu_bench_dry_run_lists_every_variant_within_budget():
+    """`python -m bench.gpu_bench --dry-run` (CPU) names every variant case the device run times, each with an
+    estimate, and the total fits the stages' budgets."""
+    import os
+    import subprocess
+    import sys
+
+    from bench import gpu_variants
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-m", "bench.gpu_bench", "--dry-run"], capture_output=True, text=True,
+                         cwd=root, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    for case, var in gpu_variants.variant_cases():
+        assert any(case.id in ln and f" {var} " in ln and "skipped" not in ln for ln in lines), \
+            (case.id, var)
+    assert set(plan.VARIANTS) <= {v for _, v in gpu_variants.variant_cases()}
+    assert "within budget" in lines[-1], lines[-1]
