@@ -1,6 +1,7 @@
 """Plain-Python benchmark runner (no pytest-benchmark needed), for the GPU image.
 
     python -m bench.gpu_bench [--out DIR] [--budget-s 170] [--ops logprobs,loss] [--device cuda]
+    python -m bench.gpu_bench --dry-run [--variants only|none]   # CPU: what a device run times, with estimates
 
 Runs cases.gpu_cases (headline shape first), times each with CUDA events after warm-up (the Triton autotuning
 happens there), measures peak extra memory on one separate call, and writes the same results schema as the
@@ -91,11 +92,26 @@ def main(argv=None):
     p.add_argument("--impls", default=",".join(cases.IMPLS), help="comma-separated subset of cases.IMPLS")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--note", default="")
+    p.add_argument("--variants", choices=("with", "only", "none"), default="with",
+                   help="also time the Triton kernel variants (bench/gpu_variants.py), only them, or not")
+    p.add_argument("--variants-budget-s", type=float, default=60.0, help="budget of the variants stage")
+    p.add_argument("--dry-run", action="store_true", help="list cases and variants with estimated device time")
     a = p.parse_args(argv)
-    case_list = [c for op in a.ops.split(",") for c in cases.cases_for(op, a.device)
+    device = "cuda" if a.dry_run else a.device
+    case_list = [c for op in a.ops.split(",") for c in cases.cases_for(op, device)
                  if c.model in a.models.split(",") and c.impl in a.impls.split(",")]
+    if a.dry_run:
+        from .gpu_plan import dry_run
+        print(dry_run(case_list, a.budget_s, a.variants_budget_s, with_cases=a.variants != "only",
+                      with_variants=a.variants != "none", priority=_priority))
+        return
     out = a.out / f"{record.device_name(a.device)}.json"
-    run_cases(case_list, out, record.environment(a.device, a.note or "bench/gpu_bench.py"), a.budget_s)
+    env = record.environment(a.device, a.note or "bench/gpu_bench.py")
+    if a.variants != "only":
+        run_cases(case_list, out, env, a.budget_s)
+    if a.variants != "none" and a.device == "cuda":
+        from .gpu_plan import run_variants
+        run_variants(out, env, a.variants_budget_s, time_case)
     from .report import write_report
     print(write_report(out).read_text())
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One-shot GPU check, about 5 minutes on a fresh GPU machine (image: CUDA PyTorch, Triton, numpy; no network):
-#   1. correctness of the compiled Triton kernels (tests/test_linear_logprobs.py, tests/test_red_loss*.py run
-#      with RED_KERNELS_TEST_DEVICE=cuda, TRITON_INTERPRET=0);
-#   2. the GPU benchmarks (bench/gpu_bench.py: no pytest-benchmark needed), written as <gpu>.json/.md/.png.
+# One-shot GPU check, at most ~8 minutes (stage timeouts 140 + 60 + 170 + 90 s) on a fresh GPU machine (image: CUDA PyTorch, Triton, numpy; no network):
+#   1. correctness of the compiled Triton kernels (tests/kernels with RED_KERNELS_TEST_DEVICE=cuda,
+#      TRITON_INTERPRET=0, one pinned tile config; test_triton_variants.py pins each GPU config once, baseline and
+#      lean), then bitwise batch invariance (tests/kernels/test_triton_gpu.py, autotuned and pinned);
+#   2. the GPU benchmarks (bench/gpu_bench.py: no pytest-benchmark needed), written as <gpu>.json/.md/.png;
+#   3. the Triton kernel variants side by side (bench/gpu_variants.py), into the same <gpu>.json.
+# `python -m bench.gpu_bench --dry-run` (any machine) lists what stages 2-3 time, with estimated device time.
 # Usage, from anywhere:   bash bench/gpu_check.sh
 # Output goes to $OUT when set (the device runner's return folder), else bench/results/.
 # Optional offline wheels: put pure-Python wheels (pytest + pluggy + iniconfig, hypothesis + sortedcontainers,
@@ -37,23 +40,33 @@ EOF
 
 tests_rc=0
 if python -c "import pytest" 2>/dev/null; then
-    log "1/2 correctness tests on the compiled Triton path"
+    log "1/3 correctness tests on the compiled Triton path"
     # -o addopts= drops pyproject's --benchmark-skip, which fails when pytest-benchmark is absent.
-    TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda timeout 140 \
+    TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda RED_KERNELS_TRITON_CONFIG=default timeout 140 \
         python -m pytest -o addopts= -p no:cacheprovider -q -rfE --durations=5 \
-        tests/test_linear_logprobs.py tests/test_red_loss*.py 2>&1 | tee "$DEST/gpu_tests.log"
+        tests/kernels --ignore=tests/kernels/test_triton_gpu.py --ignore=tests/kernels/test_triton_compile.py \
+        --deselect tests/kernels/test_logprobs.py::test_kernels_compile_for_hopper_without_gpu \
+        2>&1 | tee "$DEST/gpu_tests.log"   # (the CPU-side sm_90 compile checks: the GPU compiles for real)
     tests_rc=${PIPESTATUS[0]}
+    TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda timeout 60 \
+        python -m pytest -o addopts= -p no:cacheprovider -q -rfE tests/kernels/test_triton_gpu.py 2>&1 \
+        | tee -a "$DEST/gpu_tests.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || tests_rc=1
     log "tests exit code $tests_rc"
 else
-    log "1/2 SKIPPED: pytest is not installed (put its wheels in $WHEELS)"
+    log "1/3 SKIPPED: pytest is not installed (put its wheels in $WHEELS)"
     tests_rc=3
 fi
 
-log "2/2 benchmarks"
+log "2/3 benchmarks"
 # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS: extra flags, e.g. "--models qwen2.5-0.5b --impls naive,triton"
-TRITON_INTERPRET=0 timeout 170 python -m bench.gpu_bench --out "$DEST" --budget-s 120 ${GPU_CHECK_BENCH_ARGS:-} \
-    --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_bench.log"
+TRITON_INTERPRET=0 timeout 170 python -m bench.gpu_bench --out "$DEST" --budget-s 120 --variants none \
+    ${GPU_CHECK_BENCH_ARGS:-} --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 log "benchmarks exit code $bench_rc"
+log "3/3 Triton kernel variants"
+TRITON_INTERPRET=0 timeout 90 python -m bench.gpu_bench --out "$DEST" --variants only --variants-budget-s 60 \
+    --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_variants.log"
+[ "${PIPESTATUS[0]}" = 0 ] || bench_rc=1
 log "done"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -12,3 +12,14 @@ def tiny_model(seed: int):
     model = synthetic.build_model(tok, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                         "num_attention_heads": 2, "num_key_value_heads": 1}, seed=seed)
     return model, tok
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: they run under RED_KERNELS_TEST_DEVICE=cuda and are deselected (not
+    skipped) everywhere else."""
+    if os.environ.get("RED_KERNELS_TEST_DEVICE") == "cuda":
+        return
+    gpu = [item for item in items if item.get_closest_marker("cuda")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]

@@ -24,6 +24,7 @@ the fp32 accumulation of dX, dW and db, `forward_with_grad`, empty input and mis
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import NamedTuple
 
@@ -72,25 +73,42 @@ def ops(name: str):
     return importlib.import_module(".triton" if name == "triton" else ".chunked", __name__)
 
 
-_OUT_DTYPE_GEMM = [True]  # torch.mm/addmm(..., out_dtype=float32) on half operands; off after one failure
+_OUT_DTYPE_OK: dict = {}   # (kind 'mm'|'addmm', operand dtype, device type) -> out_dtype=float32 works; probed once
+_log = logging.getLogger("red_kernels")
+
+
+def _out_dtype_supported(kind, a):
+    """Whether torch.mm/addmm(..., out_dtype=float32) runs for half operands like `a`: probed once per
+    (kind, dtype, device type) on a 2×2 product, and the path taken is logged."""
+    key = (kind, a.dtype, a.device.type)
+    if key not in _OUT_DTYPE_OK:
+        p = torch.ones(2, 2, dtype=a.dtype, device=a.device)
+        o = torch.zeros(2, 2, dtype=torch.float32, device=a.device)
+        try:
+            if kind == "addmm":
+                torch.addmm(o, p, p, out_dtype=torch.float32, out=o)
+            else:
+                torch.mm(p, p, out_dtype=torch.float32, out=o)
+            _OUT_DTYPE_OK[key] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_OK[key] = False
+        how = ("fp32-output GEMM on the half operands" if _OUT_DTYPE_OK[key]
+               else "unsupported: operands upcast to fp32 first (exact, slower; never rounded to the half dtype)")
+        _log.info("red_kernels: torch.%s(out_dtype=float32) with %s on %s: %s", kind, a.dtype, a.device.type, how)
+    return _OUT_DTYPE_OK[key]
 
 
 def _mm_fp32(a, b, out, acc):
-    """out (fp32) = a @ b, or += when acc, with fp32 accumulation and output even for bf16/fp16 operands."""
-    if a.dtype == torch.float32:
-        out.addmm_(a, b) if acc else torch.mm(a, b, out=out)
+    """out (fp32) = a @ b, or += when acc, with fp32 accumulation and output even for bf16/fp16 operands
+    (products are never rounded to the operands' dtype: without out_dtype support they run in fp32)."""
+    if a.dtype != torch.float32 and _out_dtype_supported("addmm" if acc else "mm", a):
+        if acc:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
         return
-    if _OUT_DTYPE_GEMM[0]:
-        try:
-            if acc:
-                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-            else:
-                torch.mm(a, b, out_dtype=torch.float32, out=out)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE_GEMM[0] = False
-    prod = torch.mm(a, b).float()  # each chunk's product rounded to a's dtype, then summed in fp32
-    out.add_(prod) if acc else out.copy_(prod)
+    a, b = a.float(), b.float()
+    out.addmm_(a, b) if acc else torch.mm(a, b, out=out)
 
 
 class _Grads:
@@ -147,10 +165,14 @@ def backward(be, x, w, b, y, zmap, stats, g_lp, g_h, chunk_size=None):
     if n == 0 or (g_lp is None and g_h is None):
         zeros = lambda t: None if t is None else torch.zeros(t.shape, dtype=torch.float32, device=t.device)  # noqa
         return zeros(x), zeros(w), zeros(b)
-    grads = _Grads(x, w, b)
     zmap = as_logit_map(zmap)
     g_lp = torch.zeros(n, dtype=torch.float32, device=x.device) if g_lp is None else g_lp.float()
     g_h = None if g_h is None else g_h.float()
+    own = getattr(be, "backward_vocab_chunked", None)   # a backend's own chunking (Triton 'vsplit'), or None
+    done = None if own is None else own(x, w, b, y, zmap, stats, g_lp, g_h, chunk_size)
+    if done is not None:
+        return done
+    grads = _Grads(x, w, b)
     wk, bk = be.prepare(w, b)
     dt, w_gemm = _gemm_weight(be, x, w, wk)
     step = max(1, min(n, be.dz_rows(n, w.shape[0], x, dt, chunk_size)))

@@ -4,7 +4,11 @@ Notation (all per token row r, vocabulary column j): u_rj = x_r·w_j + b_j, z_rj
 z_rj = c·tanh(s·u_rj / c) / τ (s = logit scale); m = max_j z, logs = log Σ exp(z − m),
 ezs = E_p[z − m]. Kernels load x/w in their own dtype and compute in fp32: on a GPU the tile product runs as a
 bf16/fp16 `tl.dot` with fp32 accumulation (UPCAST=False); in Triton's interpreter, whose bf16 arithmetic is wrong,
-tiles are upcast to fp32 right after the load (UPCAST=True). The launchers live in `triton_ops.py`.
+tiles are upcast to fp32 right after the load (UPCAST=True). The launchers live in `triton.py`.
+
+GROUP_N > 0 (the 'grouped' variant) launches a 1-D grid whose program ids visit GROUP_N token blocks for every
+vocabulary split/tile before moving on, so resident programs share X blocks and W tiles in L2; GROUP_N = 0 is the
+2-D grid (token blocks on axis 0). N_BUCKET is the autotune key's bucketed row count (unused in the bodies).
 """
 from __future__ import annotations
 
@@ -46,11 +50,41 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau, sc
 
 
 @triton.jit
-def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
-                         M, V, H, cols_per_split, tau, scale, softcap,
+def grouped_pid(M, n_other, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """(token block, other index) of this program: the 2-D grid when GROUP_N = 0, else a 1-D grid walked in
+    groups of GROUP_N token blocks (all `n_other` vocabulary splits/tiles of a group before the next group)."""
+    if GROUP_N == 0:
+        pid_n = tl.program_id(0)
+        pid_o = tl.program_id(1)
+    else:
+        pid = tl.program_id(0)
+        per_group = GROUP_N * n_other
+        first = (pid // per_group) * GROUP_N
+        size = tl.minimum(tl.cdiv(M, BLOCK_N) - first, GROUP_N)
+        local = pid % per_group
+        pid_n = first + local % size
+        pid_o = local // size
+    return pid_n, pid_o
+
+
+@triton.jit
+def dz_epilogue(z, zs, logs, ezs, g_lp, g_h, hit, tau, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """dZ tile from the fp32 logits z, zs = z − m (0 on unused lanes), row stats and hit = (column == target)."""
+    p = tl.exp(zs - logs[:, None])
+    dz = -p * (g_lp[:, None] + g_h[:, None] * (zs - ezs[:, None]))
+    dz += tl.where(hit, g_lp[:, None], 0.0)
+    if HAS_SOFTCAP:
+        t = z * (tau / softcap)
+        dz = dz * (1.0 - t * t)
+    return dz * (scale / tau)
+
+
+@triton.jit
+def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, z_ptr,
+                         M, V, H, cols_per_split, n_splits, N_BUCKET, tau, scale, softcap,
                          stride_xm, stride_xh, stride_wv, stride_wh,
                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                         INPUT_PRECISION: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr, STORE_Z: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial softmax statistics of one (token block, vocabulary split).
 
@@ -64,10 +98,10 @@ def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr
     m starts at −∞ (never 0: all-negative rows must not underflow to NaN); the (m − m') term is zeroed while m is
     still −∞ and columns beyond the split are excluded with tl.where, so no −∞ − −∞ or 0·∞ is ever formed.
     It also sums z_y over the columns it owns (the target lies in exactly one split). Outputs go to row k of the
-    [splits, M] fp32 buffers m, s, t, zy; `triton_ops.merge_splits` combines them.
+    [splits, M] fp32 buffers m, s, t, zy; `triton.merge_splits` combines them. STORE_Z (the 3-GEMM loss path)
+    also writes every fp32 logits tile into z [M, V] (contiguous) for `dz_from_logits_kernel`.
     """
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_n, pid_s = grouped_pid(M, n_splits, BLOCK_N, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
@@ -85,6 +119,9 @@ def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr
         z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau, scale, softcap,
                          stride_xm, stride_xh, stride_wv, stride_wh,
                          HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        if STORE_Z:
+            z_ptrs = z_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :]
+            tl.store(z_ptrs, z, mask=row_mask[:, None] & col_mask[None, :])
         zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_mask[None, :], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, neg_inf)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -106,10 +143,10 @@ def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr
 
 @triton.jit
 def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr, gh_ptr, dz_ptr,
-                   M, V, H, tau, scale, softcap,
+                   M, V, H, N_BUCKET, tau, scale, softcap,
                    stride_xm, stride_xh, stride_wv, stride_wh, stride_dzm,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_N, BLOCK_V] tile of ∂L/∂(x·wᵀ + b), recomputed from the saved per-row stats.
 
@@ -121,8 +158,7 @@ def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr
     stored (cast to dz's dtype) into the [M, V] chunk buffer; the GEMMs dX = dZ·W, dW = dZᵀ·X run afterwards.
     Masked rows load zero stats and masked columns zero weights, so nothing non-finite appears in unused lanes.
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = grouped_pid(M, tl.cdiv(V, BLOCK_V), BLOCK_N, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -139,12 +175,28 @@ def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr
 
     # unused lanes get zs = 0 (their z − m could be huge and overflow exp); they are never stored
     zs = tl.where(row_mask[:, None] & col_mask[None, :], z - m[:, None], 0.0)
-    p = tl.exp(zs - logs[:, None])
-    dz = -p * (g_lp[:, None] + g_h[:, None] * (zs - ezs[:, None]))
-    dz += tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0)
-    if HAS_SOFTCAP:
-        t = z * (tau / softcap)
-        dz = dz * (1.0 - t * t)
-    dz = dz * (scale / tau)
+    dz = dz_epilogue(z, zs, logs, ezs, g_lp, g_h, cols[None, :] == y[:, None], tau, scale, softcap, HAS_SOFTCAP)
     ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def dz_from_logits_kernel(z_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr, gh_ptr, dz_ptr,
+                          M, V, tau, scale, softcap, stride_dzm,
+                          HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The 3-GEMM loss path: dZ tile from the fp32 logits z [M, V] stored by the forward (STORE_Z), no GEMM."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < M
+    valid = row_mask[:, None] & (cols < V)[None, :]
+    z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], mask=valid, other=0.0)
+    m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
+    logs = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
+    ezs = tl.load(ezs_ptr + rows, mask=row_mask, other=0.0)
+    g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
+    g_h = tl.load(gh_ptr + rows, mask=row_mask, other=0.0)
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+    zs = tl.where(valid, z - m[:, None], 0.0)
+    dz = dz_epilogue(z, zs, logs, ezs, g_lp, g_h, cols[None, :] == y[:, None], tau, scale, softcap, HAS_SOFTCAP)
+    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=valid)
