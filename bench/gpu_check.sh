@@ -2,7 +2,8 @@
 # One-shot GPU check, about 5 minutes on a fresh GPU machine (image: CUDA PyTorch, Triton, numpy; no network):
 #   1. correctness of the compiled Triton kernels (tests/test_linear_logprobs.py, tests/test_red_loss*.py run
 #      with RED_KERNELS_TEST_DEVICE=cuda, TRITON_INTERPRET=0);
-#   2. the GPU benchmarks (bench/gpu_bench.py: no pytest-benchmark needed), written as <gpu>.json/.md/.png.
+#   2. the GPU benchmarks (bench/gpu_bench.py: no pytest-benchmark needed), written as <gpu>.json/.md/.png;
+#   3. the vLLM smoke stage (bench/gpu_vllm_smoke.py), only where vLLM is installed.
 # Usage, from anywhere:   bash bench/gpu_check.sh
 # Output goes to $OUT when set (the device runner's return folder), else bench/results/.
 # Optional offline wheels: put pure-Python wheels (pytest + pluggy + iniconfig, hypothesis + sortedcontainers,
@@ -55,5 +56,8 @@ TRITON_INTERPRET=0 timeout 170 python -m bench.gpu_bench --out "$DEST" --budget-
     --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 log "benchmarks exit code $bench_rc"
+# vLLM smoke (bench/gpu_vllm_smoke.py, < 3 min; prints SKIPPED and passes where vLLM is not installed)
+TRITON_INTERPRET=0 timeout 200 python -m bench.gpu_vllm_smoke --out "$DEST" 2>&1 | tee "$DEST/gpu_vllm_smoke.log"; vllm_rc=${PIPESTATUS[0]}
+log "vLLM smoke exit code $vllm_rc"
 log "done"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$vllm_rc" = 0 ]
