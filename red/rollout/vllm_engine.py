@@ -101,7 +101,6 @@ class VLLMEngine:
                  sleep_level: int = 2, distributed: bool | None = None, stop_token_ids: list[int] | None = None,
                  kv_cache_gib: int = 1, head_dtype: str = "float32", exact_check: bool = True,
                  llm_kwargs: dict | None = None):
-        check_vllm_version()
         if sleep_level not in (1, 2):
             raise ValueError(f"rollout.vllm.sleep_level must be 1 or 2, got {sleep_level!r}")
         cuda = torch.cuda.is_available()
@@ -140,7 +139,8 @@ class VLLMEngine:
         kwargs["hf_overrides"] = {"head_dtype": head_dtype, **(llm_kwargs.pop("hf_overrides", None) or {})}
         kwargs.update(llm_kwargs)
 
-        from vllm import LLM  # imported here: env vars above must be set first
+        check_vllm_version()  # imports vllm: after the env vars above
+        from vllm import LLM
 
         # Without a process group vLLM creates one (gloo, world of 1) in this process; close() removes it again.
         # With one (torchrun + the trainer's init_process_group, which must come first) vLLM reuses it.
