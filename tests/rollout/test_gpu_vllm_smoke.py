@@ -26,3 +26,22 @@ def test_a_failed_check_fails_the_stage(tmp_path, monkeypatch):
         smoke.check("something", False, why="test")
     monkeypatch.setattr(gpu_vllm_smoke, "_run", crash)
     assert gpu_vllm_smoke.main(["--dry-run", "--out", str(tmp_path)]) == 1
+
+
+def test_an_untested_vllm_version_fails_the_stage_but_the_checks_still_run(tmp_path, monkeypatch):
+    import red.rollout.vllm_engine as vllm_engine
+    import red.rollout.vllm_sync as vllm_sync
+
+    def engine(*args, **kwargs):
+        raise RuntimeError("engine reached")
+
+    real_check, real_spec = vllm_sync.check_vllm_version, importlib.util.find_spec
+    monkeypatch.delenv("RED_VLLM_UNTESTED_OK", raising=False)   # restored after the test (the stage sets it)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_spec(name, *a))
+    monkeypatch.setattr(vllm_sync, "check_vllm_version", lambda version=None: real_check("0.40.0"))
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", engine)
+    assert gpu_vllm_smoke.main(["--out", str(tmp_path)]) == 1
+    checks = json.loads((tmp_path / "gpu_vllm_smoke.json").read_text())["checks"]
+    assert not checks["vllm_version_in_tested_range"]["ok"]
+    assert "0.40.0" in checks["vllm_version_in_tested_range"]["error"]
+    assert "engine reached" in checks["crashed"]["error"]   # the stage went on to start the engine
