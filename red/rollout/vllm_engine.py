@@ -225,6 +225,10 @@ class VLLMEngine:
         stream = checkpoint_weights(named_tensors, self.tied, dtype=self.dtype, sent=sent, checksum_names=want)
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        if self._asleep and torch.cuda.is_available():
+            # the in-place reload builds each layer in temporaries from PyTorch's caching allocator; hand that
+            # memory back before the KV cache (vLLM's own allocator) is mapped again at wake-up
+            torch.cuda.empty_cache()
         self._stale_prefix_cache = True
         if not self._asleep:
             self._reset_prefix_cache()
