@@ -4,7 +4,8 @@
 #      TRITON_INTERPRET=0, one pinned tile config; test_triton_variants.py pins each GPU config once, baseline and
 #      lean), then bitwise batch invariance (tests/kernels/test_triton_gpu.py, autotuned and pinned);
 #   2. the GPU benchmarks (bench/gpu_bench.py: no pytest-benchmark needed), written as <gpu>.json/.md/.png;
-#   3. the Triton kernel variants side by side (bench/gpu_variants.py), into the same <gpu>.json.
+#   3. the Triton kernel variants side by side (bench/gpu_variants.py), into the same <gpu>.json;
+#   4. the vLLM smoke stage (bench/gpu_vllm_smoke.py), only where vLLM is installed (else it says SKIPPED).
 # `python -m bench.gpu_bench --dry-run` (any machine) lists what stages 2-3 time, with estimated device time.
 # Usage, from anywhere:   bash bench/gpu_check.sh
 # Output goes to $OUT when set (the device runner's return folder), else bench/results/.
@@ -40,7 +41,7 @@ EOF
 
 tests_rc=0
 if python -c "import pytest" 2>/dev/null; then
-    log "1/3 correctness tests on the compiled Triton path"
+    log "1/4 correctness tests on the compiled Triton path"
     # -o addopts= drops pyproject's --benchmark-skip, which fails when pytest-benchmark is absent.
     TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda RED_KERNELS_TRITON_CONFIG=default timeout 140 \
         python -m pytest -o addopts= -p no:cacheprovider -q -rfE --durations=5 \
@@ -54,19 +55,23 @@ if python -c "import pytest" 2>/dev/null; then
     [ "${PIPESTATUS[0]}" = 0 ] || tests_rc=1
     log "tests exit code $tests_rc"
 else
-    log "1/3 SKIPPED: pytest is not installed (put its wheels in $WHEELS)"
+    log "1/4 SKIPPED: pytest is not installed (put its wheels in $WHEELS)"
     tests_rc=3
 fi
 
-log "2/3 benchmarks"
+log "2/4 benchmarks"
 # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS: extra flags, e.g. "--models qwen2.5-0.5b --impls naive,triton"
 TRITON_INTERPRET=0 timeout 170 python -m bench.gpu_bench --out "$DEST" --budget-s 120 --variants none \
     ${GPU_CHECK_BENCH_ARGS:-} --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 log "benchmarks exit code $bench_rc"
-log "3/3 Triton kernel variants"
+log "3/4 Triton kernel variants"
 TRITON_INTERPRET=0 timeout 90 python -m bench.gpu_bench --out "$DEST" --variants only --variants-budget-s 60 \
     --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_variants.log"
 [ "${PIPESTATUS[0]}" = 0 ] || bench_rc=1
+log "4/4 vLLM smoke"
+# vLLM smoke (bench/gpu_vllm_smoke.py, < 3 min; prints SKIPPED and passes where vLLM is not installed)
+TRITON_INTERPRET=0 timeout 120 python -m bench.gpu_vllm_smoke --out "$DEST" 2>&1 | tee "$DEST/gpu_vllm_smoke.log"; vllm_rc=${PIPESTATUS[0]}
+log "vLLM smoke exit code $vllm_rc"
 log "done"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$vllm_rc" = 0 ]

