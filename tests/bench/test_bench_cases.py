@@ -30,7 +30,11 @@ def test_case_lists_cover_every_mode_and_baseline():
     assert {("loss", "red", "naive"), ("loss", "red", "torch"), ("loss", "grpo", "liger")} <= head
     gpu = cases.gpu_cases("logprobs") + cases.gpu_cases("loss")
     assert all(c.dtype == torch.bfloat16 for c in gpu) and max(c.tokens for c in gpu) == 16_384
-    assert {c.impl for c in gpu} == {"naive", "torch", "triton", "liger"}
+    assert {c.impl for c in gpu} == {"naive", "torch", "triton", "liger", "trl", "liger_flsce"}
+    # the side-by-side with the peers: every implementation at both Qwen shapes, one N, with entropy
+    peer = {(c.model, c.impl) for c in cpu if (c.mode, c.tokens) == ("fwdbwd", cases.PEER_TOKENS)}
+    assert peer == {(m, i) for m in ("qwen2.5-0.5b", "qwen2.5-1.5b") for i in ("naive", "torch") + cases.PEERS}
+    assert not any(c.impl in cases.PEERS for c in gpu if c.op == "loss")
 
 
 @pytest.fixture
@@ -56,7 +60,7 @@ def _grads64(case, inp):
 
 
 # Liger's CE has no entropy and Liger has no RED loss: those pairs are not benchmarked.
-LOGPROB_PAIRS = [(m, i) for m in cases.MODES["logprobs"] for i in ("naive", "torch", "liger")
+LOGPROB_PAIRS = [(m, i) for m in cases.MODES["logprobs"] for i in ("naive", "torch", "liger") + cases.PEERS
                  if (m, i) != ("fwdbwd", "liger")]
 LOSS_PAIRS = [(m, i) for m in cases.MODES["loss"] for i in ("naive", "torch", "liger") if (m, i) != ("red", "liger")]
 
