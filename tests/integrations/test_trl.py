@@ -1,0 +1,121 @@
+"""REDKernelsGRPOTrainer against stock trl.GRPOTrainer 1.16, real TRL on CPU with a tiny random Qwen2.
+
+Two optimizer steps from one generation (steps_per_generation=2, so the old-policy pass runs), a reference model
+(beta > 0, so the reference pass runs) and an entropy bonus: loss, grad norm and final weights must agree within
+1e-4 relative in fp32, and no pass may run the lm_head over more than one position per sequence (generation
+scores only the last position; any scoring pass that did would be materialising [N, V] logits).
+"""
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+datasets = pytest.importorskip("datasets")
+trl = pytest.importorskip("trl")
+
+from red_kernels import linear_logprobs  # noqa: E402
+from red_kernels.integrations.trl import REDKernelsGRPOTrainer, logit_transform  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """A tiny Qwen2 saved to disk: TRL builds the reference model from the policy's path."""
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    model, tok = tiny_model(seed=3)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), tok
+
+
+def reward_len(completions, **kwargs):
+    """A reward that varies within a group, so that advantages are non-zero."""
+    return [float(len(c) % 5) for c in completions]
+
+
+def _no_full_logits(module):
+    def forward(x):
+        if x.dim() == 3 and x.shape[1] > 1:
+            raise AssertionError(f"lm_head run over {x.shape[1]} positions: [N, V] logits materialised")
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+    module.forward = forward
+
+
+def _train(cls, saved, tmp_path, loss_type, entropy_coef):
+    path, tok = saved
+    torch.manual_seed(0)
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / cls.__name__), loss_type=loss_type, entropy_coef=entropy_coef, beta=0.05,
+        num_generations=4, per_device_train_batch_size=4, steps_per_generation=2, max_completion_length=6,
+        max_steps=2, optim="sgd", learning_rate=0.1,   # SGD: updates linear in the gradients
+        logging_steps=1, seed=0, report_to="none", save_strategy="no",
+        use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True)
+    data = datasets.Dataset.from_dict({"prompt": ["12+7=", "3*4=", "9-5=", "8+8="]})
+    trainer = cls(model=path, reward_funcs=reward_len, args=args, train_dataset=data, processing_class=tok)
+    _no_full_logits(trainer.model.lm_head)
+    _no_full_logits(trainer.ref_model.lm_head)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return logs, weights
+
+
+def _close(a, b, rel=1e-4):
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type,entropy_coef", [("grpo", 0.0), ("dapo", 0.0), ("dr_grpo", 0.0),
+                                                    ("dapo", 0.05)])
+def test_two_steps_match_stock_grpo_trainer(saved_tiny, tmp_path, monkeypatch, loss_type, entropy_coef):
+    import red_kernels.integrations.trl as adapter
+    stock_logs, stock_w = _train(trl.GRPOTrainer, saved_tiny, tmp_path, loss_type, entropy_coef)
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append((torch.is_grad_enabled(), kwargs["return_entropy"]))
+        return linear_logprobs(*args, **kwargs)
+    monkeypatch.setattr(adapter, "linear_logprobs", recording)
+    ours_logs, ours_w = _train(REDKernelsGRPOTrainer, saved_tiny, tmp_path, loss_type, entropy_coef)
+    # old-policy pass (no grad, policy), reference pass (no grad, ref model: no entropy), policy pass (grad)
+    assert {(False, True), (False, False), (True, True)} <= set(calls)
+    assert len(stock_logs) == len(ours_logs) == 2
+    for s, o in zip(stock_logs, ours_logs):
+        for key in ("loss", "grad_norm", "entropy", "kl"):
+            assert _close(s[key], o[key]), (key, s[key], o[key])
+    assert stock_logs[-1]["grad_norm"] > 0
+    for name, w in stock_w.items():
+        diff = (ours_w[name] - w).abs().max()
+        assert diff <= 1e-4 * max(w.abs().max(), 1e-6), (name, float(diff))
+    init, _ = tiny_model(seed=3)
+    moved = max(float((init.state_dict()[k] - w).abs().max()) for k, w in stock_w.items())
+    assert moved > 1e-4   # the two steps changed the weights, so equal weights mean equal updates
+
+
+class _Config:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+@pytest.mark.parametrize("attrs,want", [
+    ({}, (None, 1.0)),
+    ({"final_logit_softcapping": 30.0}, (30.0, 1.0)),
+    ({"logit_scale": None, "logits_scaling": 8.0, "model_type": "granite"}, (None, 0.125)),
+    ({"logits_scaling": 4.0, "model_type": "hyperclovax"}, (None, 4.0)),
+    ({"lm_head_multiplier": 0.5}, (None, 0.5)),
+    ({"logit_scale": 0.0625, "output_multiplier": 2.0}, (None, 0.0625)),
+])
+def test_logit_transform_reads_the_config_like_trl(attrs, want):
+    assert logit_transform(_Config(**attrs)) == want
+
+
+def test_softcapped_model_is_refused_while_linear_logprobs_lacks_softcap():
+    import inspect
+
+    from red_kernels.integrations.trl import add_red_lm_head
+    model, _ = tiny_model(seed=3)
+    model.config.final_logit_softcapping = 30.0
+    if "softcap" in inspect.signature(linear_logprobs).parameters:
+        add_red_lm_head(model)   # supported: patches without error
+    else:
+        with pytest.raises(NotImplementedError, match="softcap"):
+            add_red_lm_head(model)
