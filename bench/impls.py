@@ -39,8 +39,10 @@ def available(case: Case) -> tuple[bool, str]:
             return False, "liger-kernel is not installed"
         if case.op == "logprobs" and case.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return False, "Liger's fused linear CE needs TRITON_INTERPRET=1 on CPU"
-    if case.impl == "trl" and importlib.util.find_spec("trl") is None:
-        return False, "trl is not installed (pip install 'red-kernels[trl]')"
+    if case.impl == "trl":
+        for mod in ("trl", "transformers"):   # trl.kernels imports transformers.utils
+            if importlib.util.find_spec(mod) is None:
+                return False, f"{mod} is not installed (pip install 'red-kernels[trl]')"
     if case.impl == "liger_flsce" and importlib.util.find_spec("liger_kernel") is None:
         return False, "liger-kernel is not installed"
     if case.op == "loss" and case.impl in ("torch", "triton"):
@@ -52,8 +54,8 @@ def available(case: Case) -> tuple[bool, str]:
 
 def liger_flsce_path(device: str) -> str:
     """Which implementation LigerFusedLinearScaledCrossEntropyFunction dispatches to on `device`."""
-    from liger_kernel.ops import fused_linear_scaled_cross_entropy as flsce
     try:
+        from liger_kernel.ops import fused_linear_scaled_cross_entropy as flsce
         fn = flsce._resolve_implementation(torch.device(device))
     except Exception as e:  # noqa: BLE001 — e.g. the CuTe DSL missing on a Hopper image
         return f"unavailable ({type(e).__name__}: {str(e)[:80]})"

@@ -92,3 +92,8 @@ def test_loss_impls_match_float64(tiny, mode, impl):
     assert float(got[0].detach()) == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
     for g, ref in zip(got[-2:], (x.grad, w.grad)):
         assert (g.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_liger_flsce_reports_its_path_on_cpu():
+    # Liger dispatches to CuTe on Hopper only; on CPU its scaled CE is the PyTorch fallback (what the CPU rows ran)
+    assert impls.liger_flsce_path("cpu") == "fallback (PyTorch)"
