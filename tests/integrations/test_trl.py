@@ -108,14 +108,87 @@ def test_logit_transform_reads_the_config_like_trl(attrs, want):
     assert logit_transform(_Config(**attrs)) == want
 
 
-def test_softcapped_model_is_refused_while_linear_logprobs_lacks_softcap():
+SOFTCAP_SCALE = {"final_logit_softcapping": 3.0, "logit_scale": 0.5}
+
+
+@pytest.mark.parametrize("shifted,transform", [(False, {}), (True, {}), (False, SOFTCAP_SCALE)])
+def test_fused_forward_matches_trls_fused_lm_head(shifted, transform):
+    """The patched forward against TRL's own fused LM head: values and parameter gradients, temperature 0.7,
+    prompt positions and padding ignored, labels given shifted (context parallelism) or not, and a softcapped,
+    scaled model (refused with NotImplementedError while linear_logprobs lacks softcap / logit_scale)."""
+    import copy
     import inspect
 
+    from trl.trainer.utils import add_fused_lm_head
+
     from red_kernels.integrations.trl import add_red_lm_head
-    model, _ = tiny_model(seed=3)
-    model.config.final_logit_softcapping = 30.0
-    if "softcap" in inspect.signature(linear_logprobs).parameters:
-        add_red_lm_head(model)   # supported: patches without error
-    else:
+    base, _ = tiny_model(seed=5)
+    for k, v in transform.items():
+        setattr(base.config, k, v)
+    ours, theirs = base, copy.deepcopy(base)
+    for m in (ours, theirs):
+        add_fused_lm_head(m, temperature=0.7, outputs=("log_probs", "entropy"))
+    if transform and not {"softcap", "logit_scale"} <= set(inspect.signature(linear_logprobs).parameters):
         with pytest.raises(NotImplementedError, match="softcap"):
-            add_red_lm_head(model)
+            add_red_lm_head(ours, temperature=0.7)
+        return
+    add_red_lm_head(ours, temperature=0.7)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (3, 11), generator=g)
+    attn = torch.ones_like(ids)
+    attn[2, -4:] = 0                                   # a padded row
+    labels = ids.masked_fill(attn == 0, -100)
+    labels[:, :5] = -100                               # the prompt is not scored
+    pad = torch.full((3, 1), -100)
+    kw = {"shift_labels": torch.cat([labels[:, 1:], pad], 1)} if shifted else {"labels": labels}
+    outs = []
+    for m in (ours, theirs):
+        m.zero_grad()
+        out = m(input_ids=ids, attention_mask=attn, fused_lm_head=True, **kw)
+        (out.log_probs.sum() + 0.3 * out.entropy.sum()).backward()
+        outs.append((out, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (a, ga), (b, gb) = outs
+    assert a.log_probs.shape == b.log_probs.shape == (3, 11 if shifted else 10)
+    assert torch.equal(a.label_mask, b.label_mask)
+    assert (a.log_probs[~a.label_mask] == 0).all() and (a.entropy[~a.label_mask] == 0).all()
+    for x, y in ((a.log_probs, b.log_probs), (a.entropy, b.entropy), (a.loss, b.loss)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_passes_softcap_and_scale_as_trl_applies_them(monkeypatch):
+    """With an op of the documented signature (z = softcap·tanh(s·(x·Wᵀ+b)/softcap)/τ, here a naive float64
+    stand-in), the adapter's output equals TRL's for a softcapped, scaled model: the config is read and the
+    arguments passed as TRL applies them."""
+    import copy
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    import red_kernels.integrations.trl as adapter
+
+    def op(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=True, softcap=None,
+           logit_scale=1.0):
+        z = (hidden.double() @ weight.double().t()) * logit_scale
+        z = (softcap * torch.tanh(z / softcap) if softcap is not None else z) / temperature
+        logp = torch.log_softmax(z, -1)
+        keep = targets != -100
+        lp = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * keep
+        ent = -(logp.exp() * logp).sum(-1) * keep
+        return lp.float(), ent.float() if return_entropy else None
+    monkeypatch.setattr(adapter, "linear_logprobs", op)
+    base, _ = tiny_model(seed=5)
+    for k, v in SOFTCAP_SCALE.items():
+        setattr(base.config, k, v)
+    ours, theirs = base, copy.deepcopy(base)
+    for m in (ours, theirs):
+        add_fused_lm_head(m, temperature=0.7, outputs=("log_probs", "entropy"))
+    adapter.add_red_lm_head(ours, temperature=0.7)
+    ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    a, b = (m(input_ids=ids, labels=labels, fused_lm_head=True) for m in (ours, theirs))
+    torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a.log_probs, base(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(
+        -1, ids[:, 1:, None]).squeeze(-1) * (labels[:, 1:] != -100), atol=1e-3)   # the transform mattered
