@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+import copy
+
 from conftest import tiny_model
 
 datasets = pytest.importorskip("datasets")
@@ -19,10 +21,16 @@ from red_kernels.integrations.trl import REDKernelsGRPOTrainer, logit_transform 
 
 
 @pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
-    """A tiny Qwen2 saved to disk: TRL builds the reference model from the policy's path."""
+def tiny():
+    """(model, tokenizer): never trained or patched here; tests deep-copy the model."""
+    return tiny_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tiny, tmp_path_factory):
+    """The tiny Qwen2 saved to disk: TRL builds the reference model from the policy's path."""
     path = tmp_path_factory.mktemp("tiny-qwen2")
-    model, tok = tiny_model(seed=3)
+    model, tok = tiny
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path), tok
@@ -64,9 +72,8 @@ def _close(a, b, rel=1e-4):
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-7)
 
 
-@pytest.mark.parametrize("loss_type,entropy_coef", [("grpo", 0.0), ("dapo", 0.0), ("dr_grpo", 0.0),
-                                                    ("dapo", 0.05)])
-def test_two_steps_match_stock_grpo_trainer(saved_tiny, tmp_path, monkeypatch, loss_type, entropy_coef):
+@pytest.mark.parametrize("loss_type,entropy_coef", [("grpo", 0.0), ("dr_grpo", 0.0), ("dapo", 0.05)])
+def test_two_steps_match_stock_grpo_trainer(tiny, saved_tiny, tmp_path, monkeypatch, loss_type, entropy_coef):
     import red_kernels.integrations.trl as adapter
     stock_logs, stock_w = _train(trl.GRPOTrainer, saved_tiny, tmp_path, loss_type, entropy_coef)
     calls = []
@@ -86,8 +93,8 @@ def test_two_steps_match_stock_grpo_trainer(saved_tiny, tmp_path, monkeypatch, l
     for name, w in stock_w.items():
         diff = (ours_w[name] - w).abs().max()
         assert diff <= 1e-4 * max(w.abs().max(), 1e-6), (name, float(diff))
-    init, _ = tiny_model(seed=3)
-    moved = max(float((init.state_dict()[k] - w).abs().max()) for k, w in stock_w.items())
+    init = tiny[0].state_dict()
+    moved = max(float((init[k] - w).abs().max()) for k, w in stock_w.items())
     assert moved > 1e-4   # the two steps changed the weights, so equal weights mean equal updates
 
 
@@ -112,17 +119,16 @@ SOFTCAP_SCALE = {"final_logit_softcapping": 3.0, "logit_scale": 0.5}
 
 
 @pytest.mark.parametrize("shifted,transform", [(False, {}), (True, {}), (False, SOFTCAP_SCALE)])
-def test_fused_forward_matches_trls_fused_lm_head(shifted, transform):
+def test_fused_forward_matches_trls_fused_lm_head(tiny, shifted, transform):
     """The patched forward against TRL's own fused LM head: values and parameter gradients, temperature 0.7,
     prompt positions and padding ignored, labels given shifted (context parallelism) or not, and a softcapped,
     scaled model (refused with NotImplementedError while linear_logprobs lacks softcap / logit_scale)."""
-    import copy
     import inspect
 
     from trl.trainer.utils import add_fused_lm_head
 
     from red_kernels.integrations.trl import add_red_lm_head
-    base, _ = tiny_model(seed=5)
+    base = copy.deepcopy(tiny[0])
     for k, v in transform.items():
         setattr(base.config, k, v)
     ours, theirs = base, copy.deepcopy(base)
@@ -157,12 +163,10 @@ def test_fused_forward_matches_trls_fused_lm_head(shifted, transform):
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6)
 
 
-def test_adapter_passes_softcap_and_scale_as_trl_applies_them(monkeypatch):
+def test_adapter_passes_softcap_and_scale_as_trl_applies_them(tiny, monkeypatch):
     """With an op of the documented signature (z = softcap·tanh(s·(x·Wᵀ+b)/softcap)/τ, here a naive float64
     stand-in), the adapter's output equals TRL's for a softcapped, scaled model: the config is read and the
     arguments passed as TRL applies them."""
-    import copy
-
     from trl.trainer.utils import add_fused_lm_head
 
     import red_kernels.integrations.trl as adapter
@@ -177,7 +181,7 @@ def test_adapter_passes_softcap_and_scale_as_trl_applies_them(monkeypatch):
         ent = -(logp.exp() * logp).sum(-1) * keep
         return lp.float(), ent.float() if return_entropy else None
     monkeypatch.setattr(adapter, "linear_logprobs", op)
-    base, _ = tiny_model(seed=5)
+    base = copy.deepcopy(tiny[0])
     for k, v in SOFTCAP_SCALE.items():
         setattr(base.config, k, v)
     ours, theirs = base, copy.deepcopy(base)
