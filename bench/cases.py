@@ -44,7 +44,8 @@ SEQ_LEN = 512       # positions per sequence in the loss cases (B = tokens / SEQ
 GROUP = 8           # RED groups: 7 online samples + 1 teacher trace
 PEAK_TFLOPS = 800.0  # H100 dense bf16, measured (kernels.md)
 CPU_GFLOPS_PER_THREAD = 75.0   # rough fp32 GEMM rate of one dev-machine core, only to choose the number of rounds
-PEER_TOKENS = 512    # CPU side-by-side with the peers: N per case (fp32, 1 thread: ~10-30 s per call at 1.5B)
+# CPU side-by-side with the peers: N per case (fp32, 1 thread: ~10-30 s per call at 1.5B); BENCH_PEER_TOKENS sets it
+PEER_TOKENS = int(os.environ.get("BENCH_PEER_TOKENS", "512"))
 
 # Device the suite runs on: BENCH_DEVICE=cpu|cuda, else CUDA when available.
 DEVICE = os.environ.get("BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,10 +141,13 @@ def cases_for(op: str, device: str) -> list[Case]:
 
 
 def schedule(case: Case) -> tuple[int, int]:
-    """(warmup calls, timed rounds): one cold round for CPU cases of more than ~4 s, else 1 + 3; 2 + 10 on GPU."""
+    """(warmup calls, timed rounds): one cold round for CPU cases of more than ~4 s (every CPU case with
+    BENCH_CPU_COLD=1, for a loaded machine), else 1 + 3; 2 + 10 on GPU."""
     if case.device == "cuda":
         return 2, 10
-    slow = case.flop / (CPU_GFLOPS_PER_THREAD * torch.get_num_threads() * 1e9) > 4 or (case.impl == "liger" and case.op == "logprobs")
+    est_s = case.flop / (CPU_GFLOPS_PER_THREAD * torch.get_num_threads() * 1e9)
+    slow = (os.environ.get("BENCH_CPU_COLD") == "1" or est_s > 4
+            or (case.impl == "liger" and case.op == "logprobs"))
     return (0, 1) if slow else (1, 3)
 
 
