@@ -5,19 +5,17 @@ Two optimizer steps from one generation (steps_per_generation=2, so the old-poli
 1e-4 relative in fp32, and no pass may run the lm_head over more than one position per sequence (generation
 scores only the last position; any scoring pass that did would be materialising [N, V] logits).
 """
+import copy
 import math
 
+import datasets   # trl and its datasets: installed by .[bench] (-> [trl]); a missing one fails, never skips
 import pytest
 import torch
-import copy
-
+import trl
 from conftest import tiny_model
 
-datasets = pytest.importorskip("datasets")
-trl = pytest.importorskip("trl")
-
-from red_kernels import linear_logprobs  # noqa: E402
-from red_kernels.integrations.trl import REDKernelsGRPOTrainer, logit_transform  # noqa: E402
+from red_kernels import linear_logprobs
+from red_kernels.integrations.trl import REDKernelsGRPOTrainer, logit_transform
 
 
 @pytest.fixture(scope="module")
