@@ -107,5 +107,5 @@ def test_trainer_grpo_step_vs_trl(benchmark, bench_rows, tmp_path, impl):
     phases["peak_rss_mib"] = result["rss"]
     benchmark.extra_info.update(phases)
     bench_rows.append({"id": f"trainer-grpo-{impl}", "op": "trainer", "mode": "grpo", "device": "cpu",
-                       "impl": impl, "command": " ".join(cmd[1:]).replace(str(tmp_path), "$TMP"), "process_s": result["wall"],
-                       "phases": phases, "error": None})
+                       "impl": impl, "command": " ".join(cmd[1:]).replace(str(tmp_path), "$TMP"),
+                       "process_s": result["wall"], "phases": phases, "error": None})
