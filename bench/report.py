@@ -91,6 +91,21 @@ def render_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_peers(rows: list[dict]) -> str:
+    """Markdown table of peer_ratios (empty string when no case has a peer next to ours)."""
+    peers = peer_ratios(rows)
+    if not peers:
+        return ""
+    lines = ["ratio = ours / peer, same case, same run (< 1: ours faster or leaner); memory = peak extra MiB.", "",
+             "| case | ours | peer | time ms (ours / peer) | time ratio | CPU-time ratio | extra MiB (ours / peer)"
+             " | memory ratio |", "|---|---|---|---|---|---|---|---|"]
+    for q in peers:
+        lines.append(f"| {q['case']} | {q['ours']} | {IMPL_LABEL.get(q['peer'], q['peer'])} | "
+                     f"{q['ours_ms']:.0f} / {q['peer_ms']:.0f} | {_fmt(q['time'], '.3f')} | {_fmt(q['cpu'], '.3f')}"
+                     f" | {_fmt(q['ours_mib'], '.0f')} / {_fmt(q['peer_mib'], '.0f')} | {_fmt(q['extra'], '.3f')} |")
+    return "\n".join(lines)
+
+
 def peer_ratios(rows: list[dict]) -> list[dict]:
     """linear_logprobs, ours (torch on CPU, triton on GPU) against each peer measured in the same case group:
     ratios ours / peer of wall time, process CPU time and peak extra memory (< 1: ours is faster / leaner)."""
@@ -154,16 +169,9 @@ def render_run(run: dict) -> str:
                          f" | {t['ref']}: {_fmt(t['ref_value'] and t['ref_value'] * scale, '.0f')} {unit}"
                          f" | {_fmt(t['ratio'], '.3f')} | {_fmt(t['cpu_ratio'], '.3f')} | ≤ {t['target']:.3g} |"
                          f" {'—' if t['met'] is None else ('yes' if t['met'] else '**no**')} |")
-    peers = peer_ratios(rows)
+    peers = render_peers(rows)
     if peers:
-        lines += ["", "## linear_logprobs against each peer", "", "ratio = ours / peer, same case, same run "
-                  "(< 1: ours faster or leaner); memory = peak extra MiB.", "",
-                  "| case | ours | peer | time ms (ours / peer) | time ratio | CPU-time ratio | extra MiB (ours / peer)"
-                  " | memory ratio |", "|---|---|---|---|---|---|---|---|"]
-        for q in peers:
-            lines.append(f"| {q['case']} | {q['ours']} | {IMPL_LABEL.get(q['peer'], q['peer'])} | "
-                         f"{q['ours_ms']:.0f} / {q['peer_ms']:.0f} | {_fmt(q['time'], '.3f')} | {_fmt(q['cpu'], '.3f')}"
-                         f" | {_fmt(q['ours_mib'], '.0f')} / {_fmt(q['peer_mib'], '.0f')} | {_fmt(q['extra'], '.3f')} |")
+        lines += ["", "## linear_logprobs against each peer", "", peers]
     if run.get("liger_flsce_path"):
         lines += ["", f"Liger scaled CE ran: {run['liger_flsce_path']}"]
     lines += ["", "## All cases", "",

@@ -194,3 +194,15 @@ def test_adapter_passes_softcap_and_scale_as_trl_applies_them(tiny, monkeypatch)
     torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(a.log_probs, base(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(
         -1, ids[:, 1:, None]).squeeze(-1) * (labels[:, 1:] != -100), atol=1e-3)   # the transform mattered
+
+
+def test_refuses_zero3_and_the_moe_aux_loss_with_a_clear_error(tiny, monkeypatch):
+    import red_kernels.integrations.trl as adapter
+    model = copy.deepcopy(tiny[0])
+    monkeypatch.setattr(adapter, "_zero3_enabled", lambda: True)
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        adapter.add_red_lm_head(model)
+    monkeypatch.setattr(adapter, "_zero3_enabled", lambda: False)
+    model.config.output_router_logits = True
+    with pytest.raises(NotImplementedError, match="output_router_logits"):
+        adapter.add_red_lm_head(model)
