@@ -62,6 +62,9 @@ def pytest_terminal_summary(terminalreporter, config):
     from bench import report
     terminalreporter.write_sep("=", "red-kernels benchmark summary")
     terminalreporter.write_line(report.render_rows(ROWS))
+    peers = report.render_peers(ROWS)
+    if peers:
+        terminalreporter.write_line("\nlinear_logprobs against each peer\n" + peers)
     if config.getoption("record"):
         device = next((r["device"] for r in ROWS if r["op"] != "trainer"), "cpu")
         name = record.device_name(device)

@@ -3,8 +3,8 @@
     python -m bench.gpu_bench [--out DIR] [--budget-s 170] [--ops logprobs,loss] [--device cuda]
     python -m bench.gpu_bench --dry-run [--variants only|none]   # CPU: what a device run times, with estimates
 
-Runs cases.gpu_cases (headline shape first), times each with CUDA events after warm-up (the Triton autotuning
-happens there), measures peak extra memory on one separate call, and writes the same results schema as the
+Runs cases.gpu_cases (headline shape first), times each with triton.testing.do_bench after warm-up (the Triton
+autotuning happens there), measures peak extra memory on one separate call, and writes the same results schema as the
 pytest run to DIR/<device>.json (rewritten after every case, so a killed run keeps what it measured), then
 DIR/<device>.md and .png. Cases that cannot run (no Liger, no red_loss) are skipped; failures (OOM, compile
 errors) become rows with an "error". Cases not started when the time budget is spent are listed as skipped.
@@ -28,7 +28,7 @@ def _priority(case: cases.Case):
     return (case.model != "qwen2.5-0.5b" or case.tokens != headline, -case.tokens, case.model)
 
 
-def time_case(case: cases.Case, warmup: int = 2, max_reps: int = 10, target_s: float = 1.0):
+def time_case(case: cases.Case, warmup: int = 2, max_reps: int = 10, target_s: float = 0.5):
     """(seconds per call list, extra bytes, peak bytes) for one case (see measure.py)."""
     run = impls.build(case, cases.make_inputs(case))
     for _ in range(warmup):
@@ -39,7 +39,7 @@ def time_case(case: cases.Case, warmup: int = 2, max_reps: int = 10, target_s: f
     once = time.perf_counter() - t0
     reps = max(3, min(max_reps, int(target_s / max(once, 1e-6))))
     if case.device == "cuda":
-        times = measure.time_cuda(run, warmup=0, reps=reps)
+        times = measure.time_cuda(run, rep_ms=target_s * 1e3)
     else:
         times = []
         for _ in range(reps):
@@ -107,6 +107,9 @@ def main(argv=None):
         return
     out = a.out / f"{record.device_name(a.device)}.json"
     env = record.environment(a.device, a.note or "bench/gpu_bench.py")
+    if any(c.impl == "liger_flsce" for c in case_list):
+        env["liger_flsce_path"] = impls.liger_flsce_path(a.device)   # CuTe (Hopper) or the PyTorch fallback
+        print("liger_flsce runs:", env["liger_flsce_path"], flush=True)
     if a.variants != "only":
         run_cases(case_list, out, env, a.budget_s)
     if a.variants != "none" and a.device == "cuda":

@@ -10,8 +10,11 @@
 # Usage, from anywhere:   bash bench/gpu_check.sh
 # Output goes to $OUT when set (the device runner's return folder), else bench/results/.
 # Optional offline wheels: put pure-Python wheels (pytest + pluggy + iniconfig, hypothesis + sortedcontainers,
-# liger-kernel) in $RED_WHEELS (default .cache/wheels) to install them first, e.g. made on a networked machine:
-#   pip download --no-deps -d .cache/wheels pytest pluggy iniconfig hypothesis sortedcontainers liger-kernel
+# liger-kernel, trl) in $RED_WHEELS (default .cache/wheels) to install them first, e.g. made on a networked machine:
+#   pip download --no-deps -d .cache/wheels pytest pluggy iniconfig hypothesis sortedcontainers liger-kernel \
+#       trl==1.16.0
+# liger-kernel and trl go in with --no-deps: the bench peers need only torch/triton (liger) and transformers (trl's
+# kernels module imports transformers.utils; without transformers in the image the trl rows are skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-bench/results}"
@@ -22,12 +25,13 @@ log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$DEST/gpu_check.log"; }
 log "start in $(pwd), writing to $DEST"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$DEST/gpu_check.log"
 # Install from the local wheels only what is missing (never touches packages already there).
-for spec in pytest:pytest hypothesis:hypothesis liger_kernel:liger-kernel; do
+for spec in pytest:pytest hypothesis:hypothesis liger_kernel:liger-kernel trl:trl; do
     mod=${spec%%:*}; dist=${spec##*:}
     if ! python -c "import $mod" 2>/dev/null && compgen -G "$WHEELS/*.whl" >/dev/null; then
         log "installing $dist from $WHEELS"
         flags=(--no-index --find-links "$WHEELS" -q)
-        [ "$dist" = liger-kernel ] && flags+=(--no-deps)   # its torch/triton requirement: the image's own
+        # their torch/triton/transformers requirements: the image's own (trl's datasets/pandas: not needed here)
+        case "$dist" in liger-kernel|trl) flags+=(--no-deps) ;; esac
         python -m pip install "${flags[@]}" "$dist" 2>&1 | tail -3 | tee -a "$DEST/gpu_check.log"
     fi
 done
@@ -36,7 +40,7 @@ import importlib.util, torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
       "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 print("importable:", {m: importlib.util.find_spec(m) is not None
-                      for m in ("pytest", "hypothesis", "pytest_benchmark", "liger_kernel", "transformers")})
+                      for m in ("pytest", "hypothesis", "pytest_benchmark", "liger_kernel", "trl", "transformers")})
 EOF
 
 tests_rc=0

@@ -1,8 +1,11 @@
 """The implementations under test, each built into a `run()` closure that does one timed step.
 
-naive: materialised logits + log_softmax + gather + entropy (what TRL/verl-style code does), then the same
+naive: materialised logits + log_softmax + gather + entropy (what verl-style code does), then the same
 per-token loss math as red_loss. torch / triton: red_kernels backends. liger: Liger-Kernel's fused linear CE
-(reduction='none', log-probs only) and LigerFusedLinearGRPOLoss (eager, compiled=False).
+(reduction='none', log-probs only) and LigerFusedLinearGRPOLoss (eager, compiled=False). trl: TRL 1.16's
+trl.kernels.ChunkedLogProbFunction (log-probs + differentiable entropy; Triton fold on GPU, torch ops on CPU).
+liger_flsce: LigerFusedLinearScaledCrossEntropyFunction with return_entropy=True (CuTe on Hopper, else a PyTorch
+fallback; liger_flsce_path says which).
 
 run() returns the tensors the step produces (outputs and gradients), so that measure.py can subtract them from
 the peak memory.
@@ -36,11 +39,27 @@ def available(case: Case) -> tuple[bool, str]:
             return False, "liger-kernel is not installed"
         if case.op == "logprobs" and case.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return False, "Liger's fused linear CE needs TRITON_INTERPRET=1 on CPU"
+    if case.impl == "trl":
+        for mod in ("trl", "transformers"):   # trl.kernels imports transformers.utils
+            if importlib.util.find_spec(mod) is None:
+                return False, f"{mod} is not installed (pip install 'red-kernels[trl]')"
+    if case.impl == "liger_flsce" and importlib.util.find_spec("liger_kernel") is None:
+        return False, "liger-kernel is not installed"
     if case.op == "loss" and case.impl in ("torch", "triton"):
         import red_kernels
         if not hasattr(red_kernels, "red_loss"):
             return False, "red_kernels.red_loss is not available yet"
     return True, ""
+
+
+def liger_flsce_path(device: str) -> str:
+    """Which implementation LigerFusedLinearScaledCrossEntropyFunction dispatches to on `device`."""
+    try:
+        from liger_kernel.ops import fused_linear_scaled_cross_entropy as flsce
+        fn = flsce._resolve_implementation(torch.device(device))
+    except Exception as e:  # noqa: BLE001 — e.g. the CuTe DSL missing on a Hopper image
+        return f"unavailable ({type(e).__name__}: {str(e)[:80]})"
+    return "fallback (PyTorch)" if fn is flsce._FusedLinearPPOFallbackFunction else f"CuTe ({fn.__name__})"
 
 
 # ---------------------------------------------------------------- naive references (materialised logits)
@@ -130,6 +149,20 @@ def _build_logprobs(case, inp):
 
         def forward():
             return -ce(w, x, y), None   # per-token NLL -> log p; no entropy
+    elif case.impl == "trl":
+        from trl.kernels import ChunkedLogProbFunction
+        fields = ("log_probs", "entropy") if with_ent else ("log_probs",)
+
+        def forward():   # (hidden, weight, bias, targets, temperature, vocab chunk, softcap, logit scale, outputs)
+            logp, ent, *_ = ChunkedLogProbFunction.apply(x, w, None, y, 1.0, 32768, None, 1.0, fields)
+            return logp, ent
+    elif case.impl == "liger_flsce":
+        from liger_kernel.ops import LigerFusedLinearScaledCrossEntropyFunction as flsce
+
+        def forward():
+            out = flsce.apply(x, w, y, 1.0, -100, 1, with_ent)
+            nll, ent = out if with_ent else (out, None)
+            return -nll, ent
     else:
         raise ValueError(case.impl)
 

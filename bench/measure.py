@@ -3,7 +3,7 @@
 CPU: the process's peak resident set (VmHWM) is reset through /proc/self/clear_refs and glibc's free pages are
 returned with malloc_trim before each measured call, so one process can measure case after case; `python -m
 bench.measure ...` measures one case in a fresh process from ru_maxrss instead (a cross-check).
-CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats.
+CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats; time with triton.testing.do_bench.
 
 peak = peak during the call − memory before it (inputs included); extra = peak − bytes of what the call returns
 (outputs and gradients). extra is a lower bound: it undercounts when the peak comes before an output exists.
@@ -117,19 +117,11 @@ class MeasuredRun:
         del out
 
 
-def time_cuda(run, warmup: int = 2, reps: int = 10) -> list[float]:
-    """Seconds per call of run() measured with CUDA events (after `warmup` calls)."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
+def time_cuda(run, warmup_ms: float = 25, rep_ms: float = 1000) -> list[float]:
+    """Seconds per call of run(), every repetition, from triton.testing.do_bench (CUDA events, L2 flushed before
+    each call; it picks the number of calls to fill about warmup_ms of warm-up and rep_ms of timing)."""
+    from triton.testing import do_bench
+    return [t / 1e3 for t in do_bench(run, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
 
 
 def _main(argv=None):

@@ -97,7 +97,7 @@ def environment(device: str, note: str = "") -> dict:
         pass
     dev = torch.cuda.get_device_name() if device == "cuda" else cpu_model()
     versions = {name: _version(dist) for name, dist in (
-        ("torch", "torch"), ("triton", "triton"), ("liger_kernel", "liger_kernel"),
+        ("torch", "torch"), ("triton", "triton"), ("liger_kernel", "liger_kernel"), ("trl", "trl"),
         ("transformers", "transformers"), ("pytest_benchmark", "pytest-benchmark"), ("numpy", "numpy"))}
     versions["torch"] = torch.__version__
     versions["cuda"] = torch.version.cuda

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from .cases import PEAK_TFLOPS
 
-IMPL_ORDER = {"naive": 0, "torch": 1, "triton": 2, "liger": 3}
+IMPL_ORDER = {"naive": 0, "torch": 1, "triton": 2, "liger": 3, "trl": 4, "liger_flsce": 5}
 IMPL_LABEL = {"naive": "naive PyTorch", "torch": "red_kernels torch (chunked)", "triton": "red_kernels triton",
-              "liger": "Liger-Kernel"}
+              "liger": "Liger-Kernel", "trl": "TRL ChunkedLogProbFunction", "liger_flsce": "Liger scaled CE"}
+PEER_IMPLS = ("naive", "trl", "liger_flsce")   # what linear_logprobs is compared against, case by case
 MODE_LABEL = {"fwd": "forward", "fwdbwd": "fwd+bwd (log p + entropy)", "fwdbwd_noent": "fwd+bwd (log p only)",
               "red": "RED loss fwd+bwd", "grpo": "GRPO loss fwd+bwd"}
 # Headline comparisons: (label, op, mode, ours/theirs impls, metric, target ratio or None)
@@ -79,14 +80,46 @@ def render_rows(rows: list[dict]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     trainer = [r for r in rows if r["op"] == "trainer"]
     if trainer:
-        lines += ["", "| trainer (median s per RED step) | rollout | reward | old-policy pass | update | step | "
-                  "tokens/step | tokens/s |", "|" + "---|" * 8]
+        lines += ["", "| trainer (median s per step) | mode | rollout | reward | old-policy pass | update | step | "
+                  "tokens/step | tokens/s | peak RSS MiB |", "|" + "---|" * 10]
         for r in trainer:
             p = r["phases"]
-            lines.append(f"| `{r['command']}` | " + " | ".join(
+            lines.append(f"| `{r['command']}` | {r.get('mode', 'red')} | " + " | ".join(
                 f"{p[k]:.3f}" for k in ("time_rollout", "time_reward", "time_old_pass", "time_update", "time_step"))
-                + f" | {p['tokens_per_step']:.0f} | {p['tokens_per_s']:.0f} |")
+                + f" | {_fmt(p.get('tokens_per_step'), '.0f')} | {_fmt(p.get('tokens_per_s'), '.0f')}"
+                f" | {_fmt(p.get('peak_rss_mib'), '.0f')} |")
     return "\n".join(lines)
+
+
+def render_peers(rows: list[dict]) -> str:
+    """Markdown table of peer_ratios (empty string when no case has a peer next to ours)."""
+    peers = peer_ratios(rows)
+    if not peers:
+        return ""
+    lines = ["ratio = ours / peer, same case, same run (< 1: ours faster or leaner); memory = peak extra MiB.", "",
+             "| case | ours | peer | time ms (ours / peer) | time ratio | CPU-time ratio | extra MiB (ours / peer)"
+             " | memory ratio |", "|---|---|---|---|---|---|---|---|"]
+    for q in peers:
+        lines.append(f"| {q['case']} | {q['ours']} | {IMPL_LABEL.get(q['peer'], q['peer'])} | "
+                     f"{q['ours_ms']:.0f} / {q['peer_ms']:.0f} | {_fmt(q['time'], '.3f')} | {_fmt(q['cpu'], '.3f')}"
+                     f" | {_fmt(q['ours_mib'], '.0f')} / {_fmt(q['peer_mib'], '.0f')} | {_fmt(q['extra'], '.3f')} |")
+    return "\n".join(lines)
+
+
+def peer_ratios(rows: list[dict]) -> list[dict]:
+    """linear_logprobs, ours (torch on CPU, triton on GPU) against each peer measured in the same case group:
+    ratios ours / peer of wall time, process CPU time and peak extra memory (< 1: ours is faster / leaner)."""
+    out = []
+    for r in rows:
+        if r["op"] != "logprobs" or r["impl"] != ("triton" if r["device"] == "cuda" else "torch") or not _time(r):
+            continue
+        for peer in (x for x in rows if _key(x) == _key(r) and x["impl"] in PEER_IMPLS and _time(x)):
+            out.append({"case": f"{MODE_LABEL.get(r['mode'], r['mode'])}, {r['model']} N={r['tokens']}",
+                        "ours": r["impl"], "peer": peer["impl"], "time": _ratio(_time(r), _time(peer)),
+                        "cpu": _ratio(_cpu(r), _cpu(peer)), "extra": _ratio(r.get("extra_mib"), peer.get("extra_mib")),
+                        "ours_ms": _time(r) * 1e3, "peer_ms": _time(peer) * 1e3,
+                        "ours_mib": r.get("extra_mib"), "peer_mib": peer.get("extra_mib")})
+    return out
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -119,7 +152,7 @@ def render_run(run: dict) -> str:
     lines = [f"# red-kernels benchmarks — {run.get('device')}", "",
              f"Recorded {run.get('timestamp')} · commit {str(git.get('commit'))[:10]}"
              f"{' (dirty tree)' if git.get('dirty') else ''} · torch {v.get('torch')} · triton {v.get('triton')}"
-             f" · liger-kernel {v.get('liger_kernel')} · transformers {v.get('transformers')}",
+             f" · liger-kernel {v.get('liger_kernel')} · trl {v.get('trl')} · transformers {v.get('transformers')}",
              f"Machine: {run.get('machine', {}).get('cpu')}, {run.get('machine', {}).get('cpu_count')} cores,"
              f" load average at the end {run.get('machine', {}).get('load_avg')}"]
     if run.get("note"):
@@ -136,6 +169,11 @@ def render_run(run: dict) -> str:
                          f" | {t['ref']}: {_fmt(t['ref_value'] and t['ref_value'] * scale, '.0f')} {unit}"
                          f" | {_fmt(t['ratio'], '.3f')} | {_fmt(t['cpu_ratio'], '.3f')} | ≤ {t['target']:.3g} |"
                          f" {'—' if t['met'] is None else ('yes' if t['met'] else '**no**')} |")
+    peers = render_peers(rows)
+    if peers:
+        lines += ["", "## linear_logprobs against each peer", "", peers]
+    if run.get("liger_flsce_path"):
+        lines += ["", f"Liger scaled CE ran: {run['liger_flsce_path']}"]
     lines += ["", "## All cases", "",
               "time: median wall time of one call (fwd+bwd includes the backward); CPU-time: median process CPU "
               "time (all threads) of one call, CPU runs only. GEMMs: [N,H]×[H,V] sweeps the "

@@ -1,4 +1,10 @@
-"""Time per RED step of the trainer's embedded default (red/configs/default.yaml) on this machine, by phase.
+"""Time per step of the trainer on this machine, by phase: the RED embedded default, and a GRPO step against TRL.
+
+test_trainer_red_step: the embedded default (red/configs/default.yaml) in RED mode.
+test_trainer_grpo_step_vs_trl: stock trl.GRPOTrainer, REDKernelsGRPOTrainer and `python -m red.train
+algorithm.mode=grpo` on the same tiny model, prompts per step, group size and completion length (GRPO_SHAPE), each
+in a fresh process (bench/trl_step.py for TRL), with that process's peak RSS (os.wait4). TRL's phases come from
+wrapping its own methods (see trl_step.py); TRL skips the old-policy pass when it is on-policy, red.train does not.
 
 Runs `python -m red.train` in a fresh process (the config sets its own thread count) for a few RED steps with the
 warm-up SFT stage and the before-training evaluation off, then reads the per-phase times the trainer logs in
@@ -7,10 +13,14 @@ from the medians (allocation and first-call costs). Without the warm-up the poli
 online samples run to rollout.max_new_tokens: an upper bound on rollout length.
 """
 import json
+import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 STEPS = 5
 PHASES = ("time_rollout", "time_reward", "time_old_pass", "time_update", "time_step")
@@ -18,11 +28,18 @@ OVERRIDES = [f"train.steps={STEPS}", "warmup.enabled=false", "eval.before=false"
              "log.progress=false", "data.synthetic_eval_size=16", "checkpoint.resume=never"]
 
 
-def phase_summary(metrics: list[dict]) -> dict:
-    """Median seconds per phase and tokens/s over the RED steps after the first."""
-    steps = [m for m in metrics if m.get("mode") == "red" and not m.get("skipped_update")]
+GRPO_SHAPE = {"prompts": 4, "group": 8, "max_new": 32, "steps": 6}
+GRPO_OVERRIDES = ["algorithm.mode=grpo", f"train.steps={GRPO_SHAPE['steps']}",
+                  f"train.prompts_per_step={GRPO_SHAPE['prompts']}", f"rollout.n={GRPO_SHAPE['group']}",
+                  f"rollout.max_new_tokens={GRPO_SHAPE['max_new']}", "algorithm.dynamic_sampling=false",
+                  *OVERRIDES[1:]]
+
+
+def phase_summary(metrics: list[dict], mode: str = "red") -> dict:
+    """Median seconds per phase and tokens/s over the `mode` update steps after the first."""
+    steps = [m for m in metrics if m.get("mode", mode) == mode and "time_step" in m and not m.get("skipped_update")]
     if len(steps) < 2:
-        raise AssertionError(f"expected at least 2 RED update steps in metrics.jsonl, got {len(steps)}")
+        raise AssertionError(f"expected at least 2 {mode} update steps in metrics.jsonl, got {len(steps)}")
     later = steps[1:]
     out = {p: statistics.median(m[p] for m in later) for p in PHASES}
     out["tokens_per_step"] = statistics.median(m["tokens"] for m in later)
@@ -49,3 +66,46 @@ def test_trainer_red_step(benchmark, bench_rows, tmp_path):
     bench_rows.append({"id": "trainer-red-default", "op": "trainer", "mode": "red", "device": "cpu",
                        "impl": "red.train", "command": "python -m red.train " + " ".join(OVERRIDES),
                        "process_s": benchmark.stats.stats.median, "phases": phases, "error": None})
+
+
+def run_measured(cmd, cwd, logs: Path) -> tuple[str, float, float]:
+    """(stdout, wall seconds, peak RSS MiB) of one fresh process (its own rusage from os.wait4)."""
+    t = time.perf_counter()
+    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, (logs / "stderr").read_text()[-3000:]
+    return (logs / "stdout").read_text(), time.perf_counter() - t, usage.ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("impl", ["trl", "trl+red_kernels", "red.train"])
+def test_trainer_grpo_step_vs_trl(benchmark, bench_rows, tmp_path, impl):
+    repo = Path(__file__).resolve().parent.parent
+    if impl == "red.train":
+        cmd = [sys.executable, "-m", "red.train", f"output_dir={tmp_path / 'run'}", *GRPO_OVERRIDES]
+    else:
+        cmd = [sys.executable, "-m", "bench.trl_step", "--trainer", "stock" if impl == "trl" else "red_kernels",
+               "--out", str(tmp_path / "trl"), "--steps", str(GRPO_SHAPE["steps"]), "--prompts",
+               str(GRPO_SHAPE["prompts"]), "--group", str(GRPO_SHAPE["group"]), "--max-new", str(GRPO_SHAPE["max_new"])]
+    result = {}
+
+    def run():
+        result["out"], result["wall"], result["rss"] = run_measured(cmd, repo, tmp_path)
+
+    benchmark.group = "trainer: GRPO step against TRL ({prompts} prompts x {group}, <= {max_new} new tokens)".format(
+        **GRPO_SHAPE)
+    benchmark.name = impl
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    if impl == "red.train":
+        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        phases = phase_summary([json.loads(ln) for ln in lines if ln.strip()], mode="grpo")
+    else:
+        steps = json.loads(result["out"].strip().splitlines()[-1])["steps"][1:]   # first step excluded
+        phases = {p: statistics.median(s[p] for s in steps) for p in PHASES}
+        phases["first_step_s"], phases["steps"] = None, len(steps)
+    phases["peak_rss_mib"] = result["rss"]
+    benchmark.extra_info.update(phases)
+    bench_rows.append({"id": f"trainer-grpo-{impl}", "op": "trainer", "mode": "grpo", "device": "cpu",
+                       "impl": impl, "command": " ".join(cmd[1:]).replace(str(tmp_path), "$TMP"),
+                       "process_s": result["wall"], "phases": phases, "error": None})

@@ -30,7 +30,11 @@ def test_case_lists_cover_every_mode_and_baseline():
     assert {("loss", "red", "naive"), ("loss", "red", "torch"), ("loss", "grpo", "liger")} <= head
     gpu = cases.gpu_cases("logprobs") + cases.gpu_cases("loss")
     assert all(c.dtype == torch.bfloat16 for c in gpu) and max(c.tokens for c in gpu) == 16_384
-    assert {c.impl for c in gpu} == {"naive", "torch", "triton", "liger"}
+    assert {c.impl for c in gpu} == {"naive", "torch", "triton", "liger", "trl", "liger_flsce"}
+    # the side-by-side with the peers: every implementation at both Qwen shapes, one N, with entropy
+    peer = {(c.model, c.impl) for c in cpu if (c.mode, c.tokens) == ("fwdbwd", cases.PEER_TOKENS)}
+    assert peer == {(m, i) for m in ("qwen2.5-0.5b", "qwen2.5-1.5b") for i in ("naive", "torch") + cases.PEERS}
+    assert not any(c.impl in cases.PEERS for c in gpu if c.op == "loss")
 
 
 @pytest.fixture
@@ -56,7 +60,7 @@ def _grads64(case, inp):
 
 
 # Liger's CE has no entropy and Liger has no RED loss: those pairs are not benchmarked.
-LOGPROB_PAIRS = [(m, i) for m in cases.MODES["logprobs"] for i in ("naive", "torch", "liger")
+LOGPROB_PAIRS = [(m, i) for m in cases.MODES["logprobs"] for i in ("naive", "torch", "liger") + cases.PEERS
                  if (m, i) != ("fwdbwd", "liger")]
 LOSS_PAIRS = [(m, i) for m in cases.MODES["loss"] for i in ("naive", "torch", "liger") if (m, i) != ("red", "liger")]
 
@@ -88,3 +92,8 @@ def test_loss_impls_match_float64(tiny, mode, impl):
     assert float(got[0].detach()) == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
     for g, ref in zip(got[-2:], (x.grad, w.grad)):
         assert (g.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_liger_flsce_reports_its_path_on_cpu():
+    # Liger dispatches to CuTe on Hopper only; on CPU its scaled CE is the PyTorch fallback (what the CPU rows ran)
+    assert impls.liger_flsce_path("cpu") == "fallback (PyTorch)"

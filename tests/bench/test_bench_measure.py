@@ -116,4 +116,22 @@ def test_trainer_phase_summary_and_table():
     p = phase_summary(metrics)
     assert (p["time_rollout"], p["time_update"], p["steps"], p["first_step_s"]) == (2.0, 3.0, 3, 18.21)
     md = report.render_rows([{"op": "trainer", "command": "python -m red.train", "phases": p}])
-    assert "| `python -m red.train` | 2.000 | 0.010 | 0.200 | 3.000 | 5.210 | 1000 | 500 |" in md
+    assert "| `python -m red.train` | red | 2.000 | 0.010 | 0.200 | 3.000 | 5.210 | 1000 | 500 | — |" in md
+    assert phase_summary(metrics + [step(6, 1.0, 1.0, "grpo"), step(7, 5.0, 5.0, "grpo")], mode="grpo")[
+        "time_rollout"] == 5.0   # only the grpo steps, the first of them excluded
+
+
+def test_peer_ratios_compare_ours_with_each_peer_of_the_same_case():
+    def row(impl, ms, cpu_ms, mib, tokens=512):
+        case = cases.Case("logprobs", "fwdbwd", "qwen2.5-0.5b", tokens, impl)
+        return record.make_row(case, [ms / 1e3], int(mib * MIB), cpu_times=[cpu_ms / 1e3])
+    rows = [row("torch", 100, 90, 10), row("naive", 200, 180, 100), row("trl", 400, 450, 50),
+            row("liger_flsce", 50, 30, 5), row("trl", 1, 1, 1, tokens=1024)]   # another case: not compared
+    got = {q["peer"]: (q["time"], q["cpu"], q["extra"]) for q in report.peer_ratios(rows)}
+    want = {"naive": (0.5, 0.5, 0.1), "trl": (0.25, 0.2, 0.2), "liger_flsce": (2.0, 3.0, 2.0)}
+    assert got.keys() == want.keys()
+    for peer, ratios in want.items():
+        assert got[peer] == pytest.approx(ratios, rel=1e-9)
+    md = report.render_run({"results": rows})
+    assert "| fwd+bwd (log p + entropy), qwen2.5-0.5b N=512 | torch | TRL ChunkedLogProbFunction | 100 / 400 | " \
+           "0.250 | 0.200 | 10 / 50 | 0.200 |" in md

@@ -1,0 +1,1 @@
+"""Adapters that put red_kernels into other training libraries (TRL)."""
