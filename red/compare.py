@@ -137,7 +137,8 @@ def budget_of(config: str | None, overrides: list[str], sft_steps: dict) -> dict
             "overrides": overrides, "sft_steps": sft_steps}
 
 
-def compare(config, modes, seeds, baseline, jobs, overrides, out_root, runner=subprocess_runner) -> dict:
+def compare(config, modes, seeds, baseline, jobs, overrides, out_root, runner=subprocess_runner,
+            command: str = "") -> dict:
     """Run what is missing, then aggregate. `runner(argv, out) -> exit code` (injectable for tests)."""
     todo = [(m, s) for m in modes for s in range(seeds)]
     dirs = {(m, s): os.path.join(out_root, m, f"seed_{s}") for m, s in todo}
@@ -176,7 +177,7 @@ def compare(config, modes, seeds, baseline, jobs, overrides, out_root, runner=su
     with open(os.path.join(out_root, "compare.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     from .compare_report import write_markdown, write_plot
-    write_markdown(result, os.path.join(out_root, "compare.md"), " ".join(sys.argv))
+    write_markdown(result, os.path.join(out_root, "compare.md"), command)
     write_plot({m: [read_metrics(dirs[(m, s)]) for s in range(seeds)] for m in modes},
                os.path.join(out_root, "compare.png"))
     return result
@@ -201,7 +202,8 @@ def main(argv=None) -> int:
         ap.error("--seeds and --jobs must be >= 1")
     config_path(a.config)            # fail now, not after the runs, on a bad --config
     out_root, overrides = parse_overrides(a.overrides)
-    res = compare(a.config, modes, a.seeds, a.baseline, a.jobs, overrides, out_root)
+    res = compare(a.config, modes, a.seeds, a.baseline, a.jobs, overrides, out_root,
+                  command="python -m red.compare " + " ".join(sys.argv[1:] if argv is None else argv))
     print(open(os.path.join(out_root, "compare.md")).read())
     return 1 if res["failed"] else 0
 

@@ -15,6 +15,8 @@ extremum after each number and ends in \\boxed{answer}.
   48` a student that copies the verbosity and adds a third check (47-50 tokens) mostly runs out of budget
   (truncated: no answer, reward 0): verbosity costs.
 * `chains_concise`: the `chains` problems with concise traces (ablation: the same skills without verbosity).
+* `wordproblems`: one- and two-step grade-school word problems (+, -, *, /) with worked solutions ending in
+  \\boxed{}, for real-model runs (red/configs/smollm2-135m.yaml); not part of the tiny tokenizer's corpus.
 
 Problems are split into disjoint train / held-out sets by a hash of their numbers (1 in 8 held out), so the
 warm-up and RED training never see a held-out problem. Held-out rows carry `source` synthetic/largest or
@@ -71,10 +73,12 @@ def make_example(kind: str, numbers: list[int], style: str = "concise", rng: ran
 
 def generate(task: str, n: int, seed: int, split: str = "train") -> list[dict]:
     """n examples of `task` (a key of TASKS) from the train or heldout part, deterministic."""
-    if task not in TASKS:
-        raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join(TASKS)})")
+    if task not in TASKS and task != "wordproblems":
+        raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join(TASKS)}, wordproblems)")
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if task == "wordproblems":
+        return generate_word_problems(n, seed, split)
     kinds, lengths, style = TASKS[task]
     rng = random.Random(f"{task}/{split}/{seed}")
     out = []
@@ -84,6 +88,50 @@ def generate(task: str, n: int, seed: int, split: str = "train") -> list[dict]:
         if is_heldout(numbers) != (split == "heldout"):
             continue
         out.append(make_example(kind, numbers, style, rng))
+    return out
+
+
+# ---------------------------------------------------------------- grade-school word problems (real-model runs)
+NAMES = ("Tom", "Ana", "Lee", "Mia", "Sam", "Ravi", "Zoe", "Omar", "Lena", "Kofi")
+ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "cards", "shells")
+
+
+def word_problem(rng: random.Random) -> dict:
+    """A one- or two-step grade-school word problem with a worked solution ending in \\boxed{}."""
+    who, what = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.randrange(5)
+    a, b, c = rng.randint(3, 40), rng.randint(2, 25), rng.randint(2, 9)
+    if kind == 0:
+        q = f"{who} has {a} {what}. {who} buys {b} more. How many {what} does {who} have now?"
+        steps, ans = [f"{who} has {a} {what} and buys {b} more, so {who} has {a} + {b} = {a + b} {what}."], a + b
+    elif kind == 1:
+        a = a + b
+        q = f"{who} had {a} {what} and gave {b} of them to a friend. How many {what} does {who} have left?"
+        steps, ans = [f"{who} gave away {b} of {a} {what}, so {a} - {b} = {a - b} {what} are left."], a - b
+    elif kind == 2:
+        q = f"{who} has {c} bags with {b} {what} in each bag. How many {what} does {who} have in total?"
+        steps, ans = [f"There are {c} bags of {b} {what}, so {c} * {b} = {c * b} {what}."], c * b
+    elif kind == 3:
+        q = f"{who} shares {c * b} {what} equally among {c} friends. How many {what} does each friend get?"
+        steps, ans = [f"{c * b} {what} shared among {c} friends is {c * b} / {c} = {b} {what} each."], b
+    else:
+        q = (f"{who} has {a} {what}, buys {c} packs of {b} {what}, and then gives {c} {what} away. "
+             f"How many {what} does {who} have now?")
+        steps = [f"The packs hold {c} * {b} = {c * b} {what}.",
+                 f"{who} then has {a} + {c * b} = {a + c * b} {what}.",
+                 f"After giving {c} away, {a + c * b} - {c} = {a + c * b - c} {what} are left."]
+        ans = a + c * b - c
+    trace = "\n".join(steps) + f"\nThe answer is \\boxed{{{ans}}}."
+    return {"problem": q, "answer": str(ans), "traces": [trace], "source": "synthetic/wordproblems"}
+
+
+def generate_word_problems(n: int, seed: int, split: str) -> list[dict]:
+    rng = random.Random(f"wordproblems/{split}/{seed}")
+    out = []
+    while len(out) < n:
+        ex = word_problem(rng)
+        if is_heldout(ex["problem"].encode()) == (split == "heldout"):
+            out.append(ex)
     return out
 
 
