@@ -1,18 +1,26 @@
 """The embedded task family, tokenizer and model: `python -m red.train` runs with no download.
 
-Task family "running extremum" (deterministic generator). A problem lists L one-digit numbers and asks for the
-largest or the smallest; the step-by-step teacher trace writes the running extremum after each number and ends
-in \\boxed{answer}:
+Task family "running extremum" (deterministic generator; design rationale in experiments/embedded/DESIGN.md).
+A problem lists one-digit numbers and asks for the largest or the smallest. A solution writes the running
+extremum after each number and ends in \\boxed{answer}.
 
-    problem: Find the smallest: 4 0 5 1 2 9
-    trace:   Running smallest: 4 0 0 0 0 0. The answer is \\boxed{0}.
+* `chains_warmup` (the warm-up = the student's pre-training): "largest" problems only, with CONCISE solutions
+  (the student's own style):
+      Find the largest: 4 0 5 1 2 9  ->  Running largest: 4 4 5 5 5 9. So \\boxed{9}.
+* `chains` (RED training and held-out): half "largest" (RECALL: the base model already solves some of them, its
+  own exploration can sharpen that) and half "smallest" (EXTENSION: the base model never saw a running minimum
+  and answers with the maximum, so online samples almost never earn a reward; only the teacher shows how). The
+  teacher traces are correct but VERBOSE like distilled R1 traces: 1 or 2 redundant re-checks ("Wait, let me
+  check: 0.") before the answer, 31-41 tokens against 23 for a concise solution. With `rollout.max_new_tokens:
+  48` a student that copies the verbosity and adds a third check (47-50 tokens) mostly runs out of budget
+  (truncated: no answer, reward 0): verbosity costs.
+* `chains_concise`: the `chains` problems with concise traces (ablation: the same skills without verbosity).
+* `wordproblems`: one- and two-step grade-school word problems (+, -, *, /) with worked solutions ending in
+  \\boxed{}, for real-model runs (red/configs/smollm2-135m.yaml); not part of the tiny tokenizer's corpus.
 
-* `chains_warmup` (the warm-up distribution, easier and different): only "largest" problems.
-* `chains` (the RED training and held-out distribution): "largest" and "smallest" problems, half each.
-
-The warm-up teaches the format and the "largest" half; RED's teacher traces must extend the policy to
-"smallest". Problems are split into disjoint train / held-out sets by a hash of their numbers, so the warm-up
-and RED training never see a held-out problem.
+Problems are split into disjoint train / held-out sets by a hash of their numbers (1 in 8 held out), so the
+warm-up and RED training never see a held-out problem. Held-out rows carry `source` synthetic/largest or
+synthetic/smallest, so evaluation reports recall and extension separately.
 
 The tokenizer is a byte-level BPE trained in-process (digits split individually, as Qwen2 does) wrapped in a
 `PreTrainedTokenizerFast` with a ChatML template; the model is a small random Qwen2.
@@ -22,12 +30,14 @@ from __future__ import annotations
 import hashlib
 import random
 
-# task -> list of (kind, largest digit used); kinds are drawn uniformly
+# task -> (kinds, list lengths (both drawn uniformly), teacher style)
 TASKS = {
-    "chains_warmup": [("largest", 9), ("largest minus one", 4)],
-    "chains": [("largest minus one", 9)],
+    "chains_warmup": (("largest",), (3, 4, 5, 6), "concise"),
+    "chains": (("largest", "smallest"), (5, 6, 7, 8), "verbose"),
+    "chains_concise": (("largest", "smallest"), (5, 6, 7, 8), "concise"),
 }
-LENGTH = 6
+CHECKS = (1, 2)                      # redundant re-checks in a verbose trace, drawn uniformly
+CHECK_PHRASES = ("Wait, let me check: {a}.", "Hmm, check again: {a}.", "Wait, is it {a}? Yes.")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -42,37 +52,86 @@ def is_heldout(numbers) -> bool:
     return h[0] % 8 == 0
 
 
-def make_example(kind: str, numbers: list[int]) -> dict:
-    """kind 'largest' or 'largest minus one' over one-digit numbers -> problem, answer, step-by-step trace."""
+def make_example(kind: str, numbers: list[int], style: str = "concise", rng: random.Random | None = None) -> dict:
+    """kind 'largest' | 'smallest' over one-digit numbers -> problem, answer, step-by-step trace.
+
+    style 'verbose' adds 1-2 redundant re-checks (drawn from `rng`) before the answer sentence."""
+    pick = max if kind == "largest" else min
     run, cur = [], numbers[0]
     for x in numbers:
-        cur = max(cur, x)
+        cur = pick(cur, x)
         run.append(cur)
     problem = f"Find the {kind}:" + "".join(f" {x}" for x in numbers)
-    trace = "Running largest:" + "".join(f" {x}" for x in run) + "."
-    if kind == "largest minus one":
-        trace += f" Minus one: {cur} - 1 = \\boxed{{{cur - 1}}}."
-        cur -= 1
-    else:
-        trace += f" The answer is \\boxed{{{cur}}}."
+    trace = f"Running {kind}:" + "".join(f" {x}" for x in run) + "."
+    if style == "verbose":
+        rng = rng or random.Random(repr(numbers))
+        for _ in range(rng.choice(CHECKS)):
+            trace += " " + rng.choice(CHECK_PHRASES).format(a=cur, kind=kind)
+    trace += f" So \\boxed{{{cur}}}."
     return {"problem": problem, "answer": str(cur), "traces": [trace], "source": f"synthetic/{kind}"}
 
 
 def generate(task: str, n: int, seed: int, split: str = "train") -> list[dict]:
-    """n examples of `task` ('chains' or 'chains_warmup') from the train or heldout part, deterministic."""
-    if task not in TASKS:
-        raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join(TASKS)})")
+    """n examples of `task` (a key of TASKS) from the train or heldout part, deterministic."""
+    if task not in TASKS and task != "wordproblems":
+        raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join(TASKS)}, wordproblems)")
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    kinds = TASKS[task]
+    if task == "wordproblems":
+        return generate_word_problems(n, seed, split)
+    kinds, lengths, style = TASKS[task]
     rng = random.Random(f"{task}/{split}/{seed}")
     out = []
     while len(out) < n:
-        kind, top = kinds[rng.randrange(len(kinds))]
-        numbers = [rng.randrange(top + 1) for _ in range(LENGTH)]
+        kind = kinds[rng.randrange(len(kinds))]
+        numbers = [rng.randrange(10) for _ in range(lengths[rng.randrange(len(lengths))])]
         if is_heldout(numbers) != (split == "heldout"):
             continue
-        out.append(make_example(kind, numbers))
+        out.append(make_example(kind, numbers, style, rng))
+    return out
+
+
+# ---------------------------------------------------------------- grade-school word problems (real-model runs)
+NAMES = ("Tom", "Ana", "Lee", "Mia", "Sam", "Ravi", "Zoe", "Omar", "Lena", "Kofi")
+ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "cards", "shells")
+
+
+def word_problem(rng: random.Random) -> dict:
+    """A one- or two-step grade-school word problem with a worked solution ending in \\boxed{}."""
+    who, what = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.randrange(5)
+    a, b, c = rng.randint(3, 40), rng.randint(2, 25), rng.randint(2, 9)
+    if kind == 0:
+        q = f"{who} has {a} {what}. {who} buys {b} more. How many {what} does {who} have now?"
+        steps, ans = [f"{who} has {a} {what} and buys {b} more, so {who} has {a} + {b} = {a + b} {what}."], a + b
+    elif kind == 1:
+        a = a + b
+        q = f"{who} had {a} {what} and gave {b} of them to a friend. How many {what} does {who} have left?"
+        steps, ans = [f"{who} gave away {b} of {a} {what}, so {a} - {b} = {a - b} {what} are left."], a - b
+    elif kind == 2:
+        q = f"{who} has {c} bags with {b} {what} in each bag. How many {what} does {who} have in total?"
+        steps, ans = [f"There are {c} bags of {b} {what}, so {c} * {b} = {c * b} {what}."], c * b
+    elif kind == 3:
+        q = f"{who} shares {c * b} {what} equally among {c} friends. How many {what} does each friend get?"
+        steps, ans = [f"{c * b} {what} shared among {c} friends is {c * b} / {c} = {b} {what} each."], b
+    else:
+        q = (f"{who} has {a} {what}, buys {c} packs of {b} {what}, and then gives {c} {what} away. "
+             f"How many {what} does {who} have now?")
+        steps = [f"The packs hold {c} * {b} = {c * b} {what}.",
+                 f"{who} then has {a} + {c * b} = {a + c * b} {what}.",
+                 f"After giving {c} away, {a + c * b} - {c} = {a + c * b - c} {what} are left."]
+        ans = a + c * b - c
+    trace = "\n".join(steps) + f"\nThe answer is \\boxed{{{ans}}}."
+    return {"problem": q, "answer": str(ans), "traces": [trace], "source": "synthetic/wordproblems"}
+
+
+def generate_word_problems(n: int, seed: int, split: str) -> list[dict]:
+    rng = random.Random(f"wordproblems/{split}/{seed}")
+    out = []
+    while len(out) < n:
+        ex = word_problem(rng)
+        if is_heldout(ex["problem"].encode()) == (split == "heldout"):
+            out.append(ex)
     return out
 
 

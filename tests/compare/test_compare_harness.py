@@ -1,0 +1,87 @@
+"""red.compare with an injected runner (no training): same overrides for every mode, resume skips finished runs,
+compare.json has the issue-10 schema and its numbers come from the runs' summary.json files."""
+import json
+import os
+
+import pytest
+
+from red.compare import compare, main, parse_overrides
+
+ACC = {("grpo", 0): 0.5, ("grpo", 1): 0.6, ("red", 0): 0.7, ("red", 1): 0.6}
+
+
+def fake_runner(calls, fail=()):
+    def run(argv, out):
+        kv = dict(a.split("=", 1) for a in argv if "=" in a)
+        mode, seed = kv["algorithm.mode"], int(kv["seed"])
+        calls.append((mode, seed, argv))
+        if (mode, seed) in fail:
+            return 1
+        os.makedirs(out, exist_ok=True)
+        acc = ACC[(mode, seed)]
+        ev = {"accuracy": acc, "n": 1, "per_source": {
+            "all": {"avg@1": acc, "mean_length": 30.0 + seed, "mean_length_correct": 28.0, "mean_length_wrong": 40.0},
+            "synthetic/largest": {"avg@1": 1.0}, "synthetic/smallest": {"avg@1": 2 * acc - 1}}}
+        with open(os.path.join(out, "metrics.jsonl"), "w") as fh:
+            for step in (0, 1, 2):
+                fh.write(json.dumps({"step": step, "mode": mode, "eval/acc": acc * step / 2, "H_on": 1.0}) + "\n")
+        with open(os.path.join(out, "summary.json"), "w") as fh:
+            json.dump({"eval_before": None, "eval_after": ev, "wall_time_s": 5.0}, fh)
+        return 0
+    return run
+
+
+def test_runs_aggregates_and_resumes(tmp_path):
+    out = str(tmp_path / "cmp")
+    calls = []
+    res = compare(None, ["grpo", "red"], 2, "grpo", 2, ["train.steps=2"], out, runner=fake_runner(calls))
+    assert sorted((m, s) for m, s, _ in calls) == sorted(ACC)
+    for mode, seed, argv in calls:     # every mode gets the same overrides, its own output dir
+        assert "train.steps=2" in argv and f"output_dir={os.path.join(out, mode, f'seed_{seed}')}" in argv
+    on_disk = json.load(open(os.path.join(out, "compare.json")))
+    assert on_disk == json.loads(json.dumps(res))
+    assert set(on_disk) >= {"budget", "versions", "modes", "paired_vs_baseline"}
+    red = on_disk["modes"]["red"]
+    assert [r["seed"] for r in red["runs"]] == [0, 1]
+    assert set(red["runs"][0]) >= {"seed", "heldout_acc", "len_mean", "len_correct_mean", "len_wrong_mean",
+                                   "wall_s", "output_dir"}
+    assert red["heldout_acc"]["mean"] == pytest.approx(0.65) and red["heldout_acc"]["n"] == 2
+    # [0.7, 0.6]: s = 0.0707107, half-width 12.7062 * s / sqrt(2) = 0.63531
+    assert red["heldout_acc"]["ci95"] == pytest.approx([0.65 - 0.63531, 0.65 + 0.63531], abs=1e-5)
+    assert red["len_mean"]["mean"] == pytest.approx(30.5)
+    assert red["runs"][1]["heldout_acc_per_source"]["synthetic/smallest"] == pytest.approx(0.2)
+    # paired by seed: red - grpo = 0.2, 0.0
+    p = on_disk["paired_vs_baseline"]
+    assert set(p) == {"red"} and p["red"]["n"] == 2 and p["red"]["diff_mean"] == pytest.approx(0.1)
+    assert on_disk["budget"]["train_steps"] == 2 and on_disk["budget"]["group_size"] == 8
+    assert os.path.isfile(os.path.join(out, "compare.md")) and os.path.isfile(os.path.join(out, "compare.png"))
+    assert "| red | 2 | 65.0 |" in open(os.path.join(out, "compare.md")).read()
+
+    calls.clear()                      # re-run: everything finished, nothing runs, same result
+    assert compare(None, ["grpo", "red"], 2, "grpo", 1, ["train.steps=2"], out, runner=fake_runner(calls)) == res
+    assert calls == []
+    os.remove(os.path.join(out, "red", "seed_1", "summary.json"))   # an unfinished run is run (resumed) again
+    compare(None, ["grpo", "red"], 2, "grpo", 1, ["train.steps=2"], out, runner=fake_runner(calls))
+    assert [(m, s) for m, s, _ in calls] == [("red", 1)]
+
+
+def test_failed_run_is_reported_and_left_out(tmp_path):
+    out = str(tmp_path / "cmp")
+    res = compare(None, ["grpo", "red"], 2, "grpo", 1, [], out, runner=fake_runner([], fail={("red", 1)}))
+    assert res["failed"] == [{"mode": "red", "seed": 1, "output_dir": os.path.join(out, "red", "seed_1")}]
+    assert res["modes"]["red"]["heldout_acc"]["n"] == 1 and res["paired_vs_baseline"]["red"]["n"] == 1
+    assert "FAILED runs" in open(os.path.join(out, "compare.md")).read()
+
+
+def test_command_line_errors_name_the_argument(capsys):
+    with pytest.raises(SystemExit):
+        main(["--modes", "grpo,ppo"])
+    assert "--modes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--modes", "red,luffy"])          # baseline grpo not among the modes
+    assert "--baseline" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="seed"):
+        parse_overrides(["seed=3"])
+    with pytest.raises(SystemExit, match="--modes"):
+        parse_overrides(["algorithm.mode=red"])
+    assert parse_overrides(["output_dir=x/y", "train.steps=3"]) == ("x/y", ["train.steps=3"])
