@@ -62,7 +62,8 @@ def liger_flsce_path(device: str) -> str:
     return "fallback (PyTorch)" if fn is flsce._FusedLinearPPOFallbackFunction else f"CuTe ({fn.__name__})"
 
 
-# ---------------------------------------------------------------- naive references (materialised logits)
+# ---------------- naive PyTorch implementations (materialised logits): timing peers, checked against the one
+# ---------------- float64 reference (red_kernels.reference) in tests/bench/test_bench_cases.py
 
 def naive_logprobs(hidden, weight, targets, return_entropy=True, entropy_grad=True):
     """log p(targets) and entropy, fp32 [N], from full [N, V] logits (entropy detached if not entropy_grad)."""

@@ -2,7 +2,7 @@
 (so that every benchmark compares implementations of the same computation)."""
 import pytest
 import torch
-from loss_reference import naive_red_loss as reference_loss
+from red_kernels.reference import naive_red_loss as reference_loss
 
 from bench import cases, impls
 from red_kernels.reference import reference_logprobs
