@@ -55,5 +55,6 @@ TRITON_INTERPRET=0 timeout 170 python -m bench.gpu_bench --out "$DEST" --budget-
     --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 log "benchmarks exit code $bench_rc"
+log "trainer smoke (2 bf16 steps)"; bash bench/gpu_smoke_train.sh; smoke_rc=$?; log "trainer smoke exit code $smoke_rc"
 log "done"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

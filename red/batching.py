@@ -19,7 +19,7 @@ IGNORE = -100
 
 @dataclass
 class MicroBatch:
-    rows: Tensor                   # [b] row indices into the RolloutBatch
+    rows: Tensor                   # [b] row indices into the RolloutBatch ([0] for a dummy)
     input_ids: Tensor              # [b, L]
     attention_mask: Tensor         # [b, L] 1 on real tokens
     position_ids: Tensor           # [b, L]
@@ -105,8 +105,9 @@ def micro_batches(batch: RolloutBatch, token_budget: int, pad_id: int) -> list[M
 
 def dummy_micro_batch(pad_id: int) -> MicroBatch:
     """One pad token followed by one ignored target: zero loss and zero gradient. Lets a rank with nothing to
-    train on take part in the collectives of a step (DDP gradient sync, FSDP2 all-gathers)."""
+    train on take part in the collectives of a step (DDP gradient sync, FSDP2 all-gathers). `rows` is empty:
+    it stands for no row of the batch."""
     z = torch.zeros(1, dtype=torch.long)
-    return MicroBatch(z, torch.full((1, 2), pad_id), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None],
+    return MicroBatch(torch.zeros(0, dtype=torch.long), torch.full((1, 2), pad_id), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None],
                       torch.full((1, 1), IGNORE), torch.zeros(1, 1, dtype=torch.bool), z,
                       torch.zeros(1), torch.full((1,), 0.5), torch.ones(1), torch.zeros(1, 1), torch.ones(1, 1))

@@ -98,7 +98,7 @@ def wrap(model, kind: str, compute_dtype: torch.dtype):
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         dev = next(model.parameters()).device
-        return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+        return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):

@@ -16,6 +16,7 @@ import torch
 
 from . import parallel, rewards
 from .algorithm import group_accuracy, group_advantages, refill, sample_mean_entropy
+from .batching import token_budget_groups
 from .metrics import batch_sums, finish_rollout_metrics
 from .records import RolloutBatch
 from .rollout.base import SamplingConfig
@@ -28,7 +29,6 @@ log = logging.getLogger("red.step")
 def _prepare(tr, batch: RolloutBatch, loss_cfg) -> dict:
     """Global normaliser (sequences, or tokens for token_mean), tokens, kept groups and the most micro-batches
     any rank has, in one reduction."""
-    from .batching import token_budget_groups
     micro = len(token_budget_groups(batch.lengths.tolist(), tr.cfg.train.micro_batch_tokens))
     sums, mx = parallel.reduce({"norm": batch.B if loss_cfg.loss_agg != "token_mean" else int(batch.response_len.sum()),
                                 "tokens": int(batch.lengths.sum()), "groups_kept": batch.G}, {"micro": micro})

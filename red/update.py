@@ -64,8 +64,12 @@ class Policy:
             else:
                 self.model.forward = saved
 
+    def kernel(self):
+        """Autocast off for red_kernels: it takes hidden and weight in one dtype and accumulates in float32 itself."""
+        return torch.autocast(self.device.type, enabled=False)
+
     def hidden_and_head(self, mb):
-        """(hidden [b, L-1, H], lm_head weight, bias) for a micro-batch; call inside `call`."""
+        """(hidden [b, L-1, H], lm_head weight, bias) in the compute dtype for a micro-batch; call inside `call`."""
         out = self.model.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                                     position_ids=mb.position_ids, use_cache=False)
         h = out.last_hidden_state[:, :-1]
@@ -100,9 +104,10 @@ def old_policy_pass(policy: Policy, batch: RolloutBatch, budget: int, temperatur
         for mb in padded_micro_batches(policy, batch, budget, count):
             def fn(mb=mb):
                 h, w, b = policy.hidden_and_head(mb)
-                return linear_logprobs(h, w, mb.targets, bias=b, temperature=temperature)
+                with policy.kernel():
+                    return linear_logprobs(h, w, mb.targets, bias=b, temperature=temperature)
             lp, e = policy.call(fn)
-            if batch.B:
+            if len(mb.rows):
                 rows = mb.rows.cpu()
                 logp[rows] = mb.to_response(lp.float(), width).cpu()
                 ent[rows] = mb.to_response(e.float(), width).cpu()
@@ -125,13 +130,16 @@ def policy_update(policy: Policy, batch: RolloutBatch, loss_cfg, budget: int, op
     for i, mb in enumerate(mbs):
         def fn(mb=mb):
             h, w, b = policy.hidden_and_head(mb)
-            return red_loss(h, w, mb.targets, mb.advantages, loss_mask=mb.loss_mask,
-                            old_logprobs=mb.old_logprobs if use_old else None, offline_mask=mb.offline_mask,
-                            group_accuracy=mb.group_accuracy, offline_weight=mb.offline_weight,
-                            is_weights=mb.is_weights, bias=b, config=loss_cfg, global_normalizer=max(normalizer, 1.0))
+            with policy.kernel():
+                return red_loss(h, w, mb.targets, mb.advantages, loss_mask=mb.loss_mask,
+                                old_logprobs=mb.old_logprobs if use_old else None, offline_mask=mb.offline_mask,
+                                group_accuracy=mb.group_accuracy, offline_weight=mb.offline_weight,
+                                is_weights=mb.is_weights, bias=b, config=loss_cfg,
+                                global_normalizer=max(normalizer, 1.0))
         with parallel.gradient_sync(policy.wrapped, i == len(mbs) - 1):
             out = policy.call(fn)
-            (policy.scaler.scale(out.loss) if policy.scaler else out.loss).backward()
+            loss = out.loss * parallel.world_size()   # the wrappers average gradients; the global normaliser wants a sum
+            (policy.scaler.scale(loss) if policy.scaler else loss).backward()
         n_on = (mb.loss_mask & ~mb.offline_mask).sum().double()
         n_off = mb.offline_mask.sum().double()
         add = lambda k, v: stats.__setitem__(k, stats.get(k, 0.0) + v)
