@@ -1,5 +1,5 @@
 """RED algorithm steps as pure tensor functions (no I/O): group layout, advantages, dynamic sampling,
-entropy-change-ratio offline weight, accuracy-aware shift inputs. See shared/spec/red-algorithm.md.
+entropy-change-ratio offline weight, accuracy-aware shift inputs. The reward formula is red/rewards.py. See shared/spec/red-algorithm.md.
 
 Shapes: G groups of n members each; tensors shaped [G, n] hold one value per group member, [B] = [G·n]
 flattened group-major.
@@ -65,33 +65,35 @@ def keep_groups(acc: torch.Tensor) -> tuple[torch.Tensor, dict]:
 
 
 def refill(draw, target: int, max_refill: int, enabled: bool = True, need_more=None):
-    """Dynamic sampling with refill: call `draw(attempt, need)` -> (groups: list, acc [g, n]) until `target`
-    kept groups are collected or `max_refill` extra draws are spent; `need` is the number of groups still
-    missing (the first draw asks for `target`).
+    """Dynamic sampling with refill: call `draw(attempt, need)` -> (groups, acc [g, n]) until `target` kept
+    groups are collected or `max_refill` extra draws are spent; `need` is the number of groups still missing
+    (the first draw asks for `target`).
 
-    Returns (kept groups (at most target, in draw order), stats dict with draws, dropped_all_correct,
-    dropped_all_wrong, kept, short (how many groups the batch lacks)). With enabled=False every group of the
-    first draw is kept. need_more(short: bool) -> bool decides whether to draw again (default: short itself;
-    the trainer passes an any-rank reduction so that all ranks draw in lockstep).
+    Returns (parts, stats): parts = [(groups, keep [g] bool)] for every draw, in order, the masks keeping at most
+    `target` groups in total (the first kept ones); stats = draws, dropped_all_correct, dropped_all_wrong, kept,
+    short (how many groups the batch lacks). With enabled=False every group of the first draw is kept.
+    need_more(short: int) -> bool decides whether to draw again (default: short > 0; the trainer passes an
+    any-rank reduction so that all ranks draw in lockstep).
     """
-    kept, stats = [], {"draws": 0, "dropped_all_correct": 0, "dropped_all_wrong": 0}
+    parts, kept, stats = [], 0, {"draws": 0, "dropped_all_correct": 0, "dropped_all_wrong": 0}
     for attempt in range(max_refill + 1):
-        groups, acc = draw(attempt, target - len(kept))
+        groups, acc = draw(attempt, target - kept)
         stats["draws"] += 1
         if not enabled:
-            kept.extend(groups)
+            parts.append((groups, torch.ones(acc.shape[0], dtype=torch.bool)))
+            kept += acc.shape[0]
             break
         mask, why = keep_groups(acc)
         stats["dropped_all_correct"] += why["all_correct"]
         stats["dropped_all_wrong"] += why["all_wrong"]
-        kept.extend(g for g, m in zip(groups, mask.tolist()) if m)
-        short = len(kept) < target
-        if not (short if need_more is None else need_more(short)):
+        mask &= mask.cumsum(0) <= target - kept          # at most target groups in total
+        parts.append((groups, mask))
+        kept += int(mask.sum())
+        if not (need_more(target - kept) if need_more is not None else kept < target):
             break
-    kept = kept[:target]
-    stats["kept"] = len(kept)
-    stats["short"] = max(target - len(kept), 0)
-    return kept, stats
+    stats["kept"] = min(kept, target)
+    stats["short"] = max(target - kept, 0)
+    return parts, stats
 
 
 def sample_mean_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -164,9 +166,3 @@ def _entropy_ratio(h_on, h_off, prev_on, prev_off, eps) -> float:
     if abs(den) < eps:
         return float("inf") if num != 0 else float("nan")
     return num / den
-
-
-def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
-    """Soft overlong penalty (DAPO): (L_max - B - L) / B for L > L_max - B, else 0; floored at -1."""
-    excess = lengths.double() - (max_len - buffer)
-    return torch.where(excess > 0, (-excess / buffer).clamp_min(-1.0), torch.zeros_like(excess)).float()

@@ -1,22 +1,27 @@
-"""Checkpoints: output_dir/step_N/ = HF model (save_pretrained) + tokenizer + trainer_state.pt + rng_rank{r}.pt.
+"""Checkpoints: step_N/ = HF model (save_pretrained in model.dtype) + tokenizer + trainer_state.pt + rng_rank{r}.pt.
 
-Written to a temporary directory and renamed, then the `latest` pointer is replaced (written last); only the
-last `keep` step directories are kept. `resume: auto` continues from `latest` and refuses a resume that would
-run zero steps.
+trainer_state.pt holds the optimizer and scheduler state, the algorithm state, the data cursor and, when the
+HF copy is not float32, the float32 master weights, so a resume is exact. Full (unsharded) state dicts are
+gathered with torch.distributed.checkpoint.state_dict on every rank; rank 0 writes. The directory is written
+under a temporary name and renamed, then the `latest` pointer is replaced (written last); only the last
+`keep` step directories are kept. `resume: auto` continues from `latest` and refuses a resume that would run
+zero steps.
 """
 from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
-from . import distributed as D
+from . import parallel
+from .run_dir import RunDir, atomic, write_text
 
-_STEP = re.compile(r"^step_(\d+)$")
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class ResumeError(RuntimeError):
@@ -38,94 +43,89 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def full_state(model) -> dict:
+    """The full float32 state dict on CPU (a collective under FSDP2: every rank calls)."""
+    return get_model_state_dict(model, options=FULL)
 
 
-def step_dirs(output_dir: str) -> list[tuple[int, str]]:
-    if not os.path.isdir(output_dir):
-        return []
-    out = [(int(m.group(1)), os.path.join(output_dir, d)) for d in os.listdir(output_dir)
-           if (m := _STEP.match(d)) and os.path.isdir(os.path.join(output_dir, d))]
-    return sorted(out)
+def hf_weights(model, state: dict, dtype: torch.dtype) -> dict:
+    """The state to save_pretrained in `dtype`: tied copies dropped (a gathered FSDP2 state has lost the tie)."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    drop = set(tied) if getattr(model.config, "tie_word_embeddings", False) else set()
+    return {k: v.to(dtype) for k, v in state.items() if k not in drop}
 
 
-def latest(output_dir: str) -> str | None:
-    """The directory the `latest` pointer names (None if there is none or it is dangling)."""
-    p = os.path.join(output_dir, "latest")
-    if not os.path.exists(p):
-        return None
-    name = open(p).read().strip()
-    d = os.path.join(output_dir, name)
-    return d if os.path.isfile(os.path.join(d, "trainer_state.pt")) else None
+def save_pretrained(model, out: str, state: dict, dtype: torch.dtype) -> None:
+    """save_pretrained of `state` in `dtype`, with config.json saying that dtype (so dtype="auto" loads it)."""
+    model.save_pretrained(out, state_dict=hf_weights(model, state, dtype), safe_serialization=True)
+    saved, model.config.dtype = model.config.dtype, dtype     # save_pretrained wrote the parameters' dtype
+    try:
+        model.config.save_pretrained(out)
+    finally:
+        model.config.dtype = saved
 
 
-def save(output_dir: str, step: int, model, tokenizer, state: dict, keep: int) -> str:
-    """Write step_N (all ranks call; rank 0 writes the model, each rank its RNG state)."""
-    final = os.path.join(output_dir, f"step_{step}")
-    tmp = os.path.join(output_dir, f".tmp_step_{step}")
-    if D.is_main():
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+def save_model(model, tokenizer, out: str, dtype: torch.dtype, state: dict | None = None) -> None:
+    """HF save_pretrained of the (gathered) weights in `dtype` (rank 0), written atomically."""
+    state = full_state(model) if state is None else state
+    if parallel.is_main():
+        with atomic(out) as tmp:
+            save_pretrained(model, tmp, state, dtype)
+            tokenizer.save_pretrained(tmp)
+    parallel.barrier()
+
+
+def save(run: RunDir, step: int, model, tokenizer, dtype: torch.dtype, opt, trainer_state: dict, keep: int) -> str:
+    """Write step_N (all ranks call: rank 0 writes the model and state, each rank its RNG state)."""
+    final = run.step(step)
+    weights = full_state(model)
+    optim = get_optimizer_state_dict(model, opt, options=FULL)
+    state = {**trainer_state, "optimizer": optim, "master": weights if dtype != torch.float32 else None}
+    tmp = os.path.join(run.root, f".tmp_step_{step}")
+    if parallel.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    D.barrier()
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{D.rank()}.pt"))
-    if D.is_main():
-        model.save_pretrained(tmp, safe_serialization=True)
+    parallel.barrier()
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{parallel.rank()}.pt"))
+    if parallel.is_main():
+        save_pretrained(model, tmp, weights, dtype)
         tokenizer.save_pretrained(tmp)
-        torch.save(state, os.path.join(tmp, "trainer_state.pt.tmp"))
-        os.replace(os.path.join(tmp, "trainer_state.pt.tmp"), os.path.join(tmp, "trainer_state.pt"))
-    D.barrier()
-    if D.is_main():
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        with atomic(os.path.join(tmp, "trainer_state.pt")) as p:
+            torch.save(state, p)
+    parallel.barrier()
+    if parallel.is_main():
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _atomic_write(os.path.join(output_dir, "latest"), f"step_{step}\n")
-        for s, d in step_dirs(output_dir)[:-keep]:
+        write_text(run.latest_file, f"step_{step}\n")
+        for _, d in run.steps()[:-keep]:
             if d != final:
                 shutil.rmtree(d, ignore_errors=True)
-    D.barrier()
+    parallel.barrier()
     return final
 
 
 def load_state(ckpt_dir: str) -> dict:
     state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
-    rng_path = os.path.join(ckpt_dir, f"rng_rank{D.rank()}.pt")
+    rng_path = os.path.join(ckpt_dir, f"rng_rank{parallel.rank()}.pt")
     if os.path.exists(rng_path):
         state["rng"] = torch.load(rng_path, map_location="cpu", weights_only=False)
     return state
 
 
-def find_resume(output_dir: str, mode: str, total_steps: int) -> str | None:
+def load_optimizer(model, opt, state: dict) -> None:
+    set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+
+
+def find_resume(run: RunDir, mode: str, total_steps: int) -> str | None:
     """The checkpoint to resume from (resume: auto), or None to start fresh. Raises ResumeError when the
     checkpoint already reached total_steps (nothing would run)."""
-    if mode != "auto":
-        return None
-    d = latest(output_dir)
+    d = run.latest() if mode == "auto" else None
     if d is None:
         return None
-    step = int(_STEP.match(os.path.basename(d)).group(1))
+    step = RunDir.step_of(d)
     if step >= total_steps:
         raise ResumeError(
-            f"{output_dir} already holds a checkpoint at step {step} of train.steps={total_steps}: resuming would "
+            f"{run.root} already holds a checkpoint at step {step} of train.steps={total_steps}: resuming would "
             f"run zero steps. Raise train.steps, choose another output_dir, or set checkpoint.resume=never "
             f"to start over (this deletes its checkpoints).")
     return d
-
-
-def clear(output_dir: str) -> None:
-    """Remove a previous run's checkpoints and logs from output_dir (checkpoint.resume=never)."""
-    if not D.is_main() or not os.path.isdir(output_dir):
-        return
-    for _, d in step_dirs(output_dir):
-        shutil.rmtree(d, ignore_errors=True)
-    for name in os.listdir(output_dir):
-        if name.startswith(".tmp_step_") or name in ("latest", "metrics.jsonl", "samples.jsonl", "warmup",
-                                                     "warmup_metrics.jsonl", "dynamics.png", "summary.json"):
-            p = os.path.join(output_dir, name)
-            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)

@@ -1,18 +1,22 @@
-"""Training configuration: YAML file -> nested dataclasses, `a.b=c` command-line overrides, validation.
+"""Training configuration: a typed dataclass schema; loading, merging, `a.b=c` overrides and `${...}`
+interpolation by OmegaConf (structured configs); value checks here.
 
-Every error names the offending key (e.g. `config key 'rollout.n': must be >= 2, got 1`).
+Every error names the full key and, for choices, the allowed values
+(e.g. `config key 'rollout.engine': must be one of hf, vllm, auto, got 'tgi'`).
+`red.eval` reuses `DataConfig`; `red.compare` runs `python -m red.train` with dotted overrides.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import typing
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Dict, List, Optional
 
-import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-MODES = ("grpo", "sft", "sft_then_grpo", "luffy", "red")
+from .modes import MODES
 
 
 class ConfigError(ValueError):
@@ -21,31 +25,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str | None = None            # HF directory or hub id; None -> build the tiny synthetic model
-    dtype: str = "float32"             # float32 | bfloat16 | float16 (training weights)
-    config_overrides: dict = field(default_factory=dict)   # e.g. {rope_theta: 40000}
+    path: Optional[str] = None         # HF directory or hub id; None -> build the tiny synthetic model
+    dtype: str = "float32"             # compute dtype: float32 | bfloat16 | float16 (master weights stay fp32)
+    config_overrides: Dict[str, Any] = field(default_factory=dict)   # e.g. {rope_theta: 40000}
     gradient_checkpointing: bool = False
-    tiny: dict = field(default_factory=dict)   # Qwen2Config kwargs for the synthetic model
+    tiny: Dict[str, Any] = field(default_factory=dict)   # Qwen2Config kwargs for the synthetic model
     attn_implementation: str = "sdpa"
 
 
 @dataclass
 class DataConfig:
     train: str = "synthetic:chains"    # file (.jsonl/.parquet) or synthetic:<task>
-    eval: list = field(default_factory=lambda: ["synthetic:chains"])
+    eval: List[str] = field(default_factory=lambda: ["synthetic:chains"])
     columns: str = "auto"              # auto | plain | openr1 | luffy
-    problem_key: str | None = None     # explicit column names override the preset
-    answer_key: str | None = None
-    trace_key: str | None = None
-    system_prompt: str | None = None
-    eos_token: str | None = None       # token ending teacher traces; None: <|im_end|> for ChatML, else EOS
+    problem_key: Optional[str] = None  # explicit column names override the preset
+    answer_key: Optional[str] = None
+    trace_key: Optional[str] = None
+    system_prompt: Optional[str] = None
+    eos_token: Optional[str] = None    # token ending teacher traces; None: <|im_end|> for ChatML, else EOS
     prompt_template: str = "{problem}"
     max_prompt_len: int = 1024
     overlong_prompt: str = "reject"    # reject | truncate (keep the last tokens)
     overlong_trace: str = "reject"     # reject | truncate (keep the first tokens; loses EOS)
     bad_rows: str = "error"            # error | skip (skipped rows are reported by row number)
     shuffle: bool = True
-    eval_limit: int | None = None      # rows per eval file (None = all)
+    eval_limit: Optional[int] = None   # rows per eval file (None = all)
     synthetic_train_size: int = 20000
     synthetic_eval_size: int = 200
 
@@ -61,7 +65,7 @@ class RolloutConfig:
     batch_size: int = 256              # max sequences per generate call
     is_correction: str = "none"        # none | tis (truncated importance sampling on online tokens)
     is_cap: float = 2.0
-    vllm: dict = field(default_factory=dict)   # passed to the vLLM engine
+    vllm: Dict[str, Any] = field(default_factory=dict)   # passed to the vLLM engine
 
 
 @dataclass
@@ -75,38 +79,38 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    mode: str = "red"
+    mode: str = "red"                  # see red/modes.py
     adv_std: bool = True
     adv_stats: str = "group"           # group | online
     dynamic_sampling: bool = True
     max_refill: int = 3
     offline_weight: str = "entropy_ratio"   # entropy_ratio | fixed
     w_min: float = 1.0
-    w_max: float | None = None         # None -> n - k
+    w_max: Optional[float] = None      # None -> n - k
     w_eps: float = 1e-8
-    entropy_ema: float | None = None   # None: off; alpha in [0, 1): H~ = alpha H~_prev + (1-alpha) H
-    sft_steps: int = 0                 # sft_then_grpo: steps of SFT before GRPO
+    entropy_ema: Optional[float] = None   # None: off; alpha in [0, 1): H~ = alpha H~_prev + (1-alpha) H
+    sft_steps: Optional[int] = None    # sft_then_grpo: SFT steps before GRPO (None -> train.steps // 2)
 
 
 @dataclass
 class LossConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
-    dual_clip: float | None = None
+    dual_clip: Optional[float] = None
     offline_shaping: str = "red"       # red | luffy | none
     shaping_gamma: float = 0.1
-    r_min: float | None = None         # None -> 1 / (2n)
+    r_min: Optional[float] = None      # None -> 1 / (2n)
     sft_coef: float = 0.0
-    entropy_coef: float | None = None  # None -> mode default (luffy 0.001, else 0)
+    entropy_coef: Optional[float] = None   # None -> mode default (luffy 0.001, else 0)
     kl_coef: float = 0.0
     loss_agg: str = "seq_sum_const"    # seq_sum_const | token_mean | seq_mean
-    loss_const: float | None = None    # None -> rollout.max_new_tokens
+    loss_const: Optional[float] = None   # None -> rollout.max_new_tokens
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-6
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
@@ -119,6 +123,7 @@ class TrainConfig:
     prompts_per_step: int = 64         # groups per optimizer step (whole batch, all ranks)
     micro_batch_tokens: int = 16384    # padded tokens per forward/backward
     ppo_epochs: int = 1
+    parallel: str = "ddp"              # ddp | fsdp2 (world size 1: no wrapper)
 
 
 @dataclass
@@ -137,7 +142,7 @@ class EvalConfig:
     every: int = 0                     # 0: only before and after training
     n: int = 1                         # samples per problem (avg@n, pass@k)
     temperature: float = 0.0           # 0 = greedy
-    max_new_tokens: int | None = None  # None -> rollout.max_new_tokens
+    max_new_tokens: Optional[int] = None   # None -> rollout.max_new_tokens
     before: bool = True
 
 
@@ -163,7 +168,7 @@ class Config:
     seed: int = 0
     output_dir: str = "runs/red"
     device: str = "auto"               # auto | cpu | cuda
-    threads: int | None = None         # torch CPU threads (None: torch default)
+    threads: Optional[int] = None      # torch CPU threads (None: torch default)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -181,154 +186,82 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------- building
+# ---------------------------------------------------------------------------------------------- loading
 
 
-def _type_of(cls, name):
-    return typing.get_type_hints(cls)[name]
+def _known(node) -> str:
+    return ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
 
 
-def _coerce(value, tp, key):
-    """Check/convert a YAML or CLI value to the annotated type; errors name the key."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-    if tp is list or origin is list:
-        if isinstance(value, list):
-            return value
-        if isinstance(value, (str, int, float)):
-            return [value]
-        raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    return value
+def _error(e: OmegaConfBaseException, schema) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).split("\n")[0]
+    if type(e).__name__ == "ConfigKeyError":
+        parent = OmegaConf.select(schema, key.rpartition(".")[0]) if "." in key else schema
+        return ConfigError(f"config key '{key}': unknown key (known: {_known(parent)})")
+    return ConfigError(f"config key '{key}': {msg}")
 
 
-def _build(cls, data, prefix=""):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix}': expected a mapping, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            full = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"config key '{full}': unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {}
+def _as_lists(data: dict, cls=Config) -> dict:
+    """A scalar given for a list key (`data.eval=file.jsonl`) means a list of one."""
     for f in dataclasses.fields(cls):
-        if f.name in data:
-            full = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(data[f.name], _type_of(cls, f.name), full)
-    return cls(**kwargs)
-
-
-def _parse_scalar(text: str):
-    """CLI value: YAML scalar rules (1e-6 -> float, true -> bool, null -> None, [a, b] -> list)."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str) and text.strip():
-        # YAML reads '1e-6' as a string; accept it as a number.
-        try:
-            return float(text) if any(c in text for c in ".eE") else int(text)
-        except ValueError:
-            return value
-    return value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=c` overrides to a nested dict (before dataclass conversion)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.steps=10)")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if key.startswith("--"):
-            key = key[2:]
-        parts = key.split(".")
-        node = data
-        for p in parts[:-1]:
-            if not isinstance(node.get(p, {}), dict):
-                raise ConfigError(f"config key '{key}': '{p}' is not a section")
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _parse_scalar(text)
+        if f.name not in data:
+            continue
+        v = data[f.name]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            if isinstance(v, dict):
+                _as_lists(v, f.default_factory)
+        elif str(f.type).startswith("List") and v is not None and not isinstance(v, list):
+            data[f.name] = [v]
     return data
 
 
-def default_config_path(name: str = "default.yaml"):
-    return importlib.resources.files("red").joinpath("configs", name)
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=c` strings -> a nested dict (values by OmegaConf's YAML rules: 1e-6, true, null, [a, b], {k: v})."""
+    items = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.steps=10)")
+        key, value = item.split("=", 1)
+        items.append(f"{key.strip().removeprefix('--')}={value}")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(items))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides {overrides}: {e}") from None
+
+
+def resolve_config_path(name) -> str:
+    """An existing file, else a config packaged in red/configs (name with or without .yaml)."""
+    if os.path.isfile(str(name)):
+        return str(name)
+    base = os.path.basename(str(name))
+    for cand in (base, base + ".yaml"):
+        p = importlib.resources.files("red").joinpath("configs", cand)
+        if p.is_file():
+            return str(p)
+    raise ConfigError(f"config file {name!r} not found (neither a file nor a packaged config in red/configs)")
 
 
 def load_yaml(path) -> dict:
     try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:  # yaml.YAMLError and OmegaConf's own
+        raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data
 
 
-def resolve_config_path(name):
-    """An existing file, else a config packaged in red/configs (name with or without .yaml)."""
-    import os
-    if os.path.isfile(str(name)):
-        return str(name)
-    base = os.path.basename(str(name))
-    for cand in (base, base + ".yaml"):
-        p = default_config_path(cand)
-        if p.is_file():
-            return p
-    raise ConfigError(f"config file {name!r} not found (neither a file nor a packaged config in red/configs)")
-
-
 def load_config(path=None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (default: the packaged default.yaml), apply overrides, build and validate."""
-    data = load_yaml(default_config_path() if path is None else resolve_config_path(path))
-    data = apply_overrides(data, list(overrides or []))
-    cfg = _build(Config, data)
+    """The schema's defaults, merged with a YAML file (default: red/configs/default.yaml) and the overrides."""
+    path = resolve_config_path(path or "default.yaml")
+    schema = OmegaConf.structured(Config)
+    layers = [_as_lists(load_yaml(path)), _as_lists(parse_overrides(list(overrides or [])))]
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _error(e, schema) from None
     validate(cfg)
     return cfg
 
@@ -341,83 +274,56 @@ def _check(cond, key, msg):
         raise ConfigError(f"config key '{key}': {msg}")
 
 
-def _choice(value, key, options):
-    _check(value in options, key, f"must be one of {', '.join(map(str, options))}, got {value!r}")
+CHOICES = {
+    "algorithm.mode": tuple(MODES), "model.dtype": ("float32", "bfloat16", "float16"),
+    "device": ("auto", "cpu", "cuda"), "rollout.engine": ("hf", "vllm", "auto"),
+    "rollout.is_correction": ("none", "tis"), "algorithm.adv_stats": ("group", "online"),
+    "algorithm.offline_weight": ("entropy_ratio", "fixed"), "loss.offline_shaping": ("red", "luffy", "none"),
+    "loss.loss_agg": ("seq_sum_const", "token_mean", "seq_mean"), "data.columns": ("auto", "plain", "openr1", "luffy"),
+    "data.overlong_prompt": ("reject", "truncate"), "data.overlong_trace": ("reject", "truncate"),
+    "data.bad_rows": ("error", "skip"), "checkpoint.resume": ("auto", "never"), "train.parallel": ("ddp", "fsdp2"),
+}
+
+# key -> (lower bound, inclusive?) for plain numeric limits
+MINIMUM = {"rollout.n": 1, "rollout.temperature": 0, "rollout.max_new_tokens": 1, "rollout.batch_size": 1,
+           "rollout.is_cap": 1, "algorithm.max_refill": 0, "train.steps": 1, "train.prompts_per_step": 1,
+           "train.micro_batch_tokens": 1, "train.ppo_epochs": 1, "data.max_prompt_len": 1, "eval.n": 1,
+           "eval.every": 0, "checkpoint.keep": 1, "checkpoint.every": 0, "reward.workers": 1,
+           "reward.overlong_buffer": 1, "loss.clip_eps_low": 0, "loss.clip_eps_high": 0}
+
+
+def _get(cfg, key):
+    for p in key.split("."):
+        cfg = getattr(cfg, p)
+    return cfg
 
 
 def validate(cfg: Config) -> None:
-    a, r, lo, t = cfg.algorithm, cfg.rollout, cfg.loss, cfg.train
-    _choice(a.mode, "algorithm.mode", MODES)
-    _choice(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
-    _choice(cfg.device, "device", ("auto", "cpu", "cuda"))
-    _choice(r.engine, "rollout.engine", ("hf", "vllm", "auto"))
-    _choice(r.is_correction, "rollout.is_correction", ("none", "tis"))
-    _choice(a.adv_stats, "algorithm.adv_stats", ("group", "online"))
-    _choice(a.offline_weight, "algorithm.offline_weight", ("entropy_ratio", "fixed"))
-    _choice(lo.offline_shaping, "loss.offline_shaping", ("red", "luffy", "none"))
-    _choice(lo.loss_agg, "loss.loss_agg", ("seq_sum_const", "token_mean", "seq_mean"))
-    _choice(cfg.data.columns, "data.columns", ("auto", "plain", "openr1", "luffy"))
-    _choice(cfg.data.overlong_prompt, "data.overlong_prompt", ("reject", "truncate"))
-    _choice(cfg.data.overlong_trace, "data.overlong_trace", ("reject", "truncate"))
-    _choice(cfg.data.bad_rows, "data.bad_rows", ("error", "skip"))
-    _choice(cfg.checkpoint.resume, "checkpoint.resume", ("auto", "never"))
-    _check(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}")
+    for key, options in CHOICES.items():
+        v = _get(cfg, key)
+        _check(v in options, key, f"must be one of {', '.join(options)}, got {v!r}")
+    for key, lo in MINIMUM.items():
+        v = _get(cfg, key)
+        _check(v >= lo, key, f"must be >= {lo}, got {v}")
+    a, r, t, o = cfg.algorithm, cfg.rollout, cfg.train, cfg.optim
     _check(0 <= r.num_offline <= r.n, "rollout.num_offline", f"must be in [0, rollout.n={r.n}], got {r.num_offline}")
-    if a.mode in ("red", "luffy"):
-        _check(r.num_offline >= 1, "rollout.num_offline", f"mode {a.mode} needs >= 1 teacher trace per group")
-        _check(r.n - r.num_offline >= 1, "rollout.n", f"mode {a.mode} needs >= 1 online sample (n - k >= 1)")
-    if a.mode in ("grpo", "sft_then_grpo", "red", "luffy"):
-        _check(r.n >= 2, "rollout.n", f"a group needs >= 2 members, got {r.n}")
-    if a.mode == "sft_then_grpo":
-        _check(0 <= a.sft_steps <= t.steps, "algorithm.sft_steps", f"must be in [0, train.steps], got {a.sft_steps}")
-    _check(r.temperature >= 0, "rollout.temperature", f"must be >= 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
-    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
-    _check(r.batch_size >= 1, "rollout.batch_size", f"must be >= 1, got {r.batch_size}")
-    _check(r.is_cap >= 1, "rollout.is_cap", f"must be >= 1, got {r.is_cap}")
-    _check(a.max_refill >= 0, "algorithm.max_refill", f"must be >= 0, got {a.max_refill}")
     _check(a.w_min > 0, "algorithm.w_min", f"must be > 0, got {a.w_min}")
     if a.w_max is not None:
         _check(a.w_max >= a.w_min, "algorithm.w_max", f"must be >= algorithm.w_min={a.w_min}, got {a.w_max}")
     _check(a.w_eps > 0, "algorithm.w_eps", f"must be > 0, got {a.w_eps}")
     if a.entropy_ema is not None:
         _check(0 <= a.entropy_ema < 1, "algorithm.entropy_ema", f"must be in [0, 1) or null, got {a.entropy_ema}")
-    _check(lo.clip_eps_low >= 0 and lo.clip_eps_high >= 0, "loss.clip_eps_low", "clip epsilons must be >= 0")
-    if lo.r_min is not None:
-        _check(0 < lo.r_min < 0.5, "loss.r_min", f"must be in (0, 0.5), got {lo.r_min}")
-    _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
-    _check(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")
-    _check(t.micro_batch_tokens >= 1, "train.micro_batch_tokens", f"must be >= 1, got {t.micro_batch_tokens}")
-    _check(t.ppo_epochs >= 1, "train.ppo_epochs", f"must be >= 1, got {t.ppo_epochs}")
-    _check(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
-    _check(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
-           f"must be two numbers in [0, 1), got {cfg.optim.betas}")
-    _check(cfg.optim.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {cfg.optim.grad_clip}")
-    _check(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {cfg.optim.min_lr_ratio}")
-    _check(cfg.data.max_prompt_len >= 1, "data.max_prompt_len", f"must be >= 1, got {cfg.data.max_prompt_len}")
-    _check(cfg.eval.n >= 1, "eval.n", f"must be >= 1, got {cfg.eval.n}")
-    _check(cfg.eval.every >= 0, "eval.every", f"must be >= 0, got {cfg.eval.every}")
-    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
-    _check(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
-    _check(cfg.reward.workers >= 1, "reward.workers", f"must be >= 1, got {cfg.reward.workers}")
-    _check(cfg.reward.overlong_buffer >= 1, "reward.overlong_buffer", "must be >= 1")
+    if cfg.loss.r_min is not None:
+        _check(0 < cfg.loss.r_min < 0.5, "loss.r_min", f"must be in (0, 0.5), got {cfg.loss.r_min}")
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+           f"must be two numbers in [0, 1), got {o.betas}")
+    _check(o.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {o.grad_clip}")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     if cfg.warmup.enabled:
         _check(cfg.warmup.steps >= 1, "warmup.steps", f"must be >= 1 when warmup.enabled, got {cfg.warmup.steps}")
         _check(cfg.warmup.data != cfg.data.train, "warmup.data",
                "the warm-up must use a different task distribution than data.train")
     _check("{problem}" in cfg.data.prompt_template, "data.prompt_template", "must contain '{problem}'")
-
-
-def effective(cfg: Config) -> dict:
-    """Mode-dependent settings the trainer uses (what each mode means, in one place)."""
-    a, r, lo = cfg.algorithm, cfg.rollout, cfg.loss
-    mode = a.mode
-    k = r.num_offline if mode in ("red", "luffy", "sft") else 0
-    shaping = "luffy" if mode == "luffy" else lo.offline_shaping
-    weight = "fixed" if mode == "luffy" else a.offline_weight
-    entropy_coef = lo.entropy_coef if lo.entropy_coef is not None else (0.001 if mode == "luffy" else 0.0)
-    w_max = a.w_max if a.w_max is not None else float(max(r.n - k, 1))
-    r_min = lo.r_min if lo.r_min is not None else 1.0 / (2 * r.n)
-    loss_const = lo.loss_const if lo.loss_const is not None else float(r.max_new_tokens)
-    return dict(mode=mode, num_offline=k, offline_shaping=shaping, offline_weight=weight,
-                entropy_coef=entropy_coef, w_max=max(w_max, a.w_min), r_min=r_min, loss_const=loss_const)
+    MODES[a.mode].check(cfg, _check)

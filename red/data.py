@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
+
+from .records import PromptItem
 
 log = logging.getLogger("red.data")
 
@@ -35,17 +36,6 @@ class Example:
     source: str = ""
     row: int = -1
     messages: list | None = None       # chat messages of the prompt when the file gives them (luffy layout)
-
-
-@dataclass
-class PromptItem:
-    """A tokenised training / eval problem."""
-    prompt_ids: list
-    answer: str
-    trace_ids: list                    # list of token-id lists (each ends with EOS unless truncated)
-    source: str
-    row: int
-    uid: int                           # index in the dataset (stable across resumes)
 
 
 # ------------------------------------------------------------------------------------------ reading files
@@ -331,9 +321,3 @@ class PromptStream:
     def epoch(self) -> float:
         return self.cursor / self.size
 
-
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def source_name(path: str) -> str:
-    return _SAFE.sub("_", os.path.splitext(os.path.basename(path))[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .metrics_log import read_metrics
+from .metrics import read_metrics
 
 
 def plot_run(metrics_path: str, out_path: str, title: str = "") -> str | None:

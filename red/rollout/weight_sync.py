@@ -53,3 +53,11 @@ def verify_weight_sync(engine, model, probe_ids: list[int], atol: float = 1e-3, 
         raise RuntimeError(f"weight sync check failed: engine and trainer log-probs differ by up to "
                            f"{report.max_abs_diff:.3g} (atol {atol:.3g})")
     return report
+
+
+def engine_weights(model):
+    """(name, full tensor) for every parameter, in named_parameters order (the same on every rank): FSDP2
+    shards are gathered with `full_tensor()` one parameter at a time, so no full copy of the model is held."""
+    for name, p in model.named_parameters():
+        t = p.detach()
+        yield name, t.full_tensor() if hasattr(t, "full_tensor") else t

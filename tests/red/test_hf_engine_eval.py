@@ -10,10 +10,11 @@ from conftest import tiny_model
 from red import synthetic
 from red.eval import main as eval_main
 from red.eval import pass_at_k, summarise
-from red.policy import Sequence, old_policy_pass
+from red.records import PromptItem, RolloutBatch
 from red.rollout.base import SamplingConfig
 from red.rollout.factory import make_engine
 from red.rollout.hf_engine import HFEngine
+from red.update import Policy, old_policy_pass
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,10 @@ def test_engine_logprobs_equal_trainer_logprobs(tiny):
     prompts = _prompts(tok)
     out = eng.generate(prompts, 3, SamplingConfig(max_new_tokens=12, temperature=0.8, seed=5))
     assert [len(r) for r in out] == [3, 3, 3]
-    seqs = [Sequence(ro.prompt_ids, ro.token_ids) for group in out for ro in group]
-    lp, _ = old_policy_pass(model, seqs, tok.pad_token_id, 4096, 0.8, "cpu")
+    items = [PromptItem(p, "1", [], "t", i, i) for i, p in enumerate(prompts)]
+    b = old_policy_pass(Policy(model, pad_id=tok.pad_token_id), RolloutBatch.from_rollouts(items, out, 0), 4096, 0.8)
+    lp = [b.old_logprobs[i, :n] for i, n in enumerate(b.response_len.tolist())]
+    assert torch.equal(b.engine_logprobs[0, :len(out[0][0].logprobs)], torch.tensor(out[0][0].logprobs))
     for ro, ref in zip([ro for g in out for ro in g], lp):
         assert ro.prompt_ids in prompts and 1 <= len(ro.token_ids) <= 12
         assert torch.allclose(torch.tensor(ro.logprobs), ref, atol=2e-4)

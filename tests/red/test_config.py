@@ -1,9 +1,11 @@
-"""Config loading/validation and data loading: bad input gives an error naming the key or the row."""
+"""Config loading/validation (OmegaConf schema), the mode table, and data loading: bad input gives an error
+naming the key or the row."""
 import json
 
 import pytest
 
-from red.config import ConfigError, DataConfig, effective, load_config
+from red import modes
+from red.config import ConfigError, DataConfig, load_config
 from red.data import DataError, Example, PromptStream, load_examples, tokenize_examples
 
 
@@ -49,20 +51,49 @@ def test_yaml_file_and_packaged_real_model_config(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("algorithm: {mode: luffy}\nrollout: {n: 4}\n")
     cfg = load_config(str(p), ["train.steps=3"])
-    eff = effective(cfg)
-    assert eff["offline_shaping"] == "luffy" and eff["offline_weight"] == "fixed" and eff["entropy_coef"] == 0.001
-    assert eff["w_max"] == 3.0 and eff["r_min"] == 1 / 8
+    lc, w = modes.loss_config(cfg, "luffy"), modes.offline_weight_settings(cfg, "luffy", 1)
+    assert lc.offline_shaping == "luffy" and w["fixed"] and lc.entropy_coef == 0.001
+    assert w["w_max"] == 3.0 and lc.r_min == 1 / 8
     real = load_config("qwen2.5-math-1.5b-openr1")
     assert real.model.path == "Qwen/Qwen2.5-Math-1.5B" and real.rollout.n == 8 and real.train.prompts_per_step == 64
     assert real.model.config_overrides["rope_theta"] == 40000 and real.rollout.max_new_tokens == 8192
 
 
-def test_effective_modes():
-    grpo = effective(load_config(overrides=["algorithm.mode=grpo"]))
-    assert grpo["num_offline"] == 0 and grpo["w_max"] == 8.0
-    red = effective(load_config())
-    assert red["num_offline"] == 1 and red["offline_shaping"] == "red" and red["offline_weight"] == "entropy_ratio"
-    assert red["w_max"] == 7.0 and red["entropy_coef"] == 0.0
+def test_mode_table():
+    grpo = load_config(overrides=["algorithm.mode=grpo"])
+    assert modes.phases(grpo) == (modes.Phase("grpo", 60, 0),) and modes.offline_weight_settings(grpo, "grpo", 0)["w_max"] == 8.0
+    red = load_config()
+    lc, w = modes.loss_config(red, "red"), modes.offline_weight_settings(red, "red", 1)
+    assert modes.phases(red) == (modes.Phase("red", 60, 1),) and lc.offline_shaping == "red" and not w["fixed"]
+    assert w["w_max"] == 7.0 and lc.entropy_coef == 0.0 and lc.loss_const == 48.0 and lc.r_min == 1 / 16
+    # the kernel config is built from the loss section by field name: no field re-declared with another default
+    assert modes.loss_config(load_config(overrides=["loss.dual_clip=3.0", "loss.kl_coef=0.1"]), "red").dual_clip == 3.0
+    stages = modes.plan(red)
+    assert [s.name for s in stages] == ["warm-up", "red"] and stages[0].phases == (modes.Phase("sft", 120, 1),)
+    assert stages[0].lr == 3e-3 and not stages[0].main and stages[1].main
+    sft = modes.loss_config(red, "sft")
+    assert (sft.offline_shaping, sft.sft_coef, sft.loss_agg) == ("none", 1.0, "token_mean")
+
+
+def test_sft_then_grpo_sft_phase_defaults_to_half_and_zero_is_an_error():
+    cfg = load_config(overrides=["algorithm.mode=sft_then_grpo", "train.steps=10"])
+    assert modes.phases(cfg) == (modes.Phase("sft", 5, 1), modes.Phase("grpo", 5, 0))
+    cfg = load_config(overrides=["algorithm.mode=sft_then_grpo", "train.steps=10", "algorithm.sft_steps=3"])
+    assert [p.steps for p in modes.phases(cfg)] == [3, 7] and modes.plan(cfg)[-1].phase_at(3).mode == "grpo"
+    for bad in ("0", "11"):
+        with pytest.raises(ConfigError, match="'algorithm.sft_steps'"):
+            load_config(overrides=["algorithm.mode=sft_then_grpo", "train.steps=10", f"algorithm.sft_steps={bad}"])
+    load_config(overrides=["algorithm.mode=red", "algorithm.sft_steps=0"])     # other modes ignore the key
+
+
+def test_interpolation_scalar_lists_and_choice_messages():
+    cfg = load_config(overrides=["eval.max_new_tokens=${rollout.max_new_tokens}", "data.eval=x.jsonl",
+                                 "--train.steps=4"])
+    assert cfg.eval.max_new_tokens == 48 and cfg.data.eval == ["x.jsonl"] and cfg.train.steps == 4
+    with pytest.raises(ConfigError, match=r"'rollout.engine': must be one of hf, vllm, auto, got 'tgi'"):
+        load_config(overrides=["rollout.engine=tgi"])
+    with pytest.raises(ConfigError, match=r"'train.stepz': unknown key \(known: .*micro_batch_tokens"):
+        load_config(overrides=["train.stepz=1"])
 
 
 # ------------------------------------------------------------------------------------------------ data

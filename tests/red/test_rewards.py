@@ -1,4 +1,5 @@
-"""Answer extraction and verification statuses (math-verify in a process pool, hang isolation)."""
+"""Answer extraction, verification statuses (math-verify in a pebble process pool, hang isolation) and the reward
+formula on a RolloutBatch."""
 import time
 
 import pytest
@@ -60,4 +61,35 @@ def test_a_hanging_verification_is_isolated_and_reported_as_timeout():
         assert time.perf_counter() - t < 20
         assert v.grade_answers(["D"], ["d"]) == ["correct"]     # the pool was replaced and works
     finally:
-        v._reset_pool()
+        v.close()
+
+
+class _Tok:
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(map(str, r)) for r in rows]
+
+
+class _Grader:
+    def grade_answers(self, golds, preds):
+        return ["correct" if p == g else ("no_answer" if p is None else "wrong") for g, p in zip(golds, preds)]
+
+
+def test_score_is_accuracy_plus_format_reward_plus_overlong_penalty(monkeypatch):
+    import torch
+    from types import SimpleNamespace
+
+    from red import rewards
+    from red.records import PromptItem, RolloutBatch
+    from red.rollout.base import Rollout
+    # responses decode to "boxed:<last id>" for ids ending in 7/8, else no answer
+    monkeypatch.setattr(rewards, "extract_boxed", lambda t: t.split()[-1] if t.split()[-1] in ("7", "8") else None)
+    item = PromptItem([1, 2], "7", [[5, 7]], "t", 1, 0)
+    ros = [Rollout([1, 2], [3, 7], None, "stop"), Rollout([1, 2], [3, 3, 3, 8], None, "length"),
+           Rollout([1, 2], [4], None, "stop")]
+    b = RolloutBatch.from_rollouts([item], [ros], 1)
+    cfg = SimpleNamespace(format_reward=0.1, overlong_penalty=True, overlong_buffer=2)
+    s = rewards.score(b, _Tok(), _Grader(), cfg, max_new_tokens=4)
+    assert [STATUS for STATUS in s.status.tolist()] == [0, 1, 2, 0]      # correct, wrong, no_answer, teacher correct
+    # L_max - B = 2: lengths 2, 4, 1, 2 -> penalties 0, -1, 0, 0
+    assert torch.allclose(s.reward, torch.tensor([1.1, 0.1 - 1.0, 0.0, 1.1]))
+    assert s.texts[0] == "3 7" and b.reward is None                     # a new record; the input is unchanged

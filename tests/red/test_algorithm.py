@@ -1,11 +1,12 @@
-"""RED algorithm steps pinned to hand-computed values (red/algorithm.py)."""
+"""RED algorithm steps pinned to hand-computed values (red/algorithm.py; the overlong penalty of red/rewards.py)."""
 import math
 
 import pytest
 import torch
 
-from red.algorithm import (EntropyRatioWeight, group_accuracy, group_advantages, group_layout, keep_groups,
-                           overlong_penalty, refill, sample_mean_entropy, split_means)
+from red.algorithm import (EntropyRatioWeight, group_accuracy, group_advantages, group_layout, keep_groups, refill,
+                           sample_mean_entropy, split_means)
+from red.rewards import overlong_penalty
 
 SQRT3 = math.sqrt(1 / 3)   # unbiased std of {1, 0, 0, 1} and of {1, 0, 0}
 
@@ -74,32 +75,37 @@ def _draws():
     return draw, calls
 
 
+def _kept(parts):
+    """The kept groups of refill's (groups, keep mask) parts, in order."""
+    return [g for groups, keep in parts for g, k in zip(groups, keep.tolist()) if k]
+
+
 def test_dynamic_sampling_refills_until_full():
     draw, calls = _draws()
-    kept, st = refill(draw, target=3, max_refill=5)
-    assert kept == ["B", "D", "F"] and calls == [(0, 3), (1, 2)]
+    parts, st = refill(draw, target=3, max_refill=5)
+    assert _kept(parts) == ["B", "D", "F"] and calls == [(0, 3), (1, 2)]
     assert st == {"draws": 2, "dropped_all_correct": 2, "dropped_all_wrong": 1, "kept": 3, "short": 0}
 
 
 def test_dynamic_sampling_stops_after_max_refill_and_truncates():
     draw, calls = _draws()
-    kept, st = refill(draw, target=3, max_refill=0)
-    assert kept == ["B"] and st["short"] == 2 and calls == [(0, 3)]
+    parts, st = refill(draw, target=3, max_refill=0)
+    assert _kept(parts) == ["B"] and st["short"] == 2 and calls == [(0, 3)]
     draw, _ = _draws()
-    kept, st = refill(draw, target=2, max_refill=5)
-    assert kept == ["B", "D"] and st["draws"] == 2
+    parts, st = refill(draw, target=2, max_refill=5)
+    assert _kept(parts) == ["B", "D"] and st["draws"] == 2
 
 
 def test_dynamic_sampling_disabled_keeps_first_draw():
     draw, calls = _draws()
-    kept, st = refill(draw, target=3, max_refill=5, enabled=False)
-    assert kept == ["A", "B", "C"] and calls == [(0, 3)] and st["dropped_all_correct"] == 0
+    parts, st = refill(draw, target=3, max_refill=5, enabled=False)
+    assert _kept(parts) == ["A", "B", "C"] and calls == [(0, 3)] and st["dropped_all_correct"] == 0
 
 
 def test_refill_need_more_hook_forces_lockstep_draws():
     draw, calls = _draws()
-    kept, st = refill(draw, target=1, max_refill=2, need_more=lambda short: True)   # another rank is short
-    assert [a for a, _ in calls] == [0, 1, 2] and kept == ["B"]
+    parts, st = refill(draw, target=1, max_refill=2, need_more=lambda short: True)   # another rank is short
+    assert [a for a, _ in calls] == [0, 1, 2] and _kept(parts) == ["B"]
 
 
 def test_entropy_ratio_weight_three_steps_with_zero_denominator():

@@ -1,0 +1,113 @@
+"""RolloutBatch -> token-budgeted micro-batches: the tensors one forward/backward of the model body needs.
+
+A MicroBatch is a small record so a packed variant (one row, position_ids restarting per sequence, per-token
+sequence ids) can replace the padded one without touching the update. Padded layout: b rows, L = longest
+prompt + response of the micro-batch, right-padded with `pad_id`; per-token tensors are [b, L - 1] aligned
+with targets = input_ids[:, 1:] (position t predicts token t + 1); per-sequence tensors are [b].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .records import RolloutBatch
+
+IGNORE = -100
+
+
+@dataclass
+class MicroBatch:
+    rows: Tensor                   # [b] row indices into the RolloutBatch ([0] for a dummy)
+    input_ids: Tensor              # [b, L]
+    attention_mask: Tensor         # [b, L] 1 on real tokens
+    position_ids: Tensor           # [b, L]
+    targets: Tensor                # [b, L-1] next token on response positions, IGNORE elsewhere
+    offline_mask: Tensor           # [b, L-1] bool, teacher-trace tokens
+    response_start: Tensor         # [b] column of the first response target (prompt_len - 1)
+    advantages: Tensor | None = None       # [b]
+    group_accuracy: Tensor | None = None   # [b]
+    offline_weight: Tensor | None = None   # [b]
+    old_logprobs: Tensor | None = None     # [b, L-1]
+    is_weights: Tensor | None = None       # [b, L-1]
+
+    @property
+    def loss_mask(self) -> Tensor:
+        return self.targets != IGNORE
+
+    def to(self, device) -> "MicroBatch":
+        return MicroBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
+
+    def to_response(self, per_token: Tensor, width: int) -> Tensor:
+        """[b, L-1] values on target positions -> response-aligned [b, width] (0 past the response)."""
+        cols = self.response_start.to(per_token.device)[:, None] + torch.arange(width, device=per_token.device)
+        vals = per_token.gather(1, cols.clamp(max=per_token.shape[1] - 1))
+        ok = self.loss_mask.gather(1, cols.clamp(max=per_token.shape[1] - 1)) & (cols < per_token.shape[1])
+        return torch.where(ok, vals, torch.zeros_like(vals))
+
+
+def token_budget_groups(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Split sequence indices into micro-batches whose padded size (count × longest) fits token_budget.
+
+    Sequences are sorted longest first so padding is small; a sequence longer than the budget goes alone.
+    Deterministic for the same lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    out, cur, cur_max = [], [], 0
+    for i in order:
+        new_max = max(cur_max, lengths[i])
+        if cur and new_max * (len(cur) + 1) > token_budget:
+            out.append(cur)
+            cur, new_max = [], lengths[i]
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _from_response(t: Tensor, start: Tensor, width: int, fill: float) -> Tensor:
+    """Response-aligned [b, R] -> [b, width] placed from column `start`, `fill` elsewhere."""
+    cols = torch.arange(width)[None] - start[:, None]
+    ok = (cols >= 0) & (cols < t.shape[1])
+    vals = t.gather(1, cols.clamp(0, t.shape[1] - 1))
+    return torch.where(ok, vals, torch.full_like(vals, fill))
+
+
+def collate(batch: RolloutBatch, rows: list[int], pad_id: int) -> MicroBatch:
+    """The padded micro-batch of `rows` (each row needs >= 1 response token)."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    p, r = batch.prompt_len[idx], batch.response_len[idx]
+    if bool((r == 0).any()):
+        raise ValueError("a sequence without response tokens cannot be trained on")
+    width = int((p + r).max())
+    pos = torch.arange(width)[None].expand(len(rows), width)
+    prompt, response = batch.prompt[idx], batch.response[idx]
+    ids = torch.where(pos < p[:, None], prompt.gather(1, pos.clamp(max=prompt.shape[1] - 1)),
+                      response.gather(1, (pos - p[:, None]).clamp(0, response.shape[1] - 1)))
+    real = pos < (p + r)[:, None]
+    ids = torch.where(real, ids, torch.full_like(ids, pad_id))
+    t = pos[:, :-1]
+    is_target = (t >= (p - 1)[:, None]) & (t < (p + r - 1)[:, None])
+    targets = torch.where(is_target, ids[:, 1:], torch.full_like(t, IGNORE))
+    start = p - 1
+    per_tok = lambda v, fill: None if v is None else _from_response(v[idx], start, width - 1, fill)
+    per_seq = lambda v: None if v is None else v[idx].float()
+    return MicroBatch(idx, ids, real.long(), pos.clone(), targets, is_target & batch.is_offline[idx][:, None], start,
+                      per_seq(batch.advantage), per_seq(batch.group_accuracy), per_seq(batch.offline_weight),
+                      per_tok(batch.old_logprobs, 0.0), per_tok(batch.is_weights, 1.0))
+
+
+def micro_batches(batch: RolloutBatch, token_budget: int, pad_id: int) -> list[MicroBatch]:
+    """The whole batch as token-budgeted padded micro-batches (longest first)."""
+    return [collate(batch, rows, pad_id) for rows in token_budget_groups(batch.lengths.tolist(), token_budget)]
+
+
+def dummy_micro_batch(pad_id: int) -> MicroBatch:
+    """One pad token followed by one ignored target: zero loss and zero gradient. Lets a rank with nothing to
+    train on take part in the collectives of a step (DDP gradient sync, FSDP2 all-gathers). `rows` is empty:
+    it stands for no row of the batch."""
+    z = torch.zeros(1, dtype=torch.long)
+    return MicroBatch(torch.zeros(0, dtype=torch.long), torch.full((1, 2), pad_id), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None],
+                      torch.full((1, 1), IGNORE), torch.zeros(1, 1, dtype=torch.bool), z,
+                      torch.zeros(1), torch.full((1,), 0.5), torch.ones(1), torch.zeros(1, 1), torch.ones(1, 1))

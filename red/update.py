@@ -1,0 +1,185 @@
+"""The model passes and the optimizer step: old-policy pass, policy update (loss, gradient sync, clip, AdamW).
+
+The model is only run as its body (`model.base_model`: embeddings + layers + final norm); log-probs, entropies
+and the loss come from red_kernels with the lm_head weight, so full-vocabulary logits are never materialised.
+Both passes run *inside the forward of the wrapped module* (forward redirection): the fused loss reads
+`lm_head.weight` outside the HF forward, and only a call through the wrapper lets DDP prepare its gradient
+reduction and FSDP2 unshard (and later reduce-scatter) the parameters it touches.
+
+Precision: parameters and AdamW state are float32 (the master copy); forward/backward run under
+`torch.autocast` in model.dtype (float16 adds a GradScaler), or, under FSDP2, with
+MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=float32). red_kernels accumulates dW in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import parallel
+from .batching import dummy_micro_batch, micro_batches
+from .records import RolloutBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUM_KEYS = ("pg_online", "pg_offline", "sft", "entropy_bonus", "kl")
+OFFLINE_MEANS = ("teacher_prob", "phi_mean", "entropy_offline")   # token means over teacher tokens
+
+
+class Policy:
+    """The trained model as the passes see it: the HF model (float32 parameters), the module the passes call
+    (itself, DDP or FSDP2), the compute dtype and, for float16, the GradScaler."""
+
+    def __init__(self, model, dtype: str = "float32", parallel_kind: str = "ddp", pad_id: int = 0):
+        self.model, self.pad_id, self.dtype_name = model, pad_id, dtype
+        self.compute = DTYPES[dtype]
+        self.wrapped = parallel.wrap(model, parallel_kind, self.compute)
+        self.fsdp = parallel.is_fsdp(self.wrapped)
+        self.device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.compute == torch.float16 else None
+
+    def precision(self) -> dict:
+        c = str(self.compute).removeprefix("torch.")
+        return {"params": "float32", "compute": c, "optimizer_state": "float32",
+                "grad_reduce": "float32",
+                "loss_scaling": self.scaler is not None}
+
+    def _autocast(self):
+        if self.compute == torch.float32 or self.fsdp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute)
+
+    def call(self, fn):
+        """fn() run as the forward of the wrapped module (so the wrapper's hooks fire), under autocast."""
+        if self.wrapped is self.model and not self.fsdp:
+            with self._autocast():
+                return fn()
+        saved = self.model.__dict__.get("forward")
+        self.model.forward = fn
+        try:
+            with self._autocast():
+                return self.wrapped()
+        finally:
+            if saved is None:
+                del self.model.forward
+            else:
+                self.model.forward = saved
+
+    def kernel(self):
+        """Autocast off for red_kernels: it takes hidden and weight in one dtype and accumulates in float32 itself."""
+        return torch.autocast(self.device.type, enabled=False)
+
+    def hidden_and_head(self, mb):
+        """(hidden [b, L-1, H], lm_head weight, bias) in the compute dtype for a micro-batch; call inside `call`."""
+        out = self.model.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                    position_ids=mb.position_ids, use_cache=False)
+        h = out.last_hidden_state[:, :-1]
+        head = self.model.get_output_embeddings()
+        bias = head.bias.to(h.dtype) if getattr(head, "bias", None) is not None else None
+        return h, head.weight.to(h.dtype), bias
+
+    def parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def padded_micro_batches(policy: Policy, batch: RolloutBatch, budget: int, count: int | None):
+    """Micro-batches on the device, padded with zero-loss dummies to `count` (the most any rank has), so that
+    every rank runs the same number of forwards and backwards (FSDP2 all-gathers, DDP's synced backward)."""
+    mbs = micro_batches(batch, budget, policy.pad_id) if batch.B else []
+    mbs += [dummy_micro_batch(policy.pad_id) for _ in range(max((count or 0) - len(mbs), 0 if mbs else 1))]
+    return [mb.to(policy.device) for mb in mbs]
+
+
+@torch.no_grad()
+def old_policy_pass(policy: Policy, batch: RolloutBatch, budget: int, temperature: float,
+                    count: int | None = None) -> RolloutBatch:
+    """The batch with old_logprobs and entropy [B, R] (float32, response-aligned) from
+    red_kernels.linear_logprobs, micro-batched."""
+    from red_kernels import linear_logprobs
+
+    width = batch.response.shape[1]
+    logp, ent = torch.zeros(batch.B, width), torch.zeros(batch.B, width)
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        for mb in padded_micro_batches(policy, batch, budget, count):
+            def fn(mb=mb):
+                h, w, b = policy.hidden_and_head(mb)
+                with policy.kernel():
+                    return linear_logprobs(h, w, mb.targets, bias=b, temperature=temperature)
+            lp, e = policy.call(fn)
+            if len(mb.rows):
+                rows = mb.rows.cpu()
+                logp[rows] = mb.to_response(lp.float(), width).cpu()
+                ent[rows] = mb.to_response(e.float(), width).cpu()
+    finally:
+        policy.model.train(was_training)
+    return batch.replace(old_logprobs=logp, entropy=ent)
+
+
+def policy_update(policy: Policy, batch: RolloutBatch, loss_cfg, budget: int, opt, grad_clip: float,
+                  normalizer: float, count: int | None = None, use_old: bool = True) -> dict:
+    """One optimizer step over this rank's part of the batch: red_loss per micro-batch with the global
+    normaliser (sequences or tokens of the whole batch, all ranks), gradients reduced once (last micro-batch),
+    clipped, AdamW, gradients freed. Returns this rank's metric sums (reduce them with `finish_metrics`)."""
+    from red_kernels import red_loss
+
+    mbs = padded_micro_batches(policy, batch, budget, count)
+    opt.zero_grad(set_to_none=True)
+    stats: dict = {}
+    policy.model.train()
+    for i, mb in enumerate(mbs):
+        def fn(mb=mb):
+            h, w, b = policy.hidden_and_head(mb)
+            with policy.kernel():
+                return red_loss(h, w, mb.targets, mb.advantages, loss_mask=mb.loss_mask,
+                                old_logprobs=mb.old_logprobs if use_old else None, offline_mask=mb.offline_mask,
+                                group_accuracy=mb.group_accuracy, offline_weight=mb.offline_weight,
+                                is_weights=mb.is_weights, bias=b, config=loss_cfg,
+                                global_normalizer=max(normalizer, 1.0))
+        with parallel.gradient_sync(policy.wrapped, i == len(mbs) - 1):
+            out = policy.call(fn)
+            loss = out.loss * parallel.world_size()   # the wrappers average gradients; the global normaliser wants a sum
+            (policy.scaler.scale(loss) if policy.scaler else loss).backward()
+        n_on = (mb.loss_mask & ~mb.offline_mask).sum().double()
+        n_off = mb.offline_mask.sum().double()
+        add = lambda k, v: stats.__setitem__(k, stats.get(k, 0.0) + v)
+        add("loss", out.loss.detach().double())
+        for k, v in out.metrics.items():
+            if k in SUM_KEYS:
+                add(k, torch.as_tensor(v).double())
+            else:
+                wgt = n_off if k in OFFLINE_MEANS else n_on
+                add(f"{k}@sum", torch.as_tensor(v).double() * wgt)
+                add(f"{k}@weight", wgt)
+    params = policy.parameters()
+    if policy.scaler:
+        policy.scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if policy.scaler:
+        policy.scaler.step(opt)
+        policy.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)      # no gradient memory through the rollouts
+    out = {k: float(v) for k, v in stats.items()}
+    out["grad_norm"] = float(norm)
+    return out
+
+
+def finish_metrics(sums: dict) -> dict:
+    """Token-weighted means from reduced `k@sum` / `k@weight` pairs; other keys unchanged."""
+    out = {k: v for k, v in sums.items() if "@" not in k}
+    for k in [k for k in sums if k.endswith("@sum")]:
+        name, wgt = k[:-4], sums[k[:-4] + "@weight"]
+        out[name] = sums[k] / wgt if wgt > 0 else float("nan")
+    return out
+
+
+def make_optimizer(model, lr, betas, weight_decay, total, warmup, min_ratio):
+    """AdamW over the float32 parameters + transformers' cosine schedule with warm-up and a floor."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(betas),
+                            weight_decay=weight_decay)
+    return opt, get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=min_ratio)
