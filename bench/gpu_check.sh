@@ -11,9 +11,10 @@
 # Usage, from anywhere:   bash bench/gpu_check.sh
 # Output goes to $OUT when set (the device runner's return folder), else bench/results/.
 # Optional offline wheels: put pure-Python wheels (pytest + pluggy + iniconfig, hypothesis + sortedcontainers,
-# liger-kernel, trl) in $RED_WHEELS (default .cache/wheels) to install them first, e.g. made on a networked machine:
+# liger-kernel, trl; for the trainer smoke omegaconf + antlr4-python3-runtime, pebble, math-verify +
+# latex2sympy2_extended) in $RED_WHEELS (default .cache/wheels) to install them first, e.g. on a networked machine:
 #   pip download --no-deps -d .cache/wheels pytest pluggy iniconfig hypothesis sortedcontainers liger-kernel \
-#       trl==1.16.0
+#       trl==1.16.0 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 pebble==5.2.3 math-verify==0.9.0 latex2sympy2_extended==1.11.0
 # liger-kernel and trl go in with --no-deps: the bench peers need only torch/triton (liger) and transformers (trl's
 # kernels module imports transformers.utils; without transformers in the image the trl rows are skipped).
 set -uo pipefail
@@ -26,13 +27,14 @@ log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$DEST/gpu_check.log"; }
 log "start in $(pwd), writing to $DEST"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$DEST/gpu_check.log"
 # Install from the local wheels only what is missing (never touches packages already there).
-for spec in pytest:pytest hypothesis:hypothesis liger_kernel:liger-kernel trl:trl; do
+for spec in pytest:pytest hypothesis:hypothesis liger_kernel:liger-kernel trl:trl antlr4:antlr4-python3-runtime \
+        omegaconf:omegaconf pebble:pebble latex2sympy2_extended:latex2sympy2_extended math_verify:math-verify; do
     mod=${spec%%:*}; dist=${spec##*:}
     if ! python -c "import $mod" 2>/dev/null && compgen -G "$WHEELS/*.whl" >/dev/null; then
         log "installing $dist from $WHEELS"
         flags=(--no-index --find-links "$WHEELS" -q)
         # their torch/triton/transformers requirements: the image's own (trl's datasets/pandas: not needed here)
-        case "$dist" in liger-kernel|trl) flags+=(--no-deps) ;; esac
+        case "$dist" in liger-kernel|trl|omegaconf|math-verify|latex2sympy2_extended) flags+=(--no-deps) ;; esac
         python -m pip install "${flags[@]}" "$dist" 2>&1 | tail -3 | tee -a "$DEST/gpu_check.log"
     fi
 done
@@ -41,7 +43,7 @@ import importlib.util, torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
       "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 print("importable:", {m: importlib.util.find_spec(m) is not None
-                      for m in ("pytest", "hypothesis", "pytest_benchmark", "liger_kernel", "trl", "transformers")})
+                      for m in ("pytest", "hypothesis", "pytest_benchmark", "liger_kernel", "trl", "transformers", "omegaconf", "pebble", "math_verify")})
 EOF
 
 tests_rc=0
