@@ -63,8 +63,9 @@ class Trainer:
                 + parallel.rank() * 15_485_863) % 2**62
 
     def generate(self, prompts, n, sampling):
-        """engine.generate with the current weights (synced here if an optimizer step made them stale)."""
-        if self.engine_stale:
+        """engine.generate with the current weights: synced here if an optimizer step made them stale, or if the
+        engine dropped them (a level-2 sleep in a step whose groups were all dropped)."""
+        if self.engine_stale or not getattr(self.engine, "weights_valid", True):
             if not getattr(self.engine, "colocated", False):
                 self.engine.load_weights(engine_weights(self.policy.model))
             self.engine_stale = False

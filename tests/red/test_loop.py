@@ -51,3 +51,38 @@ def test_sync_only_before_a_generate_that_follows_an_update(tmp_path, monkeypatc
         assert events[i + 1] == "wake" and events[i + 2] == "generate"     # right before generating
     skipped = sum(1 for r in rows[3:] if r.get("skipped_update"))
     assert len(loads) == 1 + (2 - skipped)                   # after the SFT phase, then after each grpo update
+
+
+class Level2Engine(CountingEngine):
+    """Drops its weights at every sleep, as vLLM's level-2 sleep does; generating from dropped weights raises."""
+
+    def __init__(self, inner, events):
+        super().__init__(inner, events)
+        self.weights_valid = True
+
+    def sleep(self):
+        super().sleep()
+        self.weights_valid = False
+
+    def load_weights(self, named):
+        super().load_weights(named)
+        self.weights_valid = True
+
+    def generate(self, prompts, n, sampling):
+        assert self.weights_valid, "generate after a level-2 sleep without a full weight load"
+        return super().generate(prompts, n, sampling)
+
+
+def test_level2_sleep_is_always_followed_by_a_load_before_generating(tmp_path, monkeypatch):
+    """Even when a step makes no update (every group dropped, or eval right after a rollout), the loop reloads an
+    engine whose weights were dropped before it generates again."""
+    events, real = [], factory.make_engine
+    monkeypatch.setattr(factory, "make_engine", lambda *a, **k: Level2Engine(real(*a, **k), events))
+    out = tmp_path / "run"
+    assert main([f"output_dir={out}", "algorithm.mode=grpo", "train.steps=3", *TINY]) == 0
+    gens = [i for i, e in enumerate(events) if e == "generate"]
+    assert len(gens) >= 4                                        # eval before, 3 rollouts, eval after
+    for g in gens[1:]:                                           # each generate after a sleep follows a load
+        last_sleep = max((i for i in range(g) if events[i] == "sleep"), default=-1)
+        if last_sleep >= 0:
+            assert any(events[i].startswith("load") for i in range(last_sleep, g))
