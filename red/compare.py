@@ -61,6 +61,22 @@ def subprocess_runner(argv: list[str], out: str) -> int:
         return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
+def check_same_run(out: str, argv: list[str]) -> None:
+    """A run directory belongs to one command line (recorded in OUT/compare_run.json): resuming or skipping it
+    with other settings would mix budgets, so that is an error naming the directory."""
+    path = os.path.join(out, "compare_run.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            old = json.load(fh)["argv"]
+        if old != argv:
+            raise SystemExit(f"error: {out} was run with other settings ({' '.join(old[2:])}); use another "
+                             f"output_dir or delete that directory")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump({"argv": argv}, fh)
+
+
 def read_summary(out: str) -> dict | None:
     """summary.json of a finished run (one with a final evaluation), else None."""
     try:
@@ -142,6 +158,8 @@ def compare(config, modes, seeds, baseline, jobs, overrides, out_root, runner=su
     """Run what is missing, then aggregate. `runner(argv, out) -> exit code` (injectable for tests)."""
     todo = [(m, s) for m in modes for s in range(seeds)]
     dirs = {(m, s): os.path.join(out_root, m, f"seed_{s}") for m, s in todo}
+    for m, s in todo:
+        check_same_run(dirs[(m, s)], train_argv(config, overrides, m, s, dirs[(m, s)])[1:])
     pending = [k for k in todo if read_summary(dirs[k]) is None]
     skipped = len(todo) - len(pending)
     print(f"[compare] {len(todo)} runs ({len(modes)} modes x {seeds} seeds) under {out_root}: "

@@ -63,6 +63,8 @@ def test_runs_aggregates_and_resumes(tmp_path):
     os.remove(os.path.join(out, "red", "seed_1", "summary.json"))   # an unfinished run is run (resumed) again
     compare(None, ["grpo", "red"], 2, "grpo", 1, ["train.steps=2"], out, runner=fake_runner(calls))
     assert [(m, s) for m, s, _ in calls] == [("red", 1)]
+    with pytest.raises(SystemExit, match="other settings"):   # same directories, another budget: refused
+        compare(None, ["grpo", "red"], 2, "grpo", 1, ["train.steps=3"], out, runner=fake_runner(calls))
 
 
 def test_failed_run_is_reported_and_left_out(tmp_path):
