@@ -4,8 +4,9 @@ Batch invariance: a token's log p and entropy must not depend on what else is in
 split boundaries depend on V alone (never on the row count N or the SM count), the autotune key holds a bucketed
 N (`n_bucket`; the autotuner caches the winner per key, on disk too where Triton supports it), and
 RED_KERNELS_TRITON_CONFIG pins one tile config for every call (bitwise-reproducible across N buckets and
-processes). Row results do not depend on BLOCK_N's position of a row, so within one config a row's bits depend
-only on its own inputs, V, H, dtype and the split layout.
+processes). Within one config a row's bits depend only on its own inputs, V, H, dtype and the split layout:
+tests/kernels/test_triton_plan.py checks logp(x[j:k]) == logp(x)[j:k] in the interpreter, test_triton_gpu.py on
+a GPU (any rows with a pinned config, rows of one N bucket under autotuning).
 
 Variants (RED_KERNELS_TRITON_VARIANT, read at every call; default 'baseline' = the original kernels):
   baseline  2-D grid (token blocks × splits), natural-exp epilogue, backward in row chunks
