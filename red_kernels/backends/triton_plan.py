@@ -12,7 +12,8 @@ Variants (RED_KERNELS_TRITON_VARIANT, read at every call; default 'baseline' = t
   baseline  2-D grid (token blocks × splits), natural-exp epilogue, backward in row chunks
   grouped   1-D grid, GROUP_N token blocks per group, for L2 reuse of X blocks and W tiles
   lean      triton_lean.py: host-folded constants, exp2, int32 compares, unmasked interior tiles
-  vsplit    backward chunks along the vocabulary: each fp32 dW slice is written once per row chunk
+  vsplit    backward chunks along the vocabulary: each fp32 dW slice is written once per row chunk (the loss
+            path then takes the stats of all rows first, then this backward: `wants_vocab_chunks`)
   fused3    the loss path keeps the fp32 logits chunk: 3 GEMMs + chunk traffic instead of 4 GEMMs
   fast      grouped + lean + vsplit
 A comma-separated list of the features (grouped, lean, vsplit, fused3) works too, e.g. 'lean,vsplit'.
