@@ -63,7 +63,7 @@ def paper(op: str, mode: str, n: int, h: int, v: int, variant: str) -> Estimate:
     """Estimated time per call of red_kernels' Triton path at (N, H, V) bf16 under `variant` (model above)."""
     f = _feats(variant)
     backward = mode != "fwd"
-    keep = op == "loss" and "fused3" in f
+    keep = op == "loss" and "fused3" in f and "vsplit" not in f   # vsplit takes the stats-then-backward path
     sweeps = (3 if keep else 4) if backward else 1
     gemm = sweeps * 2 * n * h * v / (GEMM_EFF * PEAK)
     ops_f, ops_b = OPS["lean" if "lean" in f and not keep else "baseline"]
@@ -71,7 +71,7 @@ def paper(op: str, mode: str, n: int, h: int, v: int, variant: str) -> Estimate:
     gb = 0.0
     if backward:
         dz = 3 * n * v * 2                                    # bf16 dZ: written once, read by two GEMMs
-        if "vsplit" in f and op == "logprobs":
+        if "vsplit" in f:
             chunks = -(-v // max(256, DZ_BYTES // 2 // n // 256 * 256))
             gb = dz + v * h * 4 + chunks * (2 * n * h * 4 + 2 * n * h * 2) + 2 * v * h * 2
         else:

@@ -195,6 +195,11 @@ def forward_with_grad(be, x, w, b, y, zmap, token_grad_fn, chunk_size=None):
     """
     zmap = as_logit_map(zmap)
     n = x.shape[0]
+    if getattr(be, "wants_vocab_chunks", lambda: False)():   # Triton 'vsplit': stats of all rows, then its backward
+        m, logs, ezs, zy_s = forward_stats(be, x, w, b, y, zmap, chunk_size)
+        logp, ent = zy_s - logs, logs - ezs
+        g_lp, g_h = token_grad_fn(slice(0, n), logp, ent)
+        return (logp, ent, *backward(be, x, w, b, y, zmap, (m, logs, ezs, zy_s), g_lp, g_h, chunk_size))
     logp = torch.empty(n, dtype=torch.float32, device=x.device)
     ent = torch.empty(n, dtype=torch.float32, device=x.device)
     grads = _Grads(x, w, b)

@@ -230,13 +230,18 @@ def _dz_from_logits(z, y, m, logs, ezs, g_lp, g_h, zm, out):
     return out
 
 
+def wants_vocab_chunks():
+    """True under 'vsplit': the loss path then takes the stats of all rows first and runs this backward."""
+    return "vsplit" in plan.variant()
+
+
 def backward_vocab_chunked(x, w, b, y, zm, st, g_lp, g_h, chunk_size=None):
     """The 'vsplit' backward, or None under other variants (the driver's row-chunk loop runs then).
 
     Row chunks of `chunk_size` rows (default: as many as fit the dZ budget with ≥ SPLIT_ALIGN columns), each swept
     in vocabulary chunks [v0, v1): dZ[:, v0:v1] from the same kernel on w[v0:v1] (targets shifted by v0), then
     dW[v0:v1] = dZᵀ·X (written by the first row chunk, accumulated by later ones), dX += dZ·W[v0:v1]."""
-    if "vsplit" not in plan.variant():
+    if not wants_vocab_chunks():
         return None
     from . import _mm_fp32
     n, hidden = x.shape

@@ -4,14 +4,16 @@ Batch invariance: a token's log p and entropy must not depend on what else is in
 split boundaries depend on V alone (never on the row count N or the SM count), the autotune key holds a bucketed
 N (`n_bucket`; the autotuner caches the winner per key, on disk too where Triton supports it), and
 RED_KERNELS_TRITON_CONFIG pins one tile config for every call (bitwise-reproducible across N buckets and
-processes). Row results do not depend on BLOCK_N's position of a row, so within one config a row's bits depend
-only on its own inputs, V, H, dtype and the split layout.
+processes). Within one config a row's bits depend only on its own inputs, V, H, dtype and the split layout:
+tests/kernels/test_triton_plan.py checks logp(x[j:k]) == logp(x)[j:k] in the interpreter, test_triton_gpu.py on
+a GPU (any rows with a pinned config, rows of one N bucket under autotuning).
 
 Variants (RED_KERNELS_TRITON_VARIANT, read at every call; default 'baseline' = the original kernels):
   baseline  2-D grid (token blocks × splits), natural-exp epilogue, backward in row chunks
   grouped   1-D grid, GROUP_N token blocks per group, for L2 reuse of X blocks and W tiles
   lean      triton_lean.py: host-folded constants, exp2, int32 compares, unmasked interior tiles
-  vsplit    backward chunks along the vocabulary: each fp32 dW slice is written once per row chunk
+  vsplit    backward chunks along the vocabulary: each fp32 dW slice is written once per row chunk (the loss
+            path then takes the stats of all rows first, then this backward: `wants_vocab_chunks`)
   fused3    the loss path keeps the fp32 logits chunk: 3 GEMMs + chunk traffic instead of 4 GEMMs
   fast      grouped + lean + vsplit
 A comma-separated list of the features (grouped, lean, vsplit, fused3) works too, e.g. 'lean,vsplit'.

@@ -5,7 +5,7 @@ instructions (wgmma / mma) in the PTX for bf16/fp16 inputs.
 
 The default run compiles a representative subset (every config of both lists once, every kernel, every dtype, bias
 and no bias, grouped / STORE_Z / softcap once: 11 compiles, 22 s measured on the shared 2-core machine);
-`test_every_config_compiles_clean` (marked slow: 104 compiles, several minutes) compiles every config × kernel ×
+`test_every_config_compiles_clean` (marked slow: 104 compiles, 235 s measured) compiles every config × kernel ×
 dtype × bias. The compile runs in a subprocess (TRITON_INTERPRET=0 there), `python tests/kernels/test_triton_compile.py
 SPEC_JSON` prints one JSON line per kernel.
 """

@@ -52,10 +52,11 @@ def test_variant_matches_float64(variant, case, small_tiles, monkeypatch):
     check_against_reference("triton", x, w, y, b, tau=tau, mode="mix", chunk_size=13, logit_ulps=ulps, **zkw)
 
 
-@pytest.mark.parametrize("variant", ["fused3", "fast", "baseline"])
+@pytest.mark.parametrize("variant", ["fused3", "vsplit", "fast", "baseline"])
 def test_loss_path_forward_with_grad_matches_float64(variant, small_tiles, monkeypatch):
-    """The loss path (gradient formed in the forward sweep; 'fused3' keeps the fp32 logits chunk) against the
-    float64 gradient of L = Σ a·log p + Σ c·H."""
+    """The loss path (gradient formed in the forward sweep; 'fused3' keeps the fp32 logits chunk; 'vsplit' takes
+    the stats of all rows, then the vocabulary-chunked backward) against the float64 gradient of
+    L = Σ a·log p + Σ c·H."""
     monkeypatch.setenv("RED_KERNELS_TRITON_VARIANT", variant)
     x, w, y, b = make_inputs((41,), 40, 600, bias=True, ignore_frac=0.0, seed=22)
     a, c = upstream(y.shape, "mix")
