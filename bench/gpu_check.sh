@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check, at most ~8 minutes (stage timeouts 110 + 45 + 110 + 55 + 80 + 60 s) on a fresh GPU machine (image: CUDA PyTorch, Triton, numpy; no network):
+# One-shot GPU check, at most ~8 minutes (stage timeouts 110 + 45 + 110 + 65 + 80 + 60 s) on a fresh GPU machine (image: CUDA PyTorch, Triton, numpy; no network):
 #   1. correctness of the compiled Triton kernels (tests/kernels with RED_KERNELS_TEST_DEVICE=cuda,
 #      TRITON_INTERPRET=0, one pinned tile config; test_triton_variants.py pins each GPU config once, baseline and
 #      lean), then bitwise batch invariance (tests/kernels/test_triton_gpu.py, autotuned and pinned);
@@ -73,7 +73,7 @@ TRITON_INTERPRET=0 timeout 110 python -m bench.gpu_bench --out "$DEST" --budget-
 bench_rc=${PIPESTATUS[0]}
 log "benchmarks exit code $bench_rc"
 log "3/5 Triton kernel variants"
-TRITON_INTERPRET=0 timeout 55 python -m bench.gpu_bench --out "$DEST" --variants only --variants-budget-s 40 \
+TRITON_INTERPRET=0 timeout 65 python -m bench.gpu_bench --out "$DEST" --variants only --variants-budget-s 50 \
     --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_variants.log"
 [ "${PIPESTATUS[0]}" = 0 ] || bench_rc=1
 log "4/5 vLLM smoke"
