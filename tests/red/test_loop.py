@@ -15,8 +15,8 @@ class CountingEngine:
     """Wraps the HF engine as if it were a separate engine (not colocated) and records every call."""
     colocated = False
 
-    def __init__(self, inner, events):
-        self.inner, self.events = inner, events
+    def __init__(self, inner, events, sleep_level=1):
+        self.inner, self.events, self.sleep_level = inner, events, sleep_level
 
     def generate(self, prompts, n, sampling):
         self.events.append("generate")
@@ -51,3 +51,14 @@ def test_sync_only_before_a_generate_that_follows_an_update(tmp_path, monkeypatc
         assert events[i + 1] == "wake" and events[i + 2] == "generate"     # right before generating
     skipped = sum(1 for r in rows[3:] if r.get("skipped_update"))
     assert len(loads) == 1 + (2 - skipped)                   # after the SFT phase, then after each grpo update
+
+
+def test_a_level_2_sleep_is_always_followed_by_a_load_before_generating(tmp_path, monkeypatch):
+    events, real = [], factory.make_engine
+    monkeypatch.setattr(factory, "make_engine", lambda *a, **k: CountingEngine(real(*a, **k), events, sleep_level=2))
+    # grpo on a random model: every group is dropped, no optimizer step, yet the weights were discarded by sleep
+    assert main([f"output_dir={tmp_path / 'run'}", "algorithm.mode=grpo", "train.steps=2", *TINY]) == 0
+    for i, e in enumerate(events):
+        if e == "generate" and "sleep" in events[:i]:
+            last_sleep = max(j for j in range(i) if events[j] == "sleep")
+            assert any(x.startswith("load") for x in events[last_sleep:i]), events
