@@ -218,16 +218,17 @@ def _as_lists(data: dict, cls=Config) -> dict:
 
 def parse_overrides(overrides: list[str]) -> dict:
     """`a.b=c` strings -> a nested dict (values by OmegaConf's YAML rules: 1e-6, true, null, [a, b], {k: v})."""
-    items = []
+    out = OmegaConf.create()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.steps=10)")
         key, value = item.split("=", 1)
-        items.append(f"{key.strip().removeprefix('--')}={value}")
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(items))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"overrides {overrides}: {e}") from None
+        key = key.strip().removeprefix("--")
+        try:
+            out = OmegaConf.merge(out, OmegaConf.from_dotlist([f"{key}={value}"]))
+        except Exception:   # not YAML, e.g. a prompt template with braces: the text itself
+            OmegaConf.update(out, key, value, merge=True)
+    return OmegaConf.to_container(out)
 
 
 def resolve_config_path(name) -> str:

@@ -177,9 +177,12 @@ def finish_metrics(sums: dict) -> dict:
 
 
 def make_optimizer(model, lr, betas, weight_decay, total, warmup, min_ratio):
-    """AdamW over the float32 parameters + transformers' cosine schedule with warm-up and a floor."""
+    """AdamW over the float32 parameters + transformers' cosine schedule with warm-up and a floor (min_ratio·lr).
+    The warm-up ramp is taken one step ahead, (step + 1) / warmup, so the first step already learns (the
+    trainer's schedule before it used transformers' formula; values unchanged)."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(betas),
                             weight_decay=weight_decay)
-    return opt, get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=min_ratio)
+    f = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=min_ratio).lr_lambdas[0]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: f(step + 1) if step < warmup else f(step))

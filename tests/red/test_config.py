@@ -90,6 +90,9 @@ def test_interpolation_scalar_lists_and_choice_messages():
     cfg = load_config(overrides=["eval.max_new_tokens=${rollout.max_new_tokens}", "data.eval=x.jsonl",
                                  "--train.steps=4"])
     assert cfg.eval.max_new_tokens == 48 and cfg.data.eval == ["x.jsonl"] and cfg.train.steps == 4
+    # a value that is not YAML stays the text it is (users' prompt templates)
+    cfg = load_config(overrides=["data.prompt_template={problem} Put the answer in \\boxed{}."])
+    assert cfg.data.prompt_template == "{problem} Put the answer in \\boxed{}."
     with pytest.raises(ConfigError, match=r"'rollout.engine': must be one of hf, vllm, auto, got 'tgi'"):
         load_config(overrides=["rollout.engine=tgi"])
     with pytest.raises(ConfigError, match=r"'train.stepz': unknown key \(known: .*micro_batch_tokens"):

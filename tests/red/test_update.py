@@ -82,3 +82,23 @@ def test_trainer_passes_never_materialise_full_logits(tiny, monkeypatch):
     sums = {k: v for k, v in m.items()}
     assert sums["ratio_mean@sum"] / sums["ratio_mean@weight"] == pytest.approx(1.0, abs=1e-5)   # old == current
     assert any(float(g.abs().sum()) > 0 for g in rec.grads)
+
+
+@pytest.mark.parametrize("total, warmup, floor", [(60, 0, 0.1), (120, 10, 0.1), (7, 3, 0.0)])
+def test_lr_schedule_keeps_the_cosine_with_warmup_values(total, warmup, floor):
+    import math
+
+    from red.update import make_optimizer
+
+    def old(step):     # the trainer's schedule before it came from transformers
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    opt, sched = make_optimizer(torch.nn.Linear(2, 2), 2.0, [0.9, 0.95], 0.0, total, warmup, floor)
+    got = []
+    for _ in range(total):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx([2.0 * old(s) for s in range(total)], rel=1e-12, abs=1e-15)
