@@ -105,13 +105,13 @@ def cpu_cases(op: str) -> list[Case]:
     Liger's fused linear CE is a Triton kernel, so on CPU it runs in Triton's interpreter (not a speed
     reference): one small case only. Liger's GRPO loss is plain PyTorch on CPU, a fair peer.
     """
-    if op == "logprobs":
-        return (_grid(op, MODES[op], "qwen2.5-0.5b", 4096, ("naive", "torch"), "cpu")
+    if op == "logprobs":   # (de-duplicated: BENCH_PEER_TOKENS=1024 overlaps the 1.5B naive/torch cases)
+        return list(dict.fromkeys(_grid(op, MODES[op], "qwen2.5-0.5b", 4096, ("naive", "torch"), "cpu")
                 + _grid(op, MODES[op], "smollm2-135m", 1024, ("naive", "torch"), "cpu")
                 + [Case(op, "fwdbwd_noent", "smollm2-135m", 1024, "liger", "cpu")]
                 + _grid(op, ("fwdbwd",), "qwen2.5-1.5b", 1024, ("naive", "torch"), "cpu")
                 + [Case(op, "fwdbwd", m, PEER_TOKENS, i, "cpu") for m in ("qwen2.5-0.5b", "qwen2.5-1.5b")
-                   for i in ("naive", "torch") + PEERS])
+                   for i in ("naive", "torch") + PEERS]))
     return (_grid(op, ("red",), "qwen2.5-0.5b", 4096, ("naive", "torch"), "cpu")
             + _grid(op, ("grpo",), "qwen2.5-0.5b", 4096, ("naive", "torch", "liger"), "cpu")
             + _grid(op, ("red",), "smollm2-135m", 1024, ("naive", "torch"), "cpu")
