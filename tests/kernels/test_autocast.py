@@ -27,11 +27,11 @@ def _inputs(dtype, seed=0):
     return hidden, weight, targets
 
 
-def _grads(fn, hidden, weight, autocast):
+def _grads(fn, hidden, weight, autocast, ac=AC):
     """(outputs, d hidden, d weight) of fn(h, w) -> (outputs, scalar), forward and backward in or out of autocast."""
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    with torch.autocast(**AC, enabled=autocast):
+    with torch.autocast(**ac, enabled=autocast):
         outs, scalar = fn(h, w)
         scalar.backward()
     return [o.detach() for o in outs], h.grad, w.grad
@@ -127,4 +127,26 @@ def test_hidden_from_autocast_matmul(backend):
     out, dh, dw = _grads(fn, hidden, weight, autocast=False)
     out_ac, dh_ac, dw_ac = _grads(fn, hidden, weight, autocast=True)
     assert dh.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    _assert_bitwise(out + [dh, dw], out_ac + [dh_ac, dw_ac])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ac_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_same_under_cuda_autocast(backend, ac_dtype, dtype, monkeypatch):
+    """The same on the GPU under CUDA autocast (bf16 and fp16): linear_logprobs and red_loss, bit for bit. The
+    Triton tile config is pinned so both calls run the same kernels (no atomics: reproducible)."""
+    monkeypatch.setenv("RED_KERNELS_TRITON_CONFIG", "default")
+    ac = dict(device_type="cuda", dtype=ac_dtype)
+    hidden, weight, targets = (t.cuda() for t in _inputs(dtype, seed=8))
+    mask = targets != -100
+
+    def fn(h, w):
+        lp, ent = linear_logprobs(h, w, targets, backend=backend)
+        out = red_loss(h, w, targets, torch.tensor([0.7, -1.3], device="cuda"), loss_mask=mask, backend=backend)
+        return (lp, ent, out.loss, out.logprobs), (lp - ent).sum() + out.loss
+
+    out, dh, dw = _grads(fn, hidden, weight, autocast=False, ac=ac)
+    out_ac, dh_ac, dw_ac = _grads(fn, hidden, weight, autocast=True, ac=ac)
     _assert_bitwise(out + [dh, dw], out_ac + [dh_ac, dw_ac])
