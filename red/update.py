@@ -8,7 +8,8 @@ reduction and FSDP2 unshard (and later reduce-scatter) the parameters it touches
 
 Precision: parameters and AdamW state are float32 (the master copy); forward/backward run under
 `torch.autocast` in model.dtype (float16 adds a GradScaler), or, under FSDP2, with
-MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=float32). red_kernels accumulates dW in float32.
+MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=float32). red_kernels accumulates dW in float32 and
+keeps its own precision under autocast (it turns autocast off inside itself), so the kernels run inside it.
 """
 from __future__ import annotations
 
@@ -64,10 +65,6 @@ class Policy:
             else:
                 self.model.forward = saved
 
-    def kernel(self):
-        """Autocast off for red_kernels: it takes hidden and weight in one dtype and accumulates in float32 itself."""
-        return torch.autocast(self.device.type, enabled=False)
-
     def hidden_and_head(self, mb):
         """(hidden [b, L-1, H], lm_head weight, bias) in the compute dtype for a micro-batch; call inside `call`."""
         out = self.model.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
@@ -103,9 +100,8 @@ def old_policy_pass(policy: Policy, batch: RolloutBatch, budget: int, temperatur
     try:
         for mb in padded_micro_batches(policy, batch, budget, count):
             def fn(mb=mb):
-                h, w, b = policy.hidden_and_head(mb)
-                with policy.kernel():
-                    return linear_logprobs(h, w, mb.targets, bias=b, temperature=temperature)
+                h, w, b = policy.hidden_and_head(mb)   # red_kernels turns autocast off inside itself
+                return linear_logprobs(h, w, mb.targets, bias=b, temperature=temperature)
             lp, e = policy.call(fn)
             if len(mb.rows):
                 rows = mb.rows.cpu()
@@ -130,12 +126,11 @@ def policy_update(policy: Policy, batch: RolloutBatch, loss_cfg, budget: int, op
     for i, mb in enumerate(mbs):
         def fn(mb=mb):
             h, w, b = policy.hidden_and_head(mb)
-            with policy.kernel():
-                return red_loss(h, w, mb.targets, mb.advantages, loss_mask=mb.loss_mask,
-                                old_logprobs=mb.old_logprobs if use_old else None, offline_mask=mb.offline_mask,
-                                group_accuracy=mb.group_accuracy, offline_weight=mb.offline_weight,
-                                is_weights=mb.is_weights, bias=b, config=loss_cfg,
-                                global_normalizer=max(normalizer, 1.0))
+            return red_loss(h, w, mb.targets, mb.advantages, loss_mask=mb.loss_mask,
+                            old_logprobs=mb.old_logprobs if use_old else None, offline_mask=mb.offline_mask,
+                            group_accuracy=mb.group_accuracy, offline_weight=mb.offline_weight,
+                            is_weights=mb.is_weights, bias=b, config=loss_cfg,
+                            global_normalizer=max(normalizer, 1.0))
         with parallel.gradient_sync(policy.wrapped, i == len(mbs) - 1):
             out = policy.call(fn)
             loss = out.loss * parallel.world_size()   # the wrappers average gradients; the global normaliser wants a sum

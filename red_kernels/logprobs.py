@@ -1,6 +1,9 @@
 """`linear_logprobs`: per-token log p(target) and entropy straight from hidden states and the lm_head weight."""
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from . import backends, vocab_parallel
@@ -8,11 +11,33 @@ from ._validate import check_linear_inputs
 from .reference import reference_logprobs
 
 
+def autocast_off(device):
+    """A region where a caller's torch.autocast does not re-cast our ops on `device`'s type: they keep their own
+    precision policy (fp32 logits/statistics, fp32 dX/dW accumulation) and output dtypes, as outside autocast."""
+    kind = device.type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
+
+
+def without_autocast(op):
+    """Decorator: run a public op (first argument: hidden) with autocast off for the hidden states' device."""
+    @functools.wraps(op)
+    def run(hidden, *args, **kwargs):
+        with autocast_off(hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")):
+            return op(hidden, *args, **kwargs)
+    return run
+
+
 class _LinearLogprobs(torch.autograd.Function):
-    """Compacted rows only: x [M, H], y [M] valid ids. Returns (logp [M], entropy [M]) in fp32."""
+    """Compacted rows only: x [M, H], y [M] valid ids. Returns (logp [M], entropy [M]) in fp32.
+    Forward and backward run with autocast off (backward sees the autocast state of whoever calls .backward())."""
 
     @staticmethod
     def forward(ctx, x, w, b, y, zmap, be, chunk_size, shard):
+        with autocast_off(x.device):
+            return _LinearLogprobs._forward(ctx, x, w, b, y, zmap, be, chunk_size, shard)
+
+    @staticmethod
+    def _forward(ctx, x, w, b, y, zmap, be, chunk_size, shard):
         stats = backends.forward_stats(be, x, w, b, y, zmap, chunk_size)
         if shard is not None:   # y: local ids (−1 off-shard); the merged stats are those of the full vocabulary
             stats = vocab_parallel.merge_stats(stats, y, shard)
@@ -25,9 +50,10 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_h):
         x, w, b, y, *stats = ctx.saved_tensors
-        dx, dw, db = backends.backward(ctx.be, x, w, b, y, ctx.zmap, stats, g_lp, g_h, ctx.chunk_size)
-        if ctx.shard is not None:
-            dx = vocab_parallel.reduce_hidden_grad(dx, ctx.shard)
+        with autocast_off(x.device):
+            dx, dw, db = backends.backward(ctx.be, x, w, b, y, ctx.zmap, stats, g_lp, g_h, ctx.chunk_size)
+            if ctx.shard is not None:
+                dx = vocab_parallel.reduce_hidden_grad(dx, ctx.shard)
         return (dx.to(x.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
                 None, None, None, None, None)
 
@@ -49,6 +75,7 @@ def scatter_rows(values, index, n, shape):
     return out.index_copy(0, index, values).reshape(shape)
 
 
+@without_autocast
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                     return_entropy=True, backend=None, chunk_size=None, check_inputs=True, softcap=None,
                     logit_scale=1.0, process_group=None, vocab_start=None, reduce_hidden_grad=True):
@@ -87,7 +114,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
 
     Returns:
         (logprobs, entropy): float32 tensors shaped like `targets`; differentiable w.r.t. hidden, weight
-        and bias through both outputs.
+        and bias through both outputs. Under a caller's torch.autocast the op computes exactly as outside it
+        (autocast is off inside it, forward and backward); hidden and weight must still share a dtype.
     """
     name = backends.resolve(backend, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
     shard = vocab_parallel.setup(process_group, weight, hidden, vocab_start, reduce_hidden_grad, name)

@@ -12,7 +12,7 @@ import torch
 from . import backends, vocab_parallel
 from ._validate import check_linear_inputs, check_same_shape
 from .fused_linear_loss import fused_linear_token_loss
-from .logprobs import compact_rows, linear_logprobs, scatter_rows
+from .logprobs import compact_rows, linear_logprobs, scatter_rows, without_autocast
 from .policy_loss import REDLossConfig, aggregation_weights, shaping, token_terms
 from .sequences import per_token, sequence_index
 
@@ -91,6 +91,7 @@ def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, r
     return mask, off, adv, ids, n_seq
 
 
+@without_autocast
 def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=None, offline_mask=None,
              group_accuracy=None, offline_weight=None, ref_logprobs=None, is_weights=None, bias=None,
              config: REDLossConfig | None = None, global_normalizer=None, sequence_ids=None, backend=None,
@@ -127,6 +128,9 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
         process_group, vocab_start, reduce_hidden_grad: vocabulary-parallel weight shards, as in
             linear_logprobs; every rank computes the (cheap, O(tokens)) loss stage redundantly and returns the same
             loss, log-probs and metrics; weight/bias gradients are the shard's.
+
+    Under a caller's torch.autocast the op computes exactly as outside it (autocast is off inside it; its
+    gradients are formed in this call), with the same output and gradient dtypes.
     """
     cfg = REDLossConfig.build(config, **config_overrides)
     name = backends.resolve(backend, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
