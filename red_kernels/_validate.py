@@ -13,8 +13,19 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 
-def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_values):
-    """Validate the (hidden, weight, targets, bias, temperature) of a fused linear op."""
+def check_positive(name, value, allow_none=False):
+    """A finite number > 0 (or None when allow_none), else ValueError naming `name`."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value != float("inf")
+    if not ok:
+        raise ValueError(f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_values, *, softcap=None,
+                        logit_scale=1.0, vocab=None):
+    """Validate the (hidden, weight, targets, bias, temperature, softcap, logit_scale) of a fused linear op.
+    vocab: the global vocabulary size for the target range check (default weight.shape[0])."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -51,8 +62,10 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if temperature != temperature or temperature == float("inf"):
         raise ValueError(f"temperature must be finite, got {temperature!r}")
+    check_positive("softcap", softcap, allow_none=True)
+    check_positive("logit_scale", logit_scale)
     if check_values:
-        vocab = weight.shape[0]
+        vocab = weight.shape[0] if vocab is None else vocab
         valid = targets != ignore_index
         bad = valid & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):

@@ -5,12 +5,14 @@ log p and H are. So the hidden/weight gradients are computed eagerly in the forw
 (scaled by the upstream gradient of the loss):
 
 * 'torch' backend: one chunked sweep (logits → stats → per-token grads → dZ → dX, dW), 3 GEMM-shaped passes;
-* 'triton' backend: the forward kernel, then the recompute backward kernel right away (1 forward + 1 recompute
-  vocabulary sweep, the same as linear_logprobs forward+backward).
+* 'triton' backend: per row chunk, the forward kernel, then the recompute dZ kernel right away (1 forward + 1
+  recompute vocabulary sweep, the same as linear_logprobs forward+backward).
 """
 from __future__ import annotations
 
 import torch
+
+from . import backends, vocab_parallel
 
 
 class _PrecomputedGrad(torch.autograd.Function):
@@ -35,12 +37,15 @@ class _PrecomputedGrad(torch.autograd.Function):
         return (None, grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None, None)
 
 
-def fused_linear_token_loss(x, w, b, y, tau, token_loss, impl, chunk_size=None):
+def fused_linear_token_loss(x, w, b, y, zmap, token_loss, be, chunk_size=None, shard=None):
     """L = Σ_chunks token_loss(rows, logp, H) with exact gradients w.r.t. x [M, H], w [V, H], b [V].
 
     token_loss(rows: slice, logp [c], entropy [c]) must return the chunk's scalar loss as a differentiable
-    function of its logp/entropy arguments (plain torch ops). `impl` is the backend module (chunked or
-    triton_ops). Returns (loss 0-dim fp32, logp [M] fp32, entropy [M] fp32), logp/entropy detached.
+    function of its logp/entropy arguments (plain torch ops). `be` is the backend module (backends.ops(name)).
+    With a VocabShard (vocab_parallel.py; y are then local ids, −1 off-shard) the statistics of all rows are merged
+    across ranks first, the loss runs once on all rows (the same on every rank), then the recompute backward
+    forms this shard's dW/db and the all-reduced dX. Returns (loss 0-dim fp32, logp [M], entropy [M]) in fp32,
+    logp/entropy detached.
     """
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
@@ -58,14 +63,22 @@ def fused_linear_token_loss(x, w, b, y, tau, token_loss, impl, chunk_size=None):
         return (torch.zeros_like(lp) if g_lp is None else g_lp), (torch.zeros_like(h) if g_h is None else g_h)
 
     xd, wd, bd = x.detach(), w.detach(), (None if b is None else b.detach())
-    if not needs_grad:
+    if not needs_grad or shard is not None:
         with torch.no_grad():
-            m, logs, ezs, zy_s = impl.forward_stats(xd, wd, bd, y, tau, chunk_size=chunk_size)
+            stats = backends.forward_stats(be, xd, wd, bd, y, zmap, chunk_size)
+            if shard is not None:
+                stats = vocab_parallel.merge_stats(stats, y, shard)
+        m, logs, ezs, zy_s = stats
         logp, ent = zy_s - logs, logs - ezs
-        grads(slice(None), logp, ent)
-        return total, logp, ent
-    with torch.no_grad():
-        logp, ent, dx, dw, db = impl.forward_with_grad(xd, wd, bd, y, tau, grads, chunk_size)
+        g = grads(slice(None), logp, ent)
+        if not needs_grad:
+            return total, logp, ent
+        with torch.no_grad():
+            dx, dw, db = backends.backward(be, xd, wd, bd, y, zmap, stats, g[0], g[1], chunk_size)
+            dx = vocab_parallel.reduce_hidden_grad(dx, shard)
+    else:
+        with torch.no_grad():
+            logp, ent, dx, dw, db = backends.forward_with_grad(be, xd, wd, bd, y, zmap, grads, chunk_size)
     loss = _PrecomputedGrad.apply(total, x, w, b, dx.to(x.dtype), dw.to(w.dtype),
                                   None if db is None else db.to(b.dtype))
     return loss, logp, ent

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import backends, vocab_parallel
 from ._validate import check_linear_inputs
 from .reference import reference_logprobs
 
@@ -12,22 +12,24 @@ class _LinearLogprobs(torch.autograd.Function):
     """Compacted rows only: x [M, H], y [M] valid ids. Returns (logp [M], entropy [M]) in fp32."""
 
     @staticmethod
-    def forward(ctx, x, w, b, y, tau, impl, chunk_size):
-        kw = {"chunk_size": chunk_size}
-        m, logs, ezs, zy_s = impl.forward_stats(x, w, b, y, tau, **kw)
-        ctx.save_for_backward(x, w, b, y, m, logs, ezs)
-        ctx.tau, ctx.impl, ctx.kw = tau, impl, kw
+    def forward(ctx, x, w, b, y, zmap, be, chunk_size, shard):
+        stats = backends.forward_stats(be, x, w, b, y, zmap, chunk_size)
+        if shard is not None:   # y: local ids (−1 off-shard); the merged stats are those of the full vocabulary
+            stats = vocab_parallel.merge_stats(stats, y, shard)
+        m, logs, ezs, zy_s = stats
+        ctx.save_for_backward(x, w, b, y, *stats)
+        ctx.zmap, ctx.be, ctx.chunk_size, ctx.shard = zmap, be, chunk_size, shard
         ctx.set_materialize_grads(False)  # an unused output arrives as None: its backward terms are skipped
         return zy_s - logs, logs - ezs
 
     @staticmethod
     def backward(ctx, g_lp, g_h):
-        x, w, b, y, m, logs, ezs = ctx.saved_tensors
-        if g_lp is None:
-            g_lp = torch.zeros_like(logs)
-        dx, dw, db = ctx.impl.backward(x, w, b, y, ctx.tau, m, logs, ezs, g_lp, g_h, **ctx.kw)
+        x, w, b, y, *stats = ctx.saved_tensors
+        dx, dw, db = backends.backward(ctx.be, x, w, b, y, ctx.zmap, stats, g_lp, g_h, ctx.chunk_size)
+        if ctx.shard is not None:
+            dx = vocab_parallel.reduce_hidden_grad(dx, ctx.shard)
         return (dx.to(x.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def compact_rows(hidden, targets, ignore_index):
@@ -48,10 +50,12 @@ def scatter_rows(values, index, n, shape):
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=True, backend=None, chunk_size=None, check_inputs=True):
+                    return_entropy=True, backend=None, chunk_size=None, check_inputs=True, softcap=None,
+                    logit_scale=1.0, process_group=None, vocab_start=None, reduce_hidden_grad=True):
     """Per-token log-probabilities of `targets` and full-vocabulary entropy, without materialising logits.
 
-    With z = (hidden·weightᵀ + bias) / temperature and p = softmax(z):
+    With u = hidden·weightᵀ + bias, z = logit_scale·u / temperature — or, with a softcap,
+    z = softcap·tanh(logit_scale·u / softcap) / temperature — and p = softmax(z):
     logprobs = log p[target],  entropy = −Σ_v p_v log p_v  (nats).
 
     Args:
@@ -68,25 +72,38 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
             materialised logits, tests only). The env var RED_KERNELS_BACKEND sets the default.
         chunk_size: rows per chunk on the 'torch' backend (default: [chunk, V] ≈ 2^24 elements).
         check_inputs: validate target range and finiteness (costs host syncs; turn off under CUDA graphs).
+        softcap: None, or c > 0 for tanh soft-capping of the logits (Gemma's `final_logit_softcapping`).
+        logit_scale: s > 0 multiplying the logits before the softcap (Cohere's `logit_scale`; Granite's
+            `logits_scaling` is 1/s).
+        process_group: None, or a torch.distributed group whose ranks each hold a contiguous slice of the
+            vocabulary in rank order: `weight` [V_r, H] (and `bias` [V_r]) are this rank's rows, `hidden` and
+            `targets` (global ids) are the same on every rank. Costs one tiny layout all-gather and two
+            all-reduces of [N]/[3, N] fp32 forward, never the weight (red_kernels/vocab_parallel.py). Every rank
+            returns the full log p and entropy; the weight/bias gradients are the shard's.
+        vocab_start: this rank's first vocabulary id (checked against the shard sizes; default learned).
+        reduce_hidden_grad: with process_group, all-reduce dX so every rank holds the full hidden gradient
+            (the reduce of a Megatron `copy_to_tensor_parallel_region`); False for frameworks that already
+            reduce it — then each rank's dX is its shard's partial sum.
 
     Returns:
         (logprobs, entropy): float32 tensors shaped like `targets`; differentiable w.r.t. hidden, weight
         and bias through both outputs.
     """
-    check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_inputs)
-    name = backends.resolve(backend, hidden.device)
-    tau = float(temperature)
+    name = backends.resolve(backend, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
+    shard = vocab_parallel.setup(process_group, weight, hidden, vocab_start, reduce_hidden_grad, name)
+    vocab_parallel.checked(shard, lambda: check_linear_inputs(
+        hidden, weight, targets, bias, temperature, ignore_index, check_inputs, softcap=softcap,
+        logit_scale=logit_scale, vocab=None if shard is None else shard.vocab))
+    zmap = backends.LogitMap(float(temperature), float(logit_scale), None if softcap is None else float(softcap))
     if name == "reference":
-        logp, ent = reference_logprobs(hidden, weight, targets, bias, tau, ignore_index)
+        logp, ent = reference_logprobs(hidden, weight, targets, bias, zmap.temperature, ignore_index,
+                                       softcap=zmap.softcap, logit_scale=zmap.logit_scale)
         return logp.float(), (ent.float() if return_entropy else None)
     x, y, index = compact_rows(hidden, targets, ignore_index)
     n = targets.numel()
-    if x.shape[0] == 0:
-        # Nothing to compute: zeros that still carry a (zero) gradient path to every input.
-        zero = (hidden.sum() * 0 + weight.sum() * 0 + (0 if bias is None else bias.sum() * 0)).float()
-        logp = zero.expand(targets.shape).clone()
-        return logp, (logp.clone() if return_entropy else None)
-    logp_c, ent_c = _LinearLogprobs.apply(x, weight, bias, y, tau, backends.ops(name), chunk_size)
+    if shard is not None:
+        y = vocab_parallel.local_targets(y, shard, weight.shape[0])
+    logp_c, ent_c = _LinearLogprobs.apply(x, weight, bias, y, zmap, backends.ops(name), chunk_size, shard)
     logp = scatter_rows(logp_c, index, n, targets.shape)
     ent = scatter_rows(ent_c, index, n, targets.shape) if return_entropy else None
     return logp, ent

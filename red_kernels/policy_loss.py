@@ -30,6 +30,8 @@ class REDLossConfig:
     entropy_coef: float = 0.0               # entropy bonus (subtracted) on every loss token
     kl_coef: float = 0.0                    # k3 KL to a reference policy on every loss token
     temperature: float = 1.0                # logits are divided by it
+    softcap: float | None = None            # z = softcap·tanh(logit_scale·u/softcap)/temperature when set
+    logit_scale: float = 1.0                # s multiplying the logits u = x·Wᵀ + b (before the softcap)
     loss_agg: str = "seq_sum_const"         # 'seq_sum_const' | 'token_mean' | 'seq_mean'
     loss_const: float | None = None         # C of seq_sum_const; None → the sequence dimension T
     ignore_index: int = -100
@@ -54,6 +56,10 @@ class REDLossConfig:
                 bad(key, "must be ≥ 0")
         if not self.temperature > 0:
             bad("temperature", "must be > 0")
+        if self.softcap is not None and not 0 < self.softcap < float("inf"):
+            bad("softcap", "must be None or a finite number > 0")
+        if not 0 < self.logit_scale < float("inf"):
+            bad("logit_scale", "must be a finite number > 0")
         if self.loss_agg not in AGGREGATIONS:
             bad("loss_agg", f"must be one of {AGGREGATIONS}")
         if self.loss_const is not None and not self.loss_const > 0:
@@ -113,18 +119,26 @@ def token_terms(logp, entropy, side, cfg: REDLossConfig):
     return terms
 
 
-def aggregation_weights(loss_mask, cfg: REDLossConfig, global_normalizer=None):
+def aggregation_weights(loss_mask, cfg: REDLossConfig, global_normalizer=None, seq_ids=None, num_seqs=None):
     """a [B, T] so that loss = Σ a·ℓ implements `loss_agg`; loss_mask [B, T] float.
 
-    seq_sum_const: a = mask / (C·G);  token_mean: a = mask / G;  seq_mean: a = mask / (len_b·G).
-    G is `global_normalizer` (sequences for seq_*, tokens for token_mean, over the whole batch across micro-batches
-    and ranks), default this call's own count, so that micro-batch gradients add up to the full-batch gradient.
+    seq_sum_const: a = mask / (C·G);  token_mean: a = mask / G;  seq_mean: a = mask / (len_s·G), len_s the loss
+    tokens of the position's sequence. G is `global_normalizer` (sequences for seq_*, tokens for token_mean, over
+    the whole batch across micro-batches and ranks), default this call's own count (num_seqs, default B), so that
+    micro-batch gradients add up to the full-batch gradient. seq_ids [B, T] (packed rows, red_kernels/sequences.py):
+    the sequence of each position; None → row b is sequence b.
     """
     if cfg.loss_agg == "token_mean":
         g = loss_mask.sum().clamp(min=1.0) if global_normalizer is None else float(global_normalizer)
         return loss_mask / g
-    g = float(loss_mask.shape[0]) if global_normalizer is None else float(global_normalizer)
+    n_seq = loss_mask.shape[0] if num_seqs is None else num_seqs
+    g = float(n_seq) if global_normalizer is None else float(global_normalizer)
     if cfg.loss_agg == "seq_mean":
-        return loss_mask / (loss_mask.sum(dim=1, keepdim=True).clamp(min=1.0) * g)
+        if seq_ids is None:
+            lengths = loss_mask.sum(dim=1, keepdim=True)
+        else:
+            idx = seq_ids.clamp(min=0)
+            lengths = loss_mask.new_zeros(max(n_seq, 1)).index_add_(0, idx.reshape(-1), loss_mask.reshape(-1))[idx]
+        return loss_mask / (lengths.clamp(min=1.0) * g)
     c = float(loss_mask.shape[1]) if cfg.loss_const is None else float(cfg.loss_const)
     return loss_mask / (c * g)

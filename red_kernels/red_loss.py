@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends
+from . import backends, vocab_parallel
 from ._validate import check_linear_inputs, check_same_shape
 from .fused_linear_loss import fused_linear_token_loss
 from .logprobs import compact_rows, linear_logprobs, scatter_rows
 from .policy_loss import REDLossConfig, aggregation_weights, shaping, token_terms
+from .sequences import per_token, sequence_index
 
 METRIC_KEYS = ("pg_online", "pg_offline", "sft", "entropy_bonus", "kl", "clip_frac_low", "clip_frac_high",
                "ratio_mean", "entropy_online", "entropy_offline", "teacher_prob", "phi_mean")
@@ -29,26 +30,34 @@ class REDLossOutput:
     metrics: dict
 
 
-def _per_seq(name, t, b):
-    """A per-sequence input ([B] tensor, list, or None) as a tensor, or None."""
+def _per_seq(name, t):
+    """A per-sequence input ([S] tensor, list, or None) as a tensor, or None."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t, dtype=torch.float32)
-    if tuple(t.shape) != (b,):
-        raise ValueError(f"{name} must be per sequence, shape [{b}], got {tuple(t.shape)}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be per sequence, shape [S], got {tuple(t.shape)}")
     return t
 
 
-def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, ref, is_w, cfg):
+def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, ref, is_w, cfg, global_normalizer,
+                  sequence_ids):
     if targets.dim() != 2:
         raise ValueError(f"targets must be [B, T] (sequences × positions), got shape {tuple(targets.shape)}")
-    b = targets.shape[0]
     check_same_shape("targets", targets, loss_mask=loss_mask, offline_mask=offline_mask, old_logprobs=old,
                      ref_logprobs=ref, is_weights=is_w)
-    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in ((b,), tuple(targets.shape)):
+    if not isinstance(advantages, torch.Tensor) or advantages.dim() not in (1, 2) or (
+            advantages.dim() == 2 and advantages.shape != targets.shape):
         shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
-        raise ValueError(f"advantages must be [B]={b} or [B, T]={tuple(targets.shape)}, got {shape}")
+        raise ValueError(f"advantages must be per sequence [S] (S = B without sequence_ids) or per token "
+                         f"[B, T]={tuple(targets.shape)}, got {shape}")
+    per_seq = {"advantages": advantages if advantages.dim() == 1 else None, "group_accuracy": r_bar,
+               "offline_weight": w}
+    ids, n_seq = sequence_index(sequence_ids, targets, loss_mask.bool(), per_seq)
+    if sequence_ids is not None and cfg.loss_agg == "seq_sum_const" and cfg.loss_const is None:
+        raise ValueError("loss_agg='seq_sum_const' with sequence_ids needs REDLossConfig.loss_const (C, e.g. the "
+                         "maximum response length): the packed row length T is not a sequence length")
     mask = loss_mask.bool()
     off = torch.zeros_like(mask) if offline_mask is None else offline_mask.bool()
     if bool((off & ~mask).any()):
@@ -57,7 +66,7 @@ def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, r
     if bool((mask & (targets == cfg.ignore_index)).any()):
         raise ValueError(f"loss_mask is on where targets == ignore_index ({cfg.ignore_index}); "
                          "mask those positions out of loss_mask")
-    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(targets)
+    adv = advantages if advantages.dim() == 2 else per_token(advantages, ids)
     if not bool(torch.isfinite(adv[mask]).all()):
         raise ValueError("advantages contain NaN/inf on loss tokens (a group with zero std and no epsilon?)")
     for name, t in (("old_logprobs", old), ("ref_logprobs", ref), ("is_weights", is_w)):
@@ -68,50 +77,75 @@ def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, r
                          f"max {float(r_bar.max())}")
     if w is not None and not bool((torch.isfinite(w) & (w >= 0)).all()):
         raise ValueError("offline_weight (w) must be finite and ≥ 0")
+    if global_normalizer is not None:
+        g = float(global_normalizer)
+        if not (g > 0 and g != float("inf")):
+            raise ValueError(f"global_normalizer must be a finite number > 0 (sequences for seq_*, tokens for "
+                             f"token_mean, over the whole batch), got {global_normalizer!r}; pass None to use "
+                             "this call's own count")
     if cfg.kl_coef and ref is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs [B, T]")
     if cfg.offline_shaping == "red" and r_bar is None and bool(off.any()):
-        raise ValueError("offline_shaping='red' needs group_accuracy [B] (the group's mean accuracy r̄) "
+        raise ValueError("offline_shaping='red' needs group_accuracy [S] (the group's mean accuracy r̄) "
                          "when there are offline tokens")
-    return mask, off, adv
+    return mask, off, adv, ids, n_seq
 
 
 def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=None, offline_mask=None,
              group_accuracy=None, offline_weight=None, ref_logprobs=None, is_weights=None, bias=None,
-             config: REDLossConfig | None = None, global_normalizer=None, backend=None, chunk_size=None,
-             check_inputs=True, **config_overrides) -> REDLossOutput:
+             config: REDLossConfig | None = None, global_normalizer=None, sequence_ids=None, backend=None,
+             chunk_size=None, check_inputs=True, process_group=None, vocab_start=None, reduce_hidden_grad=True,
+             **config_overrides) -> REDLossOutput:
     """The RED policy loss (and its baselines GRPO / LUFFY / SFT by configuration) from hidden states.
 
     Args:
         hidden: [B, T, H] last hidden states at the positions that predict `targets`.
         weight: [V, H] lm_head weight (bias: optional [V]).
         targets: [B, T] token ids (ignore_index allowed outside loss_mask).
-        advantages: [B] or [B, T] advantages A (the offline weight w is applied here, not by the caller).
+        advantages: [S] (per sequence; S = B without sequence_ids) or [B, T] advantages A (the offline weight w
+            is applied here, not by the caller).
         loss_mask: [B, T] bool/0-1, the response tokens that carry loss.
         old_logprobs: [B, T] log p_old of online tokens; None → ρ ≡ 1 (one update per rollout batch).
         offline_mask: [B, T] bool, teacher-trace tokens (subset of loss_mask); None → all online.
-        group_accuracy: [B] r̄ of each sequence's group (offline_shaping='red').
-        offline_weight: [B] w, the entropy-ratio weight of offline sequences (default 1).
+        group_accuracy: [S] r̄ of each sequence's group (offline_shaping='red').
+        offline_weight: [S] w, the entropy-ratio weight of offline sequences (default 1).
         ref_logprobs: [B, T] reference-policy log-probs (kl_coef > 0).
         is_weights: [B, T] truncated importance weights for online tokens (rollout-engine mismatch).
-        config / **config_overrides: REDLossConfig fields (clip_eps_low, offline_shaping, loss_agg, ...).
+        config / **config_overrides: REDLossConfig fields (clip_eps_low, offline_shaping, loss_agg, temperature,
+            softcap, logit_scale, ...).
         global_normalizer: sequences (seq_*) or tokens (token_mean) of the whole batch across micro-batches
-            and ranks, so accumulated micro-batch gradients equal the full-batch gradient.
+            and ranks, so accumulated micro-batch gradients equal the full-batch gradient (default: this call's
+            S sequences, or its loss tokens).
+        sequence_ids: None (row b is sequence b), or [B, T] ([T] when B = 1) int ids for packed rows: id k in
+            [0, S) marks sequence k's positions — ONE contiguous run inside one row — and indexes the
+            per-sequence inputs (advantages[k], group_accuracy[k], offline_weight[k]); −1 marks positions of no
+            sequence (padding, the unused tail of a row), which must be outside loss_mask; prompt positions
+            may take k or −1. S = the per-sequence inputs' length (max id + 1 if there are none). seq_mean
+            divides by each sequence's own loss-token count; seq_sum_const then needs loss_const (see
+            red_kernels/sequences.py). Packed and padded layouts of the same sequences give the same loss.
         backend, chunk_size, check_inputs: as in linear_logprobs.
+        process_group, vocab_start, reduce_hidden_grad: vocabulary-parallel weight shards, as in
+            linear_logprobs; every rank computes the (cheap, O(tokens)) loss stage redundantly and returns the same
+            loss, log-probs and metrics; weight/bias gradients are the shard's.
     """
     cfg = REDLossConfig.build(config, **config_overrides)
-    check_linear_inputs(hidden, weight, targets, bias, cfg.temperature, cfg.ignore_index, check_inputs)
-    b = targets.shape[0] if targets.dim() == 2 else 0
-    r_bar = _per_seq("group_accuracy", group_accuracy, b)
-    w = _per_seq("offline_weight", offline_weight, b)
-    mask, off, adv = _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old_logprobs,
-                                   ref_logprobs, is_weights, cfg)
+    name = backends.resolve(backend, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
+    shard = vocab_parallel.setup(process_group, weight, hidden, vocab_start, reduce_hidden_grad, name)
+    vocab_parallel.checked(shard, lambda: check_linear_inputs(
+        hidden, weight, targets, bias, cfg.temperature, cfg.ignore_index, check_inputs, softcap=cfg.softcap,
+        logit_scale=cfg.logit_scale, vocab=None if shard is None else shard.vocab))
+    r_bar = _per_seq("group_accuracy", group_accuracy)
+    w = _per_seq("offline_weight", offline_weight)
+    mask, off, adv, ids, n_seq = _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w,
+                                               old_logprobs, ref_logprobs, is_weights, cfg, global_normalizer,
+                                               sequence_ids)
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
     on = mask & ~off
-    agg = aggregation_weights(mask.to(**f32), cfg, global_normalizer)
+    agg = aggregation_weights(mask.to(**f32), cfg, global_normalizer,
+                              None if sequence_ids is None else ids, n_seq)
 
-    seq = lambda t, fill: (torch.full((b,), fill, **f32) if t is None else t.to(**f32))[:, None].expand_as(targets)
+    seq = lambda t, fill: per_token(torch.full((max(n_seq, 1),), fill, **f32) if t is None else t.to(**f32), ids)
     side_full = {
         "online": on.to(**f32), "offline": off.to(**f32), "adv": adv.to(**f32), "agg": agg,
         "r_bar": seq(r_bar, 0.5), "w": seq(w, 1.0),
@@ -120,10 +154,10 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
         "ref_logp": None if ref_logprobs is None else ref_logprobs.to(**f32),
     }
     eff_targets = torch.where(mask, targets, torch.full_like(targets, cfg.ignore_index))
-    name = backends.resolve(backend, dev)
     if name == "reference":
         logp, ent = linear_logprobs(hidden, weight, eff_targets, bias=bias, temperature=cfg.temperature,
-                                    ignore_index=cfg.ignore_index, backend="reference", check_inputs=False)
+                                    ignore_index=cfg.ignore_index, backend="reference", check_inputs=False,
+                                    softcap=cfg.softcap, logit_scale=cfg.logit_scale)
         side = {k: (v.reshape(-1) if v is not None else None) for k, v in side_full.items()}
         loss = _weighted_loss(logp.reshape(-1), ent.reshape(-1), side, cfg)
         logp_d, ent_d = logp.detach(), ent.detach()
@@ -134,12 +168,12 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
         def token_loss(rows, lp, h):
             return _weighted_loss(lp, h, {k: (v[rows] if v is not None else None) for k, v in side.items()}, cfg)
 
-        if x.shape[0] == 0:
-            zero = (hidden.sum() * 0 + weight.sum() * 0 + (0 if bias is None else bias.sum() * 0)).float()
-            loss, logp_c, ent_c = zero, x.new_zeros(0, dtype=torch.float32), x.new_zeros(0, dtype=torch.float32)
-        else:
-            loss, logp_c, ent_c = fused_linear_token_loss(x, weight, bias, y, cfg.temperature, token_loss,
-                                                          backends.ops(name), chunk_size)
+        zmap = backends.LogitMap(float(cfg.temperature), float(cfg.logit_scale),
+                                 None if cfg.softcap is None else float(cfg.softcap))
+        if shard is not None:
+            y = vocab_parallel.local_targets(y, shard, weight.shape[0])
+        loss, logp_c, ent_c = fused_linear_token_loss(x, weight, bias, y, zmap, token_loss, backends.ops(name),
+                                                      chunk_size, shard)
         n = targets.numel()
         logp_d = scatter_rows(logp_c, index, n, targets.shape)
         ent_d = scatter_rows(ent_c, index, n, targets.shape)

@@ -45,6 +45,11 @@ def bad_case(name):
         "weight_inf": ((x, _with_nan(w, -float("inf")), y), {}, ValueError, "weight"),
         "bias_shape": ((x, w, y), {"bias": torch.zeros(V + 1)}, ValueError, "bias"),
         "bad_backend": ((x, w, y), {"backend": "cuda-magic"}, ValueError, "backend"),
+        "softcap_zero": ((x, w, y), {"softcap": 0.0}, ValueError, "softcap"),
+        "softcap_negative": ((x, w, y), {"softcap": -30.0}, ValueError, "softcap"),
+        "softcap_inf": ((x, w, y), {"softcap": float("inf")}, ValueError, "softcap"),
+        "logit_scale_zero": ((x, w, y), {"logit_scale": 0.0}, ValueError, "logit_scale"),
+        "logit_scale_nan": ((x, w, y), {"logit_scale": float("nan")}, ValueError, "logit_scale"),
     }
     return cases[name]
 
@@ -52,7 +57,8 @@ def bad_case(name):
 BAD = ["mismatched_H", "weight_not_2d", "targets_shape", "targets_float", "weight_on_other_device",
        "targets_on_other_device", "hidden_integer", "weight_integer", "mixed_dtypes", "target_too_large",
        "target_negative_not_ignored", "temperature_zero", "temperature_negative", "temperature_nan",
-       "hidden_nan", "hidden_inf", "weight_nan", "weight_inf", "bias_shape", "bad_backend"]
+       "hidden_nan", "hidden_inf", "weight_nan", "weight_inf", "bias_shape", "bad_backend", "softcap_zero",
+       "softcap_negative", "softcap_inf", "logit_scale_zero", "logit_scale_nan"]
 
 
 @pytest.mark.parametrize("name", BAD)

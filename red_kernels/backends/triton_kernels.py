@@ -1,6 +1,7 @@
 """Triton kernels of `linear_logprobs`: forward statistics and the logits gradient, never the full logits.
 
-Notation (all per token row r, vocabulary column j): z_rj = (x_r·w_j + b_j) / τ, m = max_j z, logs = log Σ exp(z − m),
+Notation (all per token row r, vocabulary column j): u_rj = x_r·w_j + b_j, z_rj = s·u_rj / τ, or with a softcap c
+z_rj = c·tanh(s·u_rj / c) / τ (s = logit scale); m = max_j z, logs = log Σ exp(z − m),
 ezs = E_p[z − m]. Kernels load x/w in their own dtype and compute in fp32: on a GPU the tile product runs as a
 bf16/fp16 `tl.dot` with fp32 accumulation (UPCAST=False); in Triton's interpreter, whose bf16 arithmetic is wrong,
 tiles are upcast to fp32 right after the load (UPCAST=True). The launchers live in `triton_ops.py`.
@@ -12,11 +13,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau,
+def _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau, scale, softcap,
                  stride_xm, stride_xh, stride_wv, stride_wh,
-                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """z[BLOCK_N, BLOCK_V] = (X[rows]·W[cols]ᵀ + b[cols]) / τ in fp32, looping over H in BLOCK_K steps.
+    """z[BLOCK_N, BLOCK_V] in fp32 from u = X[rows]·W[cols]ᵀ + b[cols] (looping over H in BLOCK_K steps):
+    z = s·u/τ, or c·tanh(s·u/c)/τ with HAS_SOFTCAP (tanh(a) = 1 − 2/(e^{2a} + 1): ±1 at overflow, never NaN).
 
     Masked rows/columns load zeros, so every entry is finite (masked columns hold b=0 → 0).
     """
@@ -36,14 +39,18 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau,
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc += bias[None, :]
-    return acc / tau
+    if HAS_SOFTCAP:
+        a = acc * (scale / softcap)
+        return (softcap / tau) * (1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0))
+    return acc * (scale / tau)
 
 
 @triton.jit
 def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
-                         M, V, H, cols_per_split, tau,
+                         M, V, H, cols_per_split, tau, scale, softcap,
                          stride_xm, stride_xh, stride_wv, stride_wh,
-                         HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial softmax statistics of one (token block, vocabulary split).
 
@@ -75,9 +82,9 @@ def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau,
+        z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau, scale, softcap,
                          stride_xm, stride_xh, stride_wv, stride_wh,
-                         HAS_BIAS, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+                         HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_mask[None, :], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, neg_inf)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -99,16 +106,17 @@ def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr
 
 @triton.jit
 def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr, gh_ptr, dz_ptr,
-                   M, V, H, tau,
+                   M, V, H, tau, scale, softcap,
                    stride_xm, stride_xh, stride_wv, stride_wh, stride_dzm,
-                   HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_N, BLOCK_V] tile of ∂L/∂(x·wᵀ + b), recomputed from the saved per-row stats.
 
     With zs = z − m and p = exp(zs − logs) (the exact softmax, since logs = log Σ e^{zs}):
 
-        dZ_j = ( g_lp·(1[j = y] − p_j) − g_H·p_j·(zs_j − ezs) ) / τ
-             = ( −p_j·(g_lp + g_H·(zs_j − ezs)) + g_lp·1[j = y] ) / τ
+        ∂L/∂z_j = g_lp·(1[j = y] − p_j) − g_H·p_j·(zs_j − ezs) = −p_j·(g_lp + g_H·(zs_j − ezs)) + g_lp·1[j = y]
+        dZ_j = ∂L/∂z_j · ∂z_j/∂u_j,   ∂z/∂u = s/τ, or s·(1 − (τ·z/c)²)/τ with a softcap (τ·z/c = tanh)
 
     stored (cast to dz's dtype) into the [M, V] chunk buffer; the GEMMs dX = dZ·W, dW = dZᵀ·X run afterwards.
     Masked rows load zero stats and masked columns zero weights, so nothing non-finite appears in unused lanes.
@@ -119,9 +127,9 @@ def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr
     row_mask = rows < M
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau,
+    z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau, scale, softcap,
                      stride_xm, stride_xh, stride_wv, stride_wh,
-                     HAS_BIAS, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+                     HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
     m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
     logs = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
     ezs = tl.load(ezs_ptr + rows, mask=row_mask, other=0.0)
@@ -134,6 +142,9 @@ def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr
     p = tl.exp(zs - logs[:, None])
     dz = -p * (g_lp[:, None] + g_h[:, None] * (zs - ezs[:, None]))
     dz += tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0)
-    dz = dz / tau
+    if HAS_SOFTCAP:
+        t = z * (tau / softcap)
+        dz = dz * (1.0 - t * t)
+    dz = dz * (scale / tau)
     ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -5,7 +5,7 @@ to the reference's max-abs; bf16/fp16 inputs (reference in fp64 on the same roun
 entropy ≤ 5e-3, gradients ≤ 2e-2 relative.
 
 On CPU the 'triton' backend runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1). To run the same tests
-on the compiled kernels: `TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda pytest tests/test_linear_logprobs.py`
+on the compiled kernels: `TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda pytest tests/kernels/test_logprobs.py`
 (optionally RED_KERNELS_BACKEND=triton to run only that backend).
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from red_kernels import chunked, linear_logprobs
-from red_kernels.reference import reference_logprobs
+from red_kernels import backends, linear_logprobs
+from red_kernels.reference import reference_logits, reference_logprobs
 
 DEVICE = torch.device(
     "cuda" if os.environ.get("RED_KERNELS_TEST_DEVICE") == "cuda" and torch.cuda.is_available() else "cpu")
@@ -71,30 +71,29 @@ def _op(backend, chunk_size=None, **kw):
     return fn
 
 
-def _ref(x, w, y, b, temperature=1.0, ignore_index=-100):
-    return reference_logprobs(x, w, y, b, temperature, ignore_index)
+def _ref(x, w, y, b, temperature=1.0, ignore_index=-100, **zkw):
+    return reference_logprobs(x, w, y, b, temperature, ignore_index, **zkw)
 
 
-def max_logit(x, w, b, tau):
-    z = x.double().reshape(-1, x.shape[-1]) @ w.double().t()
-    if b is not None:
-        z = z + b.double()
-    return (z / tau).abs().max().item() if z.numel() else 0.0
+def max_logit(x, w, b, tau, **zkw):
+    z = reference_logits(x.reshape(-1, x.shape[-1]), w, b, tau, **zkw)
+    return z.abs().max().item() if z.numel() else 0.0
 
 
 def check_against_reference(backend, x, w, y, b, *, tau=1.0, mode="mix", tol=None, chunk_size=None,
-                            ignore_index=-100, logit_ulps=0.0):
+                            ignore_index=-100, logit_ulps=0.0, **zkw):
     """Compare values and gradients with the fp64 reference; returns the observed errors.
 
     logit_ulps > 0 widens every tolerance by logit_ulps·eps32·max|z|: fp32 logits of magnitude |z| are only
     known to ~eps32·|z|, so log p, entropy and the softmax (hence the gradients) inherit that absolute error.
+    zkw: softcap= / logit_scale= for both the op and the reference.
     """
     tol = dict(tol or (FP32_TOL if x.dtype == torch.float32 else HALF_TOL))
-    slack = logit_ulps * EPS32 * max_logit(x, w, b, tau)
+    slack = logit_ulps * EPS32 * max_logit(x, w, b, tau, **zkw)
     lp, ent, grads = run_op(_op(backend, chunk_size, ignore_index=ignore_index), x, w, y, b, mode,
-                            temperature=tau)
+                            temperature=tau, **zkw)
     lp_r, ent_r, grads_r = run_op(_ref, x, w, y, b, mode, leaf_dtype=torch.float64, temperature=tau,
-                                  ignore_index=ignore_index)
+                                  ignore_index=ignore_index, **zkw)
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == y.shape
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     ignored = y == ignore_index
@@ -139,6 +138,75 @@ def test_strided_weight_and_hidden(backend):
     x_view = torch.cat([x, x], dim=-1)[..., :40]
     assert not w_view.is_contiguous() and not x_view.is_contiguous()
     check_against_reference(backend, x_view, w_view, y, b, tau=0.9, mode="mix")
+
+
+def _strided(t, how):
+    """(base, view): base holds t's values at every other position along `how`, view = those values, strided."""
+    if how == "cols":
+        base = torch.stack([t, t.flip(-1) if t.dim() else t], dim=-1).contiguous()
+        return base, lambda u: u[..., 0]
+    base = torch.stack([t, t.flip(0)], dim=1).reshape(2 * t.shape[0], *t.shape[1:]).contiguous()
+    return base, lambda u: u[::2]
+
+
+@pytest.mark.parametrize("arg", ["hidden_rows", "hidden_cols", "weight_rows", "weight_cols", "bias", "targets",
+                                 "all"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend, arg):
+    """Every argument may be a non-contiguous view (a bias with stride 2 gave |Δ log p| = 2.43 on the Triton path
+    before its stride was honoured). Gradients flow back through the views into their bases."""
+    x, w, y, b = make_inputs((29,), 40, 300, bias=True, seed=12)
+    picks = {"x": ("hidden_rows", "hidden_cols"), "w": ("weight_rows", "weight_cols"), "b": ("bias",),
+             "y": ("targets",)}
+    inputs = dict(x=x, w=w, y=y, b=b)
+    views, grads_of = {}, {}
+    for name, t in inputs.items():
+        chosen = [a for a in picks[name] if arg in (a, "all")][:1]
+        how = "rows" if chosen and chosen[0].endswith("rows") else "cols"
+        base, view = _strided(t, how) if chosen else (t.clone(), lambda u: u)
+        if name != "y":
+            base.requires_grad_()
+        views[name] = view(base)
+        grads_of[name] = (base, view)
+        assert views[name].is_contiguous() != bool(chosen) and torch.equal(views[name], t)
+    lp, ent = linear_logprobs(views["x"], views["w"], views["y"], bias=views["b"], temperature=0.9, backend=backend)
+    a, c = upstream(y.shape, "mix")
+    leaves = [grads_of[k][0] for k in ("x", "w", "b")]
+    grads = torch.autograd.grad((lp * a).sum() + (ent * c).sum(), leaves)
+    lp, ent = lp.detach(), ent.detach()
+    grads = [grads_of[k][1](g) for k, g in zip(("x", "w", "b"), grads)]
+    lp_r, ent_r, grads_r = run_op(_ref, x, w, y, b, "mix", leaf_dtype=torch.float64, temperature=0.9)
+    assert (lp.double() - lp_r).abs().max() <= FP32_TOL["lp"]
+    assert (ent.double() - ent_r).abs().max() <= FP32_TOL["ent"]
+    for g, g_r in zip(grads, grads_r):
+        assert (g.double() - g_r).abs().max() <= FP32_TOL["grad"] * g_r.abs().max()
+
+
+# (shape, H, V, dtype, bias, tau, x_scale, softcap, logit_scale): saturating rows have |s·u/c| ≫ 1 (tanh ≈ ±1)
+SOFTCAP_CASES = {
+    "softcap": ((33,), 40, 700, torch.float32, True, 0.8, 1.0, 3.0, 1.0),
+    "softcap_saturating_scaled": ((2, 9), 24, 513, torch.float32, True, 1.3, 4.0, 2.0, 1.7),
+    "logit_scale_only": ((21,), 32, 400, torch.float32, False, 0.9, 1.0, None, 0.35),
+    "softcap_bf16": ((19,), 48, 600, torch.bfloat16, True, 1.0, 1.0, 5.0, 0.8),
+}
+
+
+@pytest.mark.parametrize("mode", ["mix", "ent"])
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_and_logit_scale(backend, case, mode):
+    """z = c·tanh(s·u/c)/τ (or s·u/τ): values and exact gradients (∂z/∂u = s·(1 − tanh²)/τ) against float64."""
+    shape, h, v, dtype, bias, tau, x_scale, cap, scale = SOFTCAP_CASES[case]
+    x, w, y, b = make_inputs(shape, h, v, dtype=dtype, bias=bias, seed=len(case), x_scale=x_scale)
+    check_against_reference(backend, x, w, y, b, tau=tau, mode=mode, softcap=cap, logit_scale=scale)
+
+
+def test_softcap_changes_the_result():
+    """The softcap is applied (not silently ignored): capped log-probs differ from uncapped ones."""
+    x, w, y, b = make_inputs((9,), 16, 100, x_scale=4.0, ignore_frac=0.0)
+    plain, _ = linear_logprobs(x, w, y, backend="torch")
+    capped, _ = linear_logprobs(x, w, y, backend="torch", softcap=1.0)
+    assert (plain - capped).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -197,10 +265,10 @@ def test_large_vocab_torch_backend():
 @pytest.mark.parametrize("splits", [2, 3])
 def test_triton_vocab_splits_merge(splits):
     """Several vocabulary splits per token block merge to the chunked path's statistics."""
-    from red_kernels import triton_ops
+    triton_ops = backends.ops("triton")
     x, w, y, b = make_inputs((20,), 40, 5000, bias=True, ignore_frac=0.0, seed=5)
-    got = triton_ops.forward_stats(x, w, b, y, 0.9, vocab_splits=splits)
-    want = chunked.forward_stats(x, w, b, y, 0.9)
+    got, _ = triton_ops.stats(x, w, b, y, backends.LogitMap(0.9), vocab_splits=splits)
+    want = backends.forward_stats(backends.ops("torch"), x, w, b, y, 0.9)
     assert triton_ops._split_layout(20, 5000, x.device, splits)[0] == splits
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
@@ -208,18 +276,18 @@ def test_triton_vocab_splits_merge(splits):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend deselected by RED_KERNELS_BACKEND")
 def test_triton_backward_is_deterministic_and_forward_with_grad_matches():
-    from red_kernels import triton_ops
+    triton_ops, chunked = backends.ops("triton"), backends.ops("torch")
     x, w, y, b = make_inputs((30,), 24, 700, bias=True, ignore_frac=0.0, seed=9)
-    m, logs, ezs, zy_s = triton_ops.forward_stats(x, w, b, y, 1.2)
+    stats = backends.forward_stats(triton_ops, x, w, b, y, 1.2)
     a, c = upstream(y.shape, "mix")
-    first = triton_ops.backward(x, w, b, y, 1.2, m, logs, ezs, a, c, chunk_size=7)
-    second = triton_ops.backward(x, w, b, y, 1.2, m, logs, ezs, a, c, chunk_size=7)
+    first = backends.backward(triton_ops, x, w, b, y, 1.2, stats, a, c, chunk_size=7)
+    second = backends.backward(triton_ops, x, w, b, y, 1.2, stats, a, c, chunk_size=7)
     assert all(torch.equal(p, q) for p, q in zip(first, second))
 
     def grad_fn(rows, logp, ent):
         return a[rows] * 2, c[rows] - 1
-    got = triton_ops.forward_with_grad(x, w, b, y, 1.2, grad_fn)
-    want = chunked.forward_with_grad(x, w, b, y, 1.2, grad_fn)
+    got = backends.forward_with_grad(triton_ops, x, w, b, y, 1.2, grad_fn)
+    want = backends.forward_with_grad(chunked, x, w, b, y, 1.2, grad_fn)
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-4)
 
@@ -228,6 +296,7 @@ SMALL_TILE_CASES = {
     # (shape, H, V, dtype, bias, tau, vocab splits of the forward)
     "fp32_many_tiles": ((45,), 40, 700, torch.float32, True, 0.8, 3),
     "bf16_many_tiles": ((2, 11), 50, 333, torch.bfloat16, False, 1.2, 1),
+    "softcap_many_tiles": ((37,), 40, 500, torch.float32, True, 0.9, 2),
 }
 
 
@@ -235,7 +304,7 @@ SMALL_TILE_CASES = {
 @pytest.mark.parametrize("case", [*SMALL_TILE_CASES, "all_very_negative", "spread_1e4"])
 def test_triton_small_tiles(case, monkeypatch):
     """16×64×16 interpreter tiles: many token blocks, vocabulary tiles (online rescaling) and H steps."""
-    from red_kernels import triton_ops
+    triton_ops = backends.ops("triton")
     monkeypatch.setattr(triton_ops, "INTERPRETER_MAX_BLOCKS", (16, 64, 16))
     if case in SMALL_TILE_CASES:
         shape, h, v, dtype, bias, tau, splits = SMALL_TILE_CASES[case]
@@ -243,9 +312,10 @@ def test_triton_small_tiles(case, monkeypatch):
         ulps = 0.0
     else:
         (x, w, y, b), tau, splits, ulps = _extreme(case), 0.9, 2, 8
-    forward = triton_ops.forward_stats
-    monkeypatch.setattr(triton_ops, "forward_stats", lambda *a, **k: forward(*a, **k, vocab_splits=splits))
-    check_against_reference("triton", x, w, y, b, tau=tau, mode="mix", chunk_size=13, logit_ulps=ulps)
+    forward = triton_ops.stats
+    monkeypatch.setattr(triton_ops, "stats", lambda *a, **k: forward(*a, **k, vocab_splits=splits))
+    zkw = dict(softcap=2.5, logit_scale=1.3) if case.startswith("softcap") else {}
+    check_against_reference("triton", x, w, y, b, tau=tau, mode="mix", chunk_size=13, logit_ulps=ulps, **zkw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -266,8 +336,8 @@ import itertools
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from red_kernels import triton_kernels as K
-from red_kernels.triton_ops import _gpu_configs
+from red_kernels.backends import triton_kernels as K
+from red_kernels.backends.triton import _gpu_configs
 
 def signature(fn, dtype, dz_dtype):
     ptr = {"x_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "y_ptr": "i64", "dz_ptr": dz_dtype}
@@ -278,13 +348,13 @@ def signature(fn, dtype, dz_dtype):
         elif name.endswith("_ptr"):
             sig[name] = "*" + ptr.get(name, "fp32")
         else:
-            sig[name] = "fp32" if name == "tau" else "i32"
+            sig[name] = "fp32" if name in ("tau", "scale", "softcap") else "i32"
     return sig
 
 config = min(_gpu_configs(), key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])  # smallest: quick to build
-for fn, (dtype, precision) in itertools.product(
-        (K.forward_stats_kernel, K.dlogits_kernel), (("bf16", None), ("fp32", "ieee"))):
-    consts = dict(config.kwargs, HAS_BIAS=True, UPCAST=False, INPUT_PRECISION=precision)
+variants = [(("bf16", None), False), (("fp32", "ieee"), False), (("bf16", None), True)]  # (dtype, precision), softcap
+for fn, ((dtype, precision), cap) in itertools.product((K.forward_stats_kernel, K.dlogits_kernel), variants):
+    consts = dict(config.kwargs, HAS_BIAS=True, HAS_SOFTCAP=cap, UPCAST=False, INPUT_PRECISION=precision)
     src = ASTSource(fn, signature(fn, dtype, dtype), constexprs=consts)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})
@@ -301,5 +371,5 @@ def test_kernels_compile_for_hopper_without_gpu(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-4000:]

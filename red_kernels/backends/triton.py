@@ -1,12 +1,13 @@
-"""Launchers of the Triton backend: the same contract as `chunked.py` (forward_stats / backward), on Triton kernels.
+"""The Triton backend (CUDA default): the per-chunk contract of `backends/__init__.py`, on the kernels of
+`triton_kernels.py`.
 
 Forward: `forward_stats_kernel` on a grid (token blocks, vocabulary splits) writes partial (m, s, t, z_y) per
 split; `merge_splits` combines them in a tiny fp32 torch step. Splitting the vocabulary lets a few hundred tokens
 still fill a GPU; the token count is always on grid axis 0 (no 65,535 cap).
 
 Backward: for chunks of rows, `dlogits_kernel` recomputes the logit tiles and writes dZ = ∂L/∂(x·wᵀ + b) into a
-[chunk, V] buffer, then dX_chunk = dZ·W and dW += dZᵀ·X_chunk run as torch GEMMs (cuBLAS on a GPU) accumulated in
-fp32, db += Σ_rows dZ. Memory beyond inputs/outputs is one chunk buffer; no atomics, so results are
+[chunk, V] buffer; the driver then runs dX_chunk = dZ·W and dW += dZᵀ·X_chunk as torch GEMMs (cuBLAS on a GPU)
+accumulated in fp32, db += Σ_rows dZ. Memory beyond inputs/outputs is one chunk buffer; no atomics, so results are
 bit-reproducible for a fixed chunk size and device.
 
 On a GPU with bf16/fp16 inputs the kernels multiply in the input dtype on tensor cores (fp32 accumulation) and dZ
@@ -42,7 +43,7 @@ def _gpu_configs():
             for n, v, k, w, s in shapes]
 
 
-_KEY = ["H", "V", "HAS_BIAS", "UPCAST", "INPUT_PRECISION"]
+_KEY = ["H", "V", "HAS_BIAS", "HAS_SOFTCAP", "UPCAST", "INPUT_PRECISION"]
 if INTERPRET:
     _forward_kernel, _dlogits_kernel = K.forward_stats_kernel, K.dlogits_kernel
 else:
@@ -113,39 +114,73 @@ def _strides(x, w):
     return x.stride(0), x.stride(1), w.stride(0), w.stride(1)
 
 
-def forward_stats(x, w, b, y, tau, chunk_size=None, *, vocab_splits=None):
-    """Per-token (m, logs, ezs, zy_s), each fp32 [M], for compacted rows x [M, H], y [M] (see chunked.py).
+def prepare(w, b):
+    """The kernels read w in its own dtype through its strides; b is read with stride 1, so a strided bias view
+    (e.g. a slice of a larger tensor) is made contiguous here (a [V] copy)."""
+    return w, (None if b is None else b.contiguous())
 
-    chunk_size is ignored (the forward keeps no [rows, V] block); vocab_splits overrides the split count.
-    """
+
+def stats_rows(n, vocab, x, chunk_size=None):
+    return n      # the forward keeps no [rows, V] block: one launch for all rows (chunk_size is ignored)
+
+
+def gemm_dtype(x):
+    """dZ dtype fed to the GEMMs: the input dtype for bf16/fp16 on CUDA (tensor cores), else fp32."""
+    half = x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+    return x.dtype if half else torch.float32
+
+
+def dz_rows(n, vocab, x, dtype, chunk_size=None):
+    """Rows per backward chunk: the [rows, V] dZ buffer stays within a fixed budget."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    if x.device.type == "cuda":
+        rows = _DZ_BYTES_CUDA // (vocab * torch.finfo(dtype).bits // 8)
+        return max(64, rows // 64 * 64)
+    return max(1, _DZ_ELEMENTS_CPU // vocab)
+
+
+def _zmap_args(zm):
+    """(tau, scale, softcap) kernel scalars and the HAS_SOFTCAP flag of a LogitMap."""
+    cap = zm.softcap
+    return (float(zm.temperature), float(zm.logit_scale), 1.0 if cap is None else float(cap)), cap is not None
+
+
+def stats(x, w, b, y, zm, keep=False, *, vocab_splits=None):
+    """((m, logs, ezs, zy_s) each fp32 [c], None): nothing is kept, `dz` recomputes the logits tiles.
+
+    vocab_splits overrides the number of vocabulary splits of the forward grid."""
     n, hidden = x.shape
     vocab = w.shape[0]
-    if n == 0:
-        z = torch.zeros(n, dtype=torch.float32, device=x.device)
-        return z, z.clone(), z.clone(), z.clone()
     splits, cols = _split_layout(n, vocab, x.device, vocab_splits)
     part = torch.empty(4, splits, n, dtype=torch.float32, device=x.device)
+    scalars, has_cap = _zmap_args(zm)
     upcast, precision = _precision(x.dtype)
     y = y.contiguous()
     args = (x, w, x if b is None else b, y, part[0], part[1], part[2], part[3],
-            n, vocab, hidden, cols, float(tau), *_strides(x, w))
-    flags = dict(HAS_BIAS=b is not None, UPCAST=upcast, INPUT_PRECISION=precision)
+            n, vocab, hidden, cols, *scalars, *_strides(x, w))
+    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, UPCAST=upcast, INPUT_PRECISION=precision)
     if INTERPRET:
         bn, bv, bk = interpreter_blocks(n, vocab, hidden)
         _forward_kernel[(triton.cdiv(n, bn), splits)](*args, **flags, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk)
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
         _forward_kernel[grid](*args, **flags)
-    return merge_splits(part[0], part[1], part[2], part[3])
+    return merge_splits(part[0], part[1], part[2], part[3]), None
 
 
-def _launch_dlogits(x, w, b, y, m, logs, ezs, g_lp, g_h, dz, tau):
+def dz(x, w, b, y, zm, st, g_lp, g_h, cache, out):
+    """dZ of one chunk, recomputed from the saved stats by `dlogits_kernel` into `out` [c, V] (fp32 or half)."""
+    m, logs, ezs, _ = (t.float().contiguous() for t in st)
+    g_lp = g_lp.float().contiguous()
+    g_h = torch.zeros_like(g_lp) if g_h is None else g_h.float().contiguous()
     n, hidden = x.shape
     vocab = w.shape[0]
     upcast, precision = _precision(x.dtype)
-    args = (x, w, x if b is None else b, y, m, logs, ezs, g_lp, g_h, dz,
-            n, vocab, hidden, float(tau), *_strides(x, w), dz.stride(0))
-    flags = dict(HAS_BIAS=b is not None, UPCAST=upcast, INPUT_PRECISION=precision)
+    scalars, has_cap = _zmap_args(zm)
+    args = (x, w, x if b is None else b, y.contiguous(), m, logs, ezs, g_lp, g_h, out,
+            n, vocab, hidden, *scalars, *_strides(x, w), out.stride(0))
+    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, UPCAST=upcast, INPUT_PRECISION=precision)
     if INTERPRET:
         bn, bv, bk = interpreter_blocks(n, vocab, hidden)
         _dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vocab, bv))](
@@ -153,91 +188,4 @@ def _launch_dlogits(x, w, b, y, m, logs, ezs, g_lp, g_h, dz, tau):
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))  # noqa: E731
         _dlogits_kernel[grid](*args, **flags)
-
-
-_OUT_DTYPE_GEMM = [True]  # torch.mm/addmm(..., out_dtype=float32) on CUDA half inputs; off after one failure
-
-
-def _mm_fp32(out, a, b):
-    """out (fp32) = a @ b, with fp32 accumulation and output even for bf16/fp16 operands."""
-    if a.dtype == torch.float32:
-        torch.mm(a, b, out=out)
-        return
-    if _OUT_DTYPE_GEMM[0]:
-        try:
-            torch.mm(a, b, out_dtype=torch.float32, out=out)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE_GEMM[0] = False
-    out.copy_(torch.mm(a, b))
-
-
-def _addmm_fp32(acc, a, b):
-    """acc (fp32) += a @ b, with fp32 output even for bf16/fp16 operands."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    if _OUT_DTYPE_GEMM[0]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE_GEMM[0] = False
-    acc += torch.mm(a, b).float()  # each chunk's product rounded to a, then summed in fp32
-
-
-def backward_rows(n_rows, vocab, dz_dtype, device, chunk_size=None):
-    """Rows per backward chunk: the [rows, V] dZ buffer stays within a fixed budget."""
-    if chunk_size is not None:
-        return max(1, int(chunk_size))
-    if device.type == "cuda":
-        rows = _DZ_BYTES_CUDA // (vocab * torch.finfo(dz_dtype).bits // 8)
-        rows = max(64, rows // 64 * 64)
-    else:
-        rows = max(1, _DZ_ELEMENTS_CPU // vocab)
-    return min(rows, n_rows)
-
-
-def backward(x, w, b, y, tau, m, logs, ezs, g_lp, g_h, chunk_size=None, *, dz_dtype=None):
-    """(dX fp32 [M, H], dW fp32 [V, H], db fp32 [V] or None) from the saved stats and g_lp, g_h [M].
-
-    dz_dtype: dtype of the dZ buffer fed to the GEMMs; default fp32, or the input dtype for bf16/fp16 on CUDA.
-    """
-    n = x.shape[0]
-    dev = x.device
-    if g_h is None:  # entropy output unused
-        g_h = torch.zeros_like(g_lp)
-    dx = torch.empty(x.shape, dtype=torch.float32, device=dev)
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=dev)
-    db = None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=dev)
-    if n == 0:
-        return dx, dw, db
-    if dz_dtype is None:
-        dz_dtype = x.dtype if (dev.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)) else torch.float32
-    rows = backward_rows(n, w.shape[0], dz_dtype, dev, chunk_size)
-    buf = torch.empty(rows, w.shape[0], dtype=dz_dtype, device=dev)
-    w_gemm = w.to(dz_dtype)  # no copy when dtypes agree
-    y = y.contiguous()
-    m, logs, ezs = m.float().contiguous(), logs.float().contiguous(), ezs.float().contiguous()
-    g_lp, g_h = g_lp.float().contiguous(), g_h.float().contiguous()
-    for i in range(0, n, rows):
-        sl = slice(i, min(i + rows, n))
-        dz = buf[: sl.stop - i]
-        _launch_dlogits(x[sl], w, b, y[sl], m[sl], logs[sl], ezs[sl], g_lp[sl], g_h[sl], dz, tau)
-        _mm_fp32(dx[sl], dz, w_gemm)
-        _addmm_fp32(dw, dz.t(), x[sl].to(dz_dtype))
-        if db is not None:
-            db += dz.sum(dim=0, dtype=torch.float32)
-    return dx, dw, db
-
-
-def forward_with_grad(x, w, b, y, tau, token_grad_fn, chunk_size=None):
-    """Same contract as chunked.forward_with_grad; here one forward sweep then the recompute backward.
-
-    token_grad_fn is called once with rows = slice(0, M). Returns (logp, entropy, dX, dW, db).
-    """
-    m, logs, ezs, zy_s = forward_stats(x, w, b, y, tau)
-    logp, ent = zy_s - logs, logs - ezs
-    g_lp, g_h = token_grad_fn(slice(0, x.shape[0]), logp, ent)
-    dx, dw, db = backward(x, w, b, y, tau, m, logs, ezs, g_lp, g_h, chunk_size)
-    return logp, ent, dx, dw, db
+    return out

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from loss_reference import naive_red_loss
 from red_kernels import REDLossConfig, red_loss
+from red_kernels.reference import naive_red_loss
 
 DEVICE = os.environ.get("RED_KERNELS_TEST_DEVICE", "cpu")
 BACKENDS = ["torch", "triton"]
@@ -102,6 +102,17 @@ def test_bias_dual_clip_per_token_advantages_and_is_weights(backend):
                          offline=batch["offline"], r_bar=batch["r_bar"], w=batch["w"], is_w=is_w, bias=br, **cfg)
     ref.backward()
     assert_close(out, [h.grad, w.grad, b.grad], ref, [hr.grad, wr.grad, br.grad])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap,scale", [(2.0, 1.0), (None, 0.6), (4.0, 1.8)])
+def test_softcap_and_logit_scale_match_float64(backend, softcap, scale):
+    batch = make_batch(bias=True, seed=17)
+    batch["hidden"] = batch["hidden"] * 3        # some logits reach the saturating part of the tanh
+    cfg = dict(softcap=softcap, logit_scale=scale, temperature=0.9, entropy_coef=0.01, kl_coef=0.05)
+    out, grads = ours(batch, backend, **cfg)
+    ref_loss, ref_grads = reference(batch, **cfg)
+    assert_close(out, grads, ref_loss, ref_grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -231,7 +242,12 @@ def _bad(**kw):
     (dict(loss_agg="mean"), "loss_agg"),
     (dict(offline_shaping="sft"), "offline_shaping"),
     (dict(clip_eps_low=1.5), "clip_eps_low"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(logit_scale=-1.0), "logit_scale"),
     (dict(not_a_key=1), "not_a_key"),
+    (dict(global_normalizer=0), "global_normalizer"),
+    (dict(global_normalizer=-2.0), "global_normalizer"),
+    (dict(global_normalizer=float("nan")), "global_normalizer"),
 ])
 def test_bad_input_names_the_argument(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -249,3 +265,28 @@ def test_config_object_and_module_agree():
                  offline_mask=batch["offline"], offline_weight=batch["w"], offline_shaping="luffy",
                  loss_agg="token_mean", backend="torch")
     assert a.loss.item() == b.loss.item()
+
+
+def _strided_view(t):
+    """t's values as a non-contiguous view (every other element of a twice-as-wide tensor)."""
+    return torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_match_float64(backend):
+    """Every tensor argument of red_loss as a non-contiguous view (bias included: stride 2 was wrong on Triton);
+    the gradients flow through the views into their (contiguous) leaves."""
+    batch = make_batch(bias=True, seed=13)
+    g = torch.Generator().manual_seed(3)
+    batch["adv"] = torch.randn(batch["targets"].shape, generator=g).to(DEVICE)   # per-token: a [B, T] view
+    bases = {k: torch.stack([v, torch.zeros_like(v)], dim=-1) for k, v in batch.items()}
+    leaves = [bases[k].requires_grad_() for k in ("hidden", "weight", "bias")]
+    v = {k: t[..., 0] for k, t in bases.items()}
+    assert not any(t.is_contiguous() for t in v.values())
+    cfg = dict(kl_coef=0.05, entropy_coef=0.01, sft_coef=0.1, temperature=0.9)
+    out = red_loss(v["hidden"], v["weight"], v["targets"], v["adv"], loss_mask=v["mask"], old_logprobs=v["old"],
+                   offline_mask=v["offline"], group_accuracy=v["r_bar"], offline_weight=v["w"],
+                   ref_logprobs=v["ref"], bias=v["bias"], backend=backend, **cfg)
+    grads = [g[..., 0] for g in torch.autograd.grad(out.loss, leaves)]
+    ref_loss, ref_grads = reference(batch, **cfg)
+    assert_close(out, grads, ref_loss, ref_grads)
