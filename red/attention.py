@@ -43,13 +43,14 @@ def has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and is_flash_attn_2_available()
 
 
-def resolve(name: str, device) -> str:
-    """The attention implementation for `model.attn_implementation` = name on `device` ("auto": see above)."""
+def resolve(name: str, device, dtype: str = "bfloat16") -> str:
+    """The attention implementation for `model.attn_implementation` = name on `device` with compute `dtype`
+    ("auto": see above; FlashAttention kernels take only float16/bfloat16, so float32 on CUDA gets sdpa)."""
     if name != "auto":
         if name == VARLEN:
             register()
         return name
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or dtype == "float32":
         return "sdpa"
     if has_flash_attn():
         return "flash_attention_2"
@@ -68,8 +69,9 @@ def packing_layout(attn: str, device, enabled: bool = True) -> str:
     if attn in MASKED and torch.device(device).type == "cpu":
         return "rows"
     warnings.warn(f"train.packing: attention {attn!r} on {torch.device(device).type} has no packed-sequence "
-                  "path here (install the [gpu] extra for flash_attention_2, or use a torch with "
-                  "torch.nn.attention.varlen); using padded micro-batches", stacklevel=2)
+                  "path here (on CUDA: model.dtype bfloat16/float16 and model.attn_implementation auto, with the "
+                  "[gpu] extra for flash_attention_2 or a torch with torch.nn.attention.varlen); using padded "
+                  "micro-batches", stacklevel=2)
     return "off"
 
 
@@ -92,6 +94,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     varlen = varlen or _varlen_fn()
     (cu, _), (mx, _) = prepare_fa_kwargs_from_position_ids(position_ids.expand(b, t))
     q, k, v = (x.transpose(1, 2).reshape(b * x.shape[2], x.shape[1], d) for x in (query, key, value))
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):   # RoPE promoted q, k to float32
+        q, k, v = (x.to(torch.get_autocast_dtype(q.device.type)) for x in (q, k, v))
     params = inspect.signature(varlen).parameters
     kw = {"scale": scaling} if "scale" in params else {}
     if k.shape[1] != hq:

@@ -12,9 +12,9 @@ says which sequence each target position belongs to (−1 on the tail), in red_l
 Layouts:
 * "flat": one row per micro-batch holding up to `token_budget` tokens (FlashAttention varlen: cost is linear in
   the row, b = 1 as transformers' padding-free path expects).
-* "rows": rows as wide as the batch's longest sequence (at most the budget), several rows per micro-batch,
-  rows × width ≤ budget (SDPA/eager with a dense block mask: attention cost per row stays that of the longest
-  sequence). In both, a sequence longer than the budget is a micro-batch of its own, as when padded.
+* "rows": several rows per micro-batch, as wide as its longest sequence, rows × width ≤ budget (SDPA/eager with
+  a dense block mask: the attention cost of a row stays that of the padded row it replaces).
+In both, a sequence longer than the budget is a micro-batch of its own, as when padded.
 """
 from __future__ import annotations
 
@@ -41,17 +41,30 @@ def first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def packed_groups(lengths: list[int], token_budget: int, layout: str) -> list[list[list[int]]]:
-    """Micro-batches -> rows -> sequence indices, for `layout` "flat" or "rows" (see the module docstring)."""
-    from .batching import token_budget_groups
+    """Micro-batches -> rows -> sequence indices, for `layout` "flat" or "rows" (see the module docstring).
+
+    "rows": longest first, each sequence into the first row with room of any micro-batch; a sequence that fits
+    nowhere opens a micro-batch of budget // n rows of width n (its length: the padded micro-batch it opens has
+    budget // n sequences). No micro-batch is wider than padding would make it, and short sequences fill the
+    rows of longer ones."""
     if not lengths:
         return []
     if layout == "flat":
         return [[row] for row in first_fit_rows(lengths, token_budget)]
     if layout != "rows":
         raise ValueError(f"packing layout must be one of flat, rows, got {layout!r}")
-    rows = first_fit_rows(lengths, min(max(lengths), token_budget))
-    fills = [sum(lengths[i] for i in row) for row in rows]
-    return [[rows[j] for j in grp] for grp in token_budget_groups(fills, token_budget)]
+    out, fill, width = [], [], []               # per micro-batch: rows, row fills, width
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        at = next(((m, j) for m in range(len(out)) for j, f in enumerate(fill[m]) if f + n <= width[m]), None)
+        if at is None:
+            out.append([[] for _ in range(max(token_budget // n, 1))])
+            fill.append([0] * len(out[-1]))
+            width.append(n)
+            at = (len(out) - 1, 0)
+        out[at[0]][at[1]].append(i)
+        fill[at[0]][at[1]] += n
+    return [[row for row in mb if row] for mb in out]
 
 
 def micro_batch_count(lengths: list[int], token_budget: int, layout: str = "off") -> int:

@@ -47,7 +47,7 @@ def build_model(cfg, device, run: RunDir, resume_dir):
     """(model with float32 parameters, tokenizer, whether the warm-up is already done)."""
     from .attention import resolve
     from .models import load_pretrained
-    attn = resolve(cfg.model.attn_implementation, device)
+    attn = resolve(cfg.model.attn_implementation, device, cfg.model.dtype)
     warm = cfg.warmup.enabled and os.path.isfile(os.path.join(run.warmup, "config.json"))
     if resume_dir or warm:
         if warm and not resume_dir:
@@ -128,6 +128,7 @@ def train(cfg) -> int:
     summary = state.get("summary") if state else None
     summary = summary or {"versions": package_versions(), **info}
     summary["precision"] = policy.precision()
+    summary["attention"] = {"implementation": model.config._attn_implementation, "packing": policy.packing}
     say = lambda text: parallel.is_main() and print(text, flush=True)
     try:
         for stage in modes.plan(cfg):

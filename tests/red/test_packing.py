@@ -2,6 +2,8 @@
 attention across a sequence boundary; layout and budget of the packed rows."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import tiny_model
 from test_batching import make_batch
 from test_update import _Recorder
@@ -18,6 +20,23 @@ LAYOUTS = ("rows", "flat")
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model(seed=0)
+
+
+def mixed_batch(n=12, seed=0) -> RolloutBatch:
+    """make_batch's kinds of rows (online with engine log-probs, every third a teacher trace) with lengths from
+    3 to 30 tokens, so rows of a micro-batch have room for short sequences."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for i in range(n):
+        p = torch.randint(3, 200, (int(torch.randint(2, 19, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(3, 200, (int(torch.randint(1, 13, (1,), generator=g)),), generator=g).tolist()
+        item = PromptItem(p, "1", [r], "t", i, i)
+        if i % 3 == 2:
+            parts.append(RolloutBatch.from_rollouts([item], [[]], 1))
+        else:
+            parts.append(RolloutBatch.from_rollouts([item], [[Rollout(p, r, [-1.0] * len(r), "stop")]], 0))
+    return RolloutBatch.cat(parts).replace(advantage=torch.linspace(-2, 2, n), group_accuracy=torch.linspace(0.1, 0.9, n),
+                                           offline_weight=torch.full((n,), 1.5))
 
 
 def policy(model, tok, layout):
@@ -47,6 +66,18 @@ def test_packed_groups_hold_every_sequence_once_within_the_budget():
         packed_groups(lengths, 16, "padded")
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=60), st.sampled_from([16, 64, 256, 1024]),
+       st.sampled_from(LAYOUTS))
+def test_packing_never_needs_more_micro_batches_or_width_than_padding(lengths, budget, layout):
+    groups = packed_groups(lengths, budget, layout)
+    assert sorted(i for g in groups for row in g for i in row) == list(range(len(lengths)))
+    assert len(groups) <= len(token_budget_groups(lengths, budget))
+    for g in groups:
+        width = max(sum(lengths[i] for i in row) for row in g)
+        assert len(g) * width <= budget or sum(len(row) for row in g) == 1
+
+
 def test_collate_packed_concatenates_sequences_with_restarting_positions():
     items = [PromptItem([5, 6, 7], "1", [[8, 9]], "t", 0, 0), PromptItem([5], "1", [], "t", 1, 1)]
     b = RolloutBatch.cat([RolloutBatch.from_rollouts(items[:1], [[]], 1),
@@ -71,10 +102,11 @@ def test_collate_packed_concatenates_sequences_with_restarting_positions():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_old_policy_pass_packed_equals_padded(tiny, layout):
     model, tok = tiny
-    b = make_batch(11, seed=3)
-    ref = old_policy_pass(policy(model, tok, "off"), b, 24, temperature=0.7)
-    got = old_policy_pass(policy(model, tok, layout), b, 24, temperature=0.7)
-    assert any(len(mb.rows) > mb.input_ids.shape[0] for mb in micro_batches(b, 24, 0, layout))   # really packed
+    b = mixed_batch(12, seed=3)
+    ref = old_policy_pass(policy(model, tok, "off"), b, 64, temperature=0.7)
+    got = old_policy_pass(policy(model, tok, layout), b, 64, temperature=0.7)
+    mbs = micro_batches(b, 64, 0, layout)
+    assert len(mbs) > 1 and any(len(mb.rows) > mb.input_ids.shape[0] for mb in mbs)   # really packed
     assert torch.allclose(got.old_logprobs, ref.old_logprobs, rtol=1e-5, atol=1e-6)
     assert torch.allclose(got.entropy, ref.entropy, rtol=1e-5, atol=1e-6)
     assert not got.old_logprobs[~b.response_mask()].any()
@@ -83,11 +115,13 @@ def test_old_policy_pass_packed_equals_padded(tiny, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_sequence_never_attends_across_a_boundary(tiny, layout):
     model, tok = tiny
-    b = make_batch(8, seed=4)
+    b = mixed_batch(10, seed=4)
     mb = micro_batches(b, 10_000, 0, layout)[0]
     assert len(mb.rows) == b.B and mb.input_ids.shape[0] < b.B              # one micro-batch, packed rows
     base = old_policy_pass(policy(model, tok, layout), b, 10_000, 1.0)
-    victim = int(mb.rows[1])                        # a sequence with neighbours on both sides in its row
+    row = int(mb.seq_row.bincount().argmax())
+    in_row = mb.rows[mb.seq_row == row]                                     # in row order
+    victim = int(in_row[0 if len(in_row) == 2 else 1])    # a later neighbour (and an earlier one when there are 3+)
     prompt = b.prompt.clone()
     prompt[victim, : int(b.prompt_len[victim])] = 3 + (prompt[victim, : int(b.prompt_len[victim])] + 7) % 190
     changed = old_policy_pass(policy(model, tok, layout), b.replace(prompt=prompt), 10_000, 1.0)
@@ -110,8 +144,7 @@ def _loss_config(mode, agg):
 @pytest.mark.parametrize("agg", ["seq_sum_const", "token_mean", "seq_mean"])
 def test_update_packed_equals_padded(tiny, layout, mode, agg):
     model, tok = tiny
-    b = make_batch(9, seed=5)
-    b = b.replace(group_accuracy=torch.linspace(0.1, 0.9, b.B))
+    b = mixed_batch(12, seed=5)
     if mode == "grpo":                                  # online rows only
         b = b.replace(is_offline=torch.zeros(b.B, dtype=torch.bool))
     b = old_policy_pass(policy(model, tok, "off"), b, 10_000, 0.9)
@@ -123,7 +156,7 @@ def test_update_packed_equals_padded(tiny, layout, mode, agg):
     runs = []
     for lay in ("off", layout):
         rec = _Recorder(model.parameters())
-        m = policy_update(policy(model, tok, lay), b, cfg, 20, rec, 1e9, norm, use_old=True)
+        m = policy_update(policy(model, tok, lay), b, cfg, 64, rec, 1e9, norm, use_old=True)
         runs.append((m, rec.grads))
     (m1, g1), (m2, g2) = runs
     assert m1["loss"] != 0.0
@@ -141,10 +174,10 @@ def test_packed_llama_matches_padded():
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       attn_implementation="sdpa")
     model = LlamaForCausalLM(cfg)
-    b = make_batch(7, seed=6)
-    ref = old_policy_pass(Policy(model, pad_id=0), b, 20, 1.0)
+    b = mixed_batch(10, seed=6)
+    ref = old_policy_pass(Policy(model, pad_id=0), b, 64, 1.0)
     for layout in LAYOUTS:
-        got = old_policy_pass(policy(model, type("T", (), {"pad_token_id": 0}), layout), b, 20, 1.0)
+        got = old_policy_pass(policy(model, type("T", (), {"pad_token_id": 0}), layout), b, 64, 1.0)
         assert torch.allclose(got.old_logprobs, ref.old_logprobs, rtol=1e-5, atol=1e-6)
         assert torch.allclose(got.entropy, ref.entropy, rtol=1e-5, atol=1e-6)
 

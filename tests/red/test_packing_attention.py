@@ -54,6 +54,7 @@ def test_selection_by_device(monkeypatch):
     assert attention.resolve("auto", "cuda") == "flash_attention_2"
     monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
     assert attention.resolve("auto", "cuda") == attention.VARLEN               # torch 2.13 has varlen_attn
+    assert attention.resolve("auto", "cuda", "float32") == "sdpa"             # flash kernels: 16-bit only
     from transformers import AttentionInterface
     assert attention.VARLEN in AttentionInterface._global_mapping
     monkeypatch.setattr(attention, "_varlen_fn", lambda: None)
