@@ -55,5 +55,7 @@ TRITON_INTERPRET=0 timeout 170 python -m bench.gpu_bench --out "$DEST" --budget-
     --note "bench/gpu_check.sh; tests exit code $tests_rc" 2>&1 | tee "$DEST/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 log "benchmarks exit code $bench_rc"
+# Packed vs padded trainer passes (flash_attention_2 / torch varlen_attn; prints "nothing to check" without either).
+timeout 120 python -m bench.test_bench_packing --device cuda --out "$DEST" 2>&1 | tee "$DEST/gpu_packing.log"; log "packing check exit code ${PIPESTATUS[0]}"
 log "done"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

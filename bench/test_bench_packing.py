@@ -8,8 +8,9 @@ Cases (the same model runs both layouts on the same sequences; tokens/s counts r
   sigma 1, clipped to [4, 2048]) — the long-tailed mix of RL batches; budget 8192.
 CPU: `pytest bench/test_bench_packing.py --benchmark-only [--record]` (one thread; wall and process CPU time,
 medians of 3 rounds after 1 warm-up); --record writes bench/results/packing-cpu.json/.md.
-GPU: `python -m bench.test_bench_packing --device cuda --out DIR` (bf16 autocast, a larger model; every packed
-attention available — flash_attention_2, torch_varlen — against padded sdpa, with a log-prob agreement check).
+GPU: `python -m bench.test_bench_packing --device cuda --out DIR` (needs torch, transformers, red_kernels only;
+longtail case, bf16 autocast, a Qwen2 of H 1024 x 8 layers, V 32,000, budget 16,384; every packed attention
+available — flash_attention_2, torch_varlen — against padded sdpa, exit 1 if log-probs disagree by > 0.1).
 """
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS, WARMUP = 3, 1
 
 
-def _batch(cfg, tok, case: str, seed: int = 0):
+def _batch(case: str, V: int, seed: int = 0):
     from red.records import PromptItem, RolloutBatch
     from red.rollout.base import Rollout
-    from red.train import load_items, trace_eos_id
     g = torch.Generator().manual_seed(seed)
-    V = len(tok)
     if case == "embedded":
+        from red import synthetic
+        from red.config import load_config
+        from red.train import load_items, trace_eos_id
+        cfg = load_config(overrides=["data.synthetic_train_size=256"])
+        tok = synthetic.build_tokenizer()
         items = load_items(cfg, tok, trace_eos_id(tok, None), cfg.data.train, need_traces=True)[0][:32]
         mx = cfg.rollout.max_new_tokens
         rollouts = []
@@ -73,13 +77,14 @@ def _time(fn):
 
 
 def measure(model, pad_id, batch, budget, layout, dtype="float32"):
-    """{old_pass, update}: wall s, CPU s and real tokens/s of one pass over the whole batch."""
-    from red.modes import loss_config
-    from red.config import load_config
+    """{old_pass, update}: wall s, CPU s and real tokens/s of one pass over the whole batch (the RED loss of the
+    embedded default: seq_sum_const with C = 48, clip 0.2/0.28, RED shaping)."""
+    from red_kernels import REDLossConfig
     from red.update import Policy, old_policy_pass, policy_update
     policy = Policy(model, dtype, pad_id=pad_id)
     policy.packing = layout
-    loss_cfg = loss_config(load_config(), "red")
+    loss_cfg = REDLossConfig(clip_eps_low=0.2, clip_eps_high=0.28, offline_shaping="red", loss_agg="seq_sum_const",
+                             loss_const=48.0, r_min=1 / 16)
     tokens = int(batch.lengths.sum())
     opt = torch.optim.SGD(model.parameters(), lr=0.0)            # the step itself is not what is compared
     from red.batching import micro_batches
@@ -96,30 +101,44 @@ def measure(model, pad_id, batch, budget, layout, dtype="float32"):
     return out
 
 
-def run(device="cpu", attn_impls=("sdpa",), model_kw=None, dtype="float32") -> dict:
-    from red import attention, synthetic
+EMBEDDED_MODEL = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2}            # red/configs/default.yaml model.tiny
+BUDGET = 8192                                          # red/configs/default.yaml train.micro_batch_tokens
+
+
+def _model(kw: dict, vocab: int, device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, pad_token_id=0,
+                                        attn_implementation="sdpa", **kw)).to(device)
+
+
+def run(device="cpu", attn_impls=("sdpa",), model_kw=None, dtype="float32", vocab=None, budget=BUDGET,
+        cases=("embedded", "longtail")) -> dict:
+    """Padded sdpa and each packed attention in attn_impls, on every case (see the module docstring)."""
+    from red import attention
     from red.batching import token_budget_groups
-    from red.config import load_config
-    cfg = load_config(overrides=["data.synthetic_train_size=256"])
-    tok = synthetic.build_tokenizer()
-    model = synthetic.build_model(tok, {**cfg.model.tiny, **(model_kw or {})}, seed=0).to(device)
-    budget = cfg.train.micro_batch_tokens
-    res = {"device": device, "dtype": dtype, "threads": torch.get_num_threads(), "budget": budget,
+    if vocab is None:
+        from red import synthetic
+        vocab = len(synthetic.build_tokenizer())        # the embedded tokenizer (token ids of the real task)
+    model = _model(model_kw or EMBEDDED_MODEL, vocab, device)
+    res = {"device": device, "dtype": dtype, "threads": torch.get_num_threads(), "budget": budget, "vocab": vocab,
            "model": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers",
                                                            "num_attention_heads", "num_key_value_heads")},
            "cases": {}}
-    for case in ("embedded", "longtail"):
-        batch = _with_targets(_batch(cfg, tok, case))
+    pad_id = 0
+    for case in cases:
+        batch = _with_targets(_batch(case, vocab))
         lens = batch.lengths.tolist()
         padded_tokens = sum(len(grp) * max(lens[i] for i in grp) for grp in token_budget_groups(lens, budget))
         row = {"sequences": batch.B, "tokens": sum(lens), "padded_tokens": padded_tokens, "runs": {}}
         model.config._attn_implementation = "sdpa"
-        ref = measure(model, tok.pad_token_id, batch, budget, "off", dtype)
+        ref = measure(model, pad_id, batch, budget, "off", dtype)
         row["runs"]["padded sdpa"] = ref
         for impl in attn_impls:
             model.config._attn_implementation = attention.resolve(impl, device, dtype)
             layout = attention.packing_layout(model.config._attn_implementation, device)
-            got = measure(model, tok.pad_token_id, batch, budget, layout, dtype)
+            got = measure(model, pad_id, batch, budget, layout, dtype)
             got["max_abs_logprob_diff"] = float((got["logprobs"] - ref["logprobs"]).abs().max())
             got["ratio_old_pass"] = got["old_pass"]["tokens_per_s"] / ref["old_pass"]["tokens_per_s"]
             got["ratio_update"] = got["update"]["tokens_per_s"] / ref["update"]["tokens_per_s"]
@@ -183,7 +202,8 @@ def main(argv=None):
         print("no packed attention on this machine (neither flash-attn nor torch varlen_attn): nothing to check")
         return 0
     res = run(a.device, impls, {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
-                                "num_attention_heads": 16, "num_key_value_heads": 4}, "bfloat16")
+                                "num_attention_heads": 16, "num_key_value_heads": 4}, "bfloat16", vocab=32000,
+              budget=16384, cases=("longtail",))
     write(res, Path(a.out), "packing-gpu")
     print(markdown(res))
     worst = max(r.get("max_abs_logprob_diff", 0.0) for row in res["cases"].values() for r in row["runs"].values())
