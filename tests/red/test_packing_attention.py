@@ -125,3 +125,13 @@ def test_torch_varlen_generate_uses_sdpa_with_padding_and_cache(varlen_model):
     model.config._attn_implementation = attention.VARLEN
     assert torch.equal(model.generate(ids, **kw), ref)
     assert fake.calls == []                      # left padding and KV cache: never the varlen path
+
+
+def test_a_saved_model_loads_with_torch_varlen(tmp_path):
+    from red.models import load_pretrained
+    model, tok = tiny_model(seed=0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    name = attention.resolve(attention.VARLEN, "cuda")           # an explicit choice registers it
+    loaded, _ = load_pretrained(str(tmp_path), "float32", attn_implementation=name)
+    assert loaded.model.layers[0].self_attn.config._attn_implementation == attention.VARLEN

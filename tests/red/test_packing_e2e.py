@@ -41,3 +41,25 @@ def test_default_config_trains_packed_with_the_metrics_of_padded(tmp_path):
         assert a.keys() == b.keys()
         bad = {k: (a[k], b[k]) for k in a if not _close(a[k], b[k])}
         assert not bad, bad
+
+
+@pytest.mark.slow
+def test_smollm2_packed_passes_equal_padded():
+    """The real SmolLM2-135M-Instruct (a Llama; the smollm2 config's model), packed rows vs padded, fp32."""
+    import torch
+    from test_packing import mixed_batch
+    from transformers import AutoModelForCausalLM
+
+    from red.models import smollm2_dir
+    from red.update import Policy, old_policy_pass
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32, attn_implementation="sdpa")
+    from red.batching import micro_batches
+    b = mixed_batch(8, seed=7)
+    assert any(len(mb.rows) > mb.input_ids.shape[0] for mb in micro_batches(b, 64, 0, "rows"))   # really packed
+    runs = {}
+    for layout in ("off", "rows"):
+        p = Policy(model, pad_id=0)
+        p.packing = layout
+        runs[layout] = old_policy_pass(p, b, 64, 1.0)
+    assert torch.allclose(runs["rows"].old_logprobs, runs["off"].old_logprobs, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(runs["rows"].entropy, runs["off"].entropy, rtol=1e-5, atol=1e-5)
