@@ -155,7 +155,8 @@ def run(device="cpu", attn_impls=("sdpa",), model_kw=None, dtype="float32", voca
 def markdown(res: dict) -> str:
     lines = [f"# packed vs padded micro-batches — {res['device']}, {res['dtype']}, {res['threads']} thread(s), "
              f"budget {res['budget']}, model {res['model']}", "",
-             "| case | run | micro-batches (token slots) | old pass tok/s (CPU-time tok/s) | update tok/s (CPU-time tok/s) | "
+             "| case | run | micro-batches (token slots) | old pass tok/s (CPU-time tok/s) | "
+             "update tok/s (CPU-time tok/s) | "
              "packed/padded old pass | packed/padded update |", "|---|---|---|---|---|---|---|"]
     for case, row in res["cases"].items():
         for name, r in row["runs"].items():

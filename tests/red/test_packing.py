@@ -35,7 +35,8 @@ def mixed_batch(n=12, seed=0) -> RolloutBatch:
             parts.append(RolloutBatch.from_rollouts([item], [[]], 1))
         else:
             parts.append(RolloutBatch.from_rollouts([item], [[Rollout(p, r, [-1.0] * len(r), "stop")]], 0))
-    return RolloutBatch.cat(parts).replace(advantage=torch.linspace(-2, 2, n), group_accuracy=torch.linspace(0.1, 0.9, n),
+    return RolloutBatch.cat(parts).replace(advantage=torch.linspace(-2, 2, n),
+                                           group_accuracy=torch.linspace(0.1, 0.9, n),
                                            offline_weight=torch.full((n,), 1.5))
 
 
@@ -149,8 +150,9 @@ def test_update_packed_equals_padded(tiny, layout, mode, agg):
         b = b.replace(is_offline=torch.zeros(b.B, dtype=torch.bool))
     b = old_policy_pass(policy(model, tok, "off"), b, 10_000, 0.9)
     g = torch.Generator().manual_seed(1)          # the policy moved since the rollout: ratios != 1, clipping active
-    b = b.replace(old_logprobs=b.old_logprobs + 0.3 * torch.randn(b.old_logprobs.shape, generator=g) * b.response_mask(),
-                  is_weights=torch.where(b.response_mask(), 0.5 + torch.rand(b.response_mask().shape, generator=g), 1.0))
+    mask = b.response_mask()
+    b = b.replace(old_logprobs=b.old_logprobs + 0.3 * torch.randn(mask.shape, generator=g) * mask,
+                  is_weights=torch.where(mask, 0.5 + torch.rand(mask.shape, generator=g), 1.0))
     norm = b.B if agg != "token_mean" else int(b.response_len.sum())
     cfg = _loss_config(mode, agg)
     runs = []
