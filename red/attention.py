@@ -86,7 +86,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
     b, hq, t, d = query.shape
-    if attention_mask is not None or key.shape[2] != t or position_ids is None:
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if attention_mask is not None or key.shape[2] != t or position_ids is None or not causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, position_ids=position_ids, **kwargs)
     if dropout:
