@@ -7,7 +7,7 @@ Cases (the same model runs both layouts on the same sequences; tokens/s counts r
 * longtail: the same model, 16 prompts (16..256 tokens) x 8 responses with log-normal lengths (median 100,
   sigma 1, clipped to [4, 2048]) — the long-tailed mix of RL batches; budget 8192.
 CPU: `pytest bench/test_bench_packing.py --benchmark-only [--record]` (one thread; wall and process CPU time,
-medians of 3 rounds after 1 warm-up); --record writes bench/results/packing-cpu.json/.md.
+medians of 2 rounds after 1 warm-up); --record writes bench/results/packing-cpu.json/.md.
 GPU: `python -m bench.test_bench_packing --device cuda --out DIR` (needs torch, transformers, red_kernels only;
 longtail case, bf16 autocast, a Qwen2 of H 1024 x 8 layers, V 32,000, budget 16,384; every packed attention
 available — flash_attention_2, torch_varlen — against padded sdpa, exit 1 if log-probs disagree by > 0.1).
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROUNDS, WARMUP = 3, 1
+ROUNDS, WARMUP = 2, 1
 
 
 def _batch(case: str, V: int, seed: int = 0):
