@@ -1,9 +1,10 @@
 """RolloutBatch -> token-budgeted micro-batches: the tensors one forward/backward of the model body needs.
 
-A MicroBatch is a small record so a packed variant (one row, position_ids restarting per sequence, per-token
-sequence ids) can replace the padded one without touching the update. Padded layout: b rows, L = longest
-prompt + response of the micro-batch, right-padded with `pad_id`; per-token tensors are [b, L - 1] aligned
-with targets = input_ids[:, 1:] (position t predicts token t + 1); per-sequence tensors are [b].
+A MicroBatch is a small record so the packed variant (red/packing.py: several sequences per row, position_ids
+restarting per sequence, per-token `sequence_ids`) replaces the padded one without touching the update. Padded
+layout: b rows, L = longest prompt + response of the micro-batch, right-padded with `pad_id`; per-token tensors
+are [b, L - 1] aligned with targets = input_ids[:, 1:] (position t predicts token t + 1); per-sequence tensors
+are [S] with S = b (row k = sequence k) when padded.
 """
 from __future__ import annotations
 
@@ -19,18 +20,20 @@ IGNORE = -100
 
 @dataclass
 class MicroBatch:
-    rows: Tensor                   # [b] row indices into the RolloutBatch ([0] for a dummy)
+    rows: Tensor                   # [S] the RolloutBatch row of each sequence ([0] for a dummy)
     input_ids: Tensor              # [b, L]
-    attention_mask: Tensor         # [b, L] 1 on real tokens
+    attention_mask: Tensor | None  # [b, L] 1 on real tokens; None when packed (masks come from position_ids)
     position_ids: Tensor           # [b, L]
     targets: Tensor                # [b, L-1] next token on response positions, IGNORE elsewhere
     offline_mask: Tensor           # [b, L-1] bool, teacher-trace tokens
-    response_start: Tensor         # [b] column of the first response target (prompt_len - 1)
-    advantages: Tensor | None = None       # [b]
-    group_accuracy: Tensor | None = None   # [b]
-    offline_weight: Tensor | None = None   # [b]
+    response_start: Tensor         # [S] column of the first response target in its row
+    advantages: Tensor | None = None       # [S]
+    group_accuracy: Tensor | None = None   # [S]
+    offline_weight: Tensor | None = None   # [S]
     old_logprobs: Tensor | None = None     # [b, L-1]
     is_weights: Tensor | None = None       # [b, L-1]
+    sequence_ids: Tensor | None = None     # [b, L-1] packed: sequence k's positions = k, −1 tail; None: row = seq
+    seq_row: Tensor | None = None          # [S] packed: the row holding each sequence; None: arange(b)
 
     @property
     def loss_mask(self) -> Tensor:
@@ -40,11 +43,16 @@ class MicroBatch:
         return MicroBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
 
     def to_response(self, per_token: Tensor, width: int) -> Tensor:
-        """[b, L-1] values on target positions -> response-aligned [b, width] (0 past the response)."""
-        cols = self.response_start.to(per_token.device)[:, None] + torch.arange(width, device=per_token.device)
-        vals = per_token.gather(1, cols.clamp(max=per_token.shape[1] - 1))
-        ok = self.loss_mask.gather(1, cols.clamp(max=per_token.shape[1] - 1)) & (cols < per_token.shape[1])
-        return torch.where(ok, vals, torch.zeros_like(vals))
+        """[b, L-1] values on target positions -> response-aligned [S, width] (0 past the response)."""
+        dev = per_token.device
+        s = torch.arange(len(self.rows), device=dev)
+        row = (s if self.seq_row is None else self.seq_row.to(dev))[:, None]
+        cols = self.response_start.to(dev)[:, None] + torch.arange(width, device=dev)
+        c = cols.clamp(max=per_token.shape[1] - 1)
+        ok = self.loss_mask.to(dev)[row, c] & (cols < per_token.shape[1])
+        if self.sequence_ids is not None:                  # stop at the sequence's end, not the next one's targets
+            ok &= self.sequence_ids.to(dev)[row, c] == s[:, None]
+        return torch.where(ok, per_token[row, c], torch.zeros((), dtype=per_token.dtype, device=dev))
 
 
 def token_budget_groups(lengths: list[int], token_budget: int) -> list[list[int]]:
@@ -98,9 +106,14 @@ def collate(batch: RolloutBatch, rows: list[int], pad_id: int) -> MicroBatch:
                       per_tok(batch.old_logprobs, 0.0), per_tok(batch.is_weights, 1.0))
 
 
-def micro_batches(batch: RolloutBatch, token_budget: int, pad_id: int) -> list[MicroBatch]:
-    """The whole batch as token-budgeted padded micro-batches (longest first)."""
-    return [collate(batch, rows, pad_id) for rows in token_budget_groups(batch.lengths.tolist(), token_budget)]
+def micro_batches(batch: RolloutBatch, token_budget: int, pad_id: int, packing: str = "off") -> list[MicroBatch]:
+    """The whole batch as token-budgeted micro-batches (longest first): padded (packing "off") or packed
+    (packing "flat" / "rows", see red/packing.py)."""
+    from .packing import collate_packed, packed_groups
+    if packing == "off":
+        return [collate(batch, rows, pad_id) for rows in token_budget_groups(batch.lengths.tolist(), token_budget)]
+    return [collate_packed(batch, rows, pad_id) for rows in packed_groups(batch.lengths.tolist(), token_budget,
+                                                                          packing)]
 
 
 def dummy_micro_batch(pad_id: int) -> MicroBatch:

@@ -30,7 +30,7 @@ class ModelConfig:
     config_overrides: Dict[str, Any] = field(default_factory=dict)   # e.g. {rope_theta: 40000}
     gradient_checkpointing: bool = False
     tiny: Dict[str, Any] = field(default_factory=dict)   # Qwen2Config kwargs for the synthetic model
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # auto: red/attention.py picks by device; or any HF name
 
 
 @dataclass
@@ -121,7 +121,8 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 100
     prompts_per_step: int = 64         # groups per optimizer step (whole batch, all ranks)
-    micro_batch_tokens: int = 16384    # padded tokens per forward/backward
+    micro_batch_tokens: int = 16384    # tokens (padding included) per forward/backward
+    packing: bool = True               # pack sequences into rows (no padding) where the attention supports it
     ppo_epochs: int = 1
     parallel: str = "ddp"              # ddp | fsdp2 (world size 1: no wrapper)
 

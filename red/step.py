@@ -29,7 +29,8 @@ log = logging.getLogger("red.step")
 def _prepare(tr, batch: RolloutBatch, loss_cfg) -> dict:
     """Global normaliser (sequences, or tokens for token_mean), tokens, kept groups and the most micro-batches
     any rank has, in one reduction."""
-    micro = len(token_budget_groups(batch.lengths.tolist(), tr.cfg.train.micro_batch_tokens))
+    from .packing import micro_batch_count
+    micro = micro_batch_count(batch.lengths.tolist(), tr.cfg.train.micro_batch_tokens, tr.policy.packing)
     sums, mx = parallel.reduce({"norm": batch.B if loss_cfg.loss_agg != "token_mean" else int(batch.response_len.sum()),
                                 "tokens": int(batch.lengths.sum()), "groups_kept": batch.G}, {"micro": micro})
     return {**sums, "micro": int(mx["micro"])}

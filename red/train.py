@@ -25,6 +25,7 @@ from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsLogger
 from .rewards import Verifier
 from .run_dir import RunDir, write_text
+from .attention import packing_layout
 from .update import Policy
 
 log = logging.getLogger("red.train")
@@ -44,8 +45,9 @@ def trace_eos_id(tokenizer, chat_eos: str | None) -> int:
 
 def build_model(cfg, device, run: RunDir, resume_dir):
     """(model with float32 parameters, tokenizer, whether the warm-up is already done)."""
+    from .attention import resolve
     from .models import load_pretrained
-    attn = cfg.model.attn_implementation
+    attn = resolve(cfg.model.attn_implementation, device, cfg.model.dtype)
     warm = cfg.warmup.enabled and os.path.isfile(os.path.join(run.warmup, "config.json"))
     if resume_dir or warm:
         if warm and not resume_dir:
@@ -119,12 +121,14 @@ def train(cfg) -> int:
     from .rollout.factory import make_engine
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     policy = Policy(model, cfg.model.dtype, cfg.train.parallel, pad_id)
+    policy.packing = packing_layout(model.config._attn_implementation, device, cfg.train.packing)
     engine = make_engine(cfg, model, tok, stop_token_ids=sorted({eos_id, tok.eos_token_id} - {None}))
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s)
     tr = Trainer(cfg, policy, tok, engine, verifier, run)
     summary = state.get("summary") if state else None
     summary = summary or {"versions": package_versions(), **info}
     summary["precision"] = policy.precision()
+    summary["attention"] = {"implementation": model.config._attn_implementation, "packing": policy.packing}
     say = lambda text: parallel.is_main() and print(text, flush=True)
     try:
         for stage in modes.plan(cfg):

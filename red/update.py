@@ -30,6 +30,8 @@ class Policy:
     """The trained model as the passes see it: the HF model (float32 parameters), the module the passes call
     (itself, DDP or FSDP2), the compute dtype and, for float16, the GradScaler."""
 
+    packing = "off"      # micro-batch layout (red/packing.py): off | rows | flat; set from red.attention.packing_layout
+
     def __init__(self, model, dtype: str = "float32", parallel_kind: str = "ddp", pad_id: int = 0):
         self.model, self.pad_id, self.dtype_name = model, pad_id, dtype
         self.compute = DTYPES[dtype]
@@ -81,7 +83,7 @@ class Policy:
 def padded_micro_batches(policy: Policy, batch: RolloutBatch, budget: int, count: int | None):
     """Micro-batches on the device, padded with zero-loss dummies to `count` (the most any rank has), so that
     every rank runs the same number of forwards and backwards (FSDP2 all-gathers, DDP's synced backward)."""
-    mbs = micro_batches(batch, budget, policy.pad_id) if batch.B else []
+    mbs = micro_batches(batch, budget, policy.pad_id, policy.packing) if batch.B else []
     mbs += [dummy_micro_batch(policy.pad_id) for _ in range(max((count or 0) - len(mbs), 0 if mbs else 1))]
     return [mb.to(policy.device) for mb in mbs]
 
@@ -129,8 +131,8 @@ def policy_update(policy: Policy, batch: RolloutBatch, loss_cfg, budget: int, op
             return red_loss(h, w, mb.targets, mb.advantages, loss_mask=mb.loss_mask,
                             old_logprobs=mb.old_logprobs if use_old else None, offline_mask=mb.offline_mask,
                             group_accuracy=mb.group_accuracy, offline_weight=mb.offline_weight,
-                            is_weights=mb.is_weights, bias=b, config=loss_cfg,
-                            global_normalizer=max(normalizer, 1.0))
+                            is_weights=mb.is_weights, bias=b, config=loss_cfg, global_normalizer=max(normalizer, 1.0),
+                            sequence_ids=mb.sequence_ids)
         with parallel.gradient_sync(policy.wrapped, i == len(mbs) - 1):
             out = policy.call(fn)
             loss = out.loss * parallel.world_size()   # the wrappers average gradients; the global normaliser wants a sum
