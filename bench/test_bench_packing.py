@@ -165,10 +165,15 @@ def markdown(res: dict) -> str:
             lines.append(f"| {case}: {row['sequences']} seqs, {row['tokens']} tokens ({row['padded_tokens']} "
                          f"padded) | {name} | {r['micro_batches']} ({r['slots']}) | {f('old_pass')} | {f('update')} | "
                          f"{ratio('ratio_old_pass')} | {ratio('ratio_update')} |")
-    return "\n".join(lines) + "\n"
+    meta = ", ".join(f"{k} {res[k]}" for k in ("recorded_utc", "commit", "note") if res.get(k))
+    return "\n".join(lines + ([f"\n{meta}"] if meta else [])) + "\n"
 
 
 def write(res: dict, out: Path, name: str):
+    import subprocess
+    res["recorded_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                   cwd=Path(__file__).parent).stdout.strip() or None
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(res, indent=2))
     (out / f"{name}.md").write_text(markdown(res))
