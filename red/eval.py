@@ -1,6 +1,11 @@
 """Evaluation: avg@n, unbiased pass@k, mean length overall / correct / wrong, truncation rate, per data source.
 
     python -m red.eval --model DIR --data FILE [--data FILE ...] [--n 4 --temperature 0.6] [--out results.json]
+    python -m red.eval --model DIR --config smollm2-135m [rollout.engine=vllm eval.n=4 ...]   # a red.train config
+
+With `--config` (or any key.sub=value override) the training schema supplies the defaults: data.* (columns,
+prompt template, system prompt, max_prompt_len; data.eval when no --data), eval.n / eval.temperature /
+eval.max_new_tokens, seed, device and the rollout engine (rollout.engine=vllm evaluates with vLLM). Flags win.
 
 The trainer calls `evaluate()` for its periodic held-out evaluation. Package versions go into the results.
 """
@@ -87,38 +92,77 @@ def evaluate(engine, tokenizer, items, verifier: Verifier, n: int = 1, temperatu
     return result
 
 
+FLAG_DEFAULTS = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 1024, "max_prompt_len": 2048,
+                 "system_prompt": None, "prompt_template": "{problem}", "columns": "auto", "batch_size": 64,
+                 "seed": 0, "device": "auto"}
+
+
+def _from_config(cfg) -> dict:
+    """The flag defaults a red.train config implies (the one schema of red/config.py)."""
+    return {"n": cfg.eval.n, "temperature": cfg.eval.temperature, "top_p": 1.0,
+            "max_new_tokens": cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+            "max_prompt_len": cfg.data.max_prompt_len, "system_prompt": cfg.data.system_prompt,
+            "prompt_template": cfg.data.prompt_template, "columns": cfg.data.columns,
+            "batch_size": cfg.rollout.batch_size, "seed": cfg.seed, "device": cfg.device}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m red.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="HF model directory (e.g. a run's step_N)")
-    ap.add_argument("--data", required=True, action="append", help="eval file (.jsonl/.parquet) or synthetic:<task>")
-    ap.add_argument("--n", type=int, default=1, help="samples per problem (avg@n, pass@k for k <= n)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--max-prompt-len", type=int, default=2048)
+    ap.add_argument("--data", action="append", help="eval file (.jsonl/.parquet) or synthetic:<task> (repeatable)")
+    ap.add_argument("--config", default=None, help="a red.train config (file or packaged name) for the defaults")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of that config, e.g. rollout.engine=vllm")
+    ap.add_argument("--n", type=int, help="samples per problem (avg@n, pass@k for k <= n)")
+    ap.add_argument("--temperature", type=float, help="0 = greedy")
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--max-prompt-len", type=int)
     ap.add_argument("--limit", type=int, default=None, help="first N rows per file")
-    ap.add_argument("--system-prompt", default=None)
-    ap.add_argument("--prompt-template", default="{problem}")
-    ap.add_argument("--columns", default="auto", choices=["auto", "plain", "openr1", "luffy"])
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--system-prompt")
+    ap.add_argument("--prompt-template")
+    ap.add_argument("--columns", choices=["auto", "plain", "openr1", "luffy"])
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--device")
     ap.add_argument("--out", default=None, help="write results JSON here")
     args = ap.parse_args(argv)
+
+    import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import DataConfig
+    from .config import ConfigError, DataConfig, load_config
     from .data import load_source, tokenize_examples
     from .rollout.hf_engine import HFEngine
 
+    cfg = None
+    if args.config or args.overrides:
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    base = _from_config(cfg) if cfg is not None else FLAG_DEFAULTS
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.data = args.data or (list(cfg.data.eval) if cfg is not None else None)
+    if not args.data:
+        ap.error("--data is required (or a --config whose data.eval lists the eval sets)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
-    dcfg = DataConfig(columns=args.columns, system_prompt=args.system_prompt, prompt_template=args.prompt_template,
-                      max_prompt_len=args.max_prompt_len, bad_rows="skip", overlong_trace="truncate")
-    engine = HFEngine(model, tok, batch_size=args.batch_size)
+    fields = dict(columns=args.columns, system_prompt=args.system_prompt, prompt_template=args.prompt_template,
+                  max_prompt_len=args.max_prompt_len, bad_rows="skip", overlong_trace="truncate")
+    dcfg = dataclasses.replace(cfg.data, **fields) if cfg is not None else DataConfig(**fields)
+    if cfg is not None:
+        from .rollout.factory import make_engine
+        from .train import trace_eos_id
+        engine = make_engine(cfg, model, tok, stop_token_ids=sorted({trace_eos_id(tok, cfg.data.eos_token),
+                                                                     tok.eos_token_id} - {None}))
+    else:
+        engine = HFEngine(model, tok, batch_size=args.batch_size)
     verifier = Verifier()
     results = {"model": args.model, "versions": package_versions(), "datasets": {}}
     try:

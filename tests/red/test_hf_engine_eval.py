@@ -96,3 +96,23 @@ def test_eval_command_reads_jsonl_layouts(tiny, tmp_path, capsys):
     assert set(g["per_source"]["gsm"]) >= {"avg@2", "pass@1", "pass@2", "mean_length", "truncation_rate"}
     assert res["datasets"]["synthetic:chains"]["per_source"]["all"]["problems"] == 4
     assert "gsm" in capsys.readouterr().out
+
+
+def test_eval_command_takes_the_training_schema(tiny, tmp_path, capsys):
+    """`red.eval --config ... key=value` reads its defaults from the one config schema (data.eval, eval.n,
+    eval.temperature, rollout.max_new_tokens, rollout.engine); explicit flags still win; bad keys are named."""
+    model, tok = tiny
+    d = tmp_path / "model"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    out = tmp_path / "res.json"
+    common = ["--model", str(d), "--config", "default.yaml", "data.eval=[synthetic:chains]", "eval.n=2",
+              "eval.temperature=1.0", "rollout.max_new_tokens=8", "--limit", "3", "--out", str(out)]
+    assert eval_main(common) == 0
+    res = json.loads(out.read_text())["datasets"]["synthetic:chains"]
+    assert (res["n"], res["temperature"], res["max_new_tokens"]) == (2, 1.0, 8)
+    assert res["per_source"]["all"]["samples"] == 6
+    assert eval_main(common + ["--n", "3"]) == 0                        # a flag overrides the config
+    assert json.loads(out.read_text())["datasets"]["synthetic:chains"]["n"] == 3
+    assert eval_main(["--model", str(d), "eval.nn=2"]) == 2
+    assert "eval.nn" in capsys.readouterr().err
