@@ -3,6 +3,7 @@ single-process op on the full weight. Each case runs on both ranks; its result (
 rank, and one test per case asserts it passed on both."""
 import json
 import traceback
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -167,8 +168,18 @@ def _worker(rank, init_file, out_dir):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vocab_parallel")
-    mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
+    """Every case's result on each of the 2 ranks. One full-suite run on the 2-core CI machine saw a rank abort in
+    C++ ("terminate called without an active exception", SIGABRT) that 4 reruns did not reproduce: a rank killed
+    by a signal (never a Python error or a wrong result) is retried once, in a fresh process group, with a warning."""
+    for attempt in range(2):
+        d = tmp_path_factory.mktemp("vocab_parallel")
+        try:
+            mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
+            break
+        except mp.ProcessExitedException as e:
+            if attempt or e.signal_name is None:
+                raise
+            warnings.warn(f"vocab-parallel ranks: {e}; retrying once")
     return [json.loads((d / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
