@@ -74,11 +74,6 @@ class Trainer:
         with parallel.gathered(self.policy.model) if getattr(self.engine, "colocated", False) else nullcontext():
             return self.engine.generate(prompts, n, sampling)
 
-    def sleep(self) -> None:
-        """engine.sleep(); after a level-2 sleep (weights discarded) the next generate loads the weights again."""
-        self.engine.sleep()
-        self.engine_stale |= getattr(self.engine, "sleep_level", 1) >= 2 and getattr(self.engine, "sleep_mode", True)
-
     def samples(self, batch) -> list:
         """Up to log.samples_max rows: one online sample and the teacher trace of the first groups."""
         out = []

@@ -82,7 +82,7 @@ def rl_step(tr, phase) -> dict:
         return mx["short"] > 0
 
     parts, ds = refill(draw, tr.per_rank, cfg.algorithm.max_refill, cfg.algorithm.dynamic_sampling, need_more)
-    tr.sleep()
+    tr.engine.sleep()
     drawn = RolloutBatch.cat([b for b, _ in parts])
     batch = RolloutBatch.cat([b.select_groups(keep) for b, keep in parts])
     rsums, rmax = batch_sums(drawn, ds)

@@ -17,16 +17,20 @@ class CountingEngine:
 
     def __init__(self, inner, events, sleep_level=1):
         self.inner, self.events, self.sleep_level = inner, events, sleep_level
+        self.weights_valid = True         # as VLLMEngine: False once a level-2 sleep discarded the weights
 
     def generate(self, prompts, n, sampling):
+        assert self.weights_valid, "generate from discarded weights"
         self.events.append("generate")
         return self.inner.generate(prompts, n, sampling)
 
     def load_weights(self, named):
         self.events.append(f"load:{len(list(named))}")
+        self.weights_valid = True
 
     def sleep(self):
         self.events.append("sleep")
+        self.weights_valid = self.weights_valid and self.sleep_level < 2
 
     def wake(self):
         self.events.append("wake")
