@@ -21,7 +21,7 @@ from .cases import Case
 
 CLIP_LOW, CLIP_HIGH, R_MIN = 0.2, 0.28, 1 / 16
 LOSS_CONFIGS = {   # red_loss keyword overrides per loss mode
-    "red": {"offline_shaping": "red", "loss_agg": "seq_sum_const", "clip_eps_low": CLIP_LOW,
+    "red": {"offline_shaping": "accuracy_shift", "loss_agg": "seq_sum_const", "clip_eps_low": CLIP_LOW,
             "clip_eps_high": CLIP_HIGH, "r_min": R_MIN},
     "grpo": {"offline_shaping": "none", "loss_agg": "token_mean", "clip_eps_low": CLIP_LOW,
              "clip_eps_high": CLIP_HIGH},
@@ -92,7 +92,7 @@ def naive_red_loss(hidden, weight, targets, advantages, loss_mask, old_logprobs,
     ratio = torch.exp(logp - old_logprobs)
     pg = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * adv)
     p = logp.exp()
-    if offline_shaping == "red":
+    if offline_shaping == "accuracy_shift":
         r = group_accuracy.clamp(r_min, 1 - r_min)[:, None]
         phi = p / (r + (1 - r) * p)
     else:

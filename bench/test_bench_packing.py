@@ -83,7 +83,7 @@ def measure(model, pad_id, batch, budget, layout, dtype="float32"):
     from red.update import Policy, old_policy_pass, policy_update
     policy = Policy(model, dtype, pad_id=pad_id)
     policy.packing = layout
-    loss_cfg = REDLossConfig(clip_eps_low=0.2, clip_eps_high=0.28, offline_shaping="red", loss_agg="seq_sum_const",
+    loss_cfg = REDLossConfig(clip_eps_low=0.2, clip_eps_high=0.28, offline_shaping="accuracy_shift", loss_agg="seq_sum_const",
                              loss_const=48.0, r_min=1 / 16)
     tokens = int(batch.lengths.sum())
     opt = torch.optim.SGD(model.parameters(), lr=0.0)            # the step itself is not what is compared

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from red_kernels.policy_loss import canonical_shaping
+
 from .modes import MODES
 
 
@@ -97,7 +99,7 @@ class LossConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     dual_clip: Optional[float] = None
-    offline_shaping: str = "red"       # red | luffy | none
+    offline_shaping: str = "accuracy_shift"   # accuracy_shift (RED's) | luffy | none; old name 'red' deprecated
     shaping_gamma: float = 0.1
     r_min: Optional[float] = None      # None -> 1 / (2n)
     sft_coef: float = 0.0
@@ -280,7 +282,7 @@ CHOICES = {
     "algorithm.mode": tuple(MODES), "model.dtype": ("float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"), "rollout.engine": ("hf", "vllm", "auto"),
     "rollout.is_correction": ("none", "tis"), "algorithm.adv_stats": ("group", "online"),
-    "algorithm.offline_weight": ("entropy_ratio", "fixed"), "loss.offline_shaping": ("red", "luffy", "none"),
+    "algorithm.offline_weight": ("entropy_ratio", "fixed"), "loss.offline_shaping": ("accuracy_shift", "luffy", "none"),
     "loss.loss_agg": ("seq_sum_const", "token_mean", "seq_mean"), "data.columns": ("auto", "plain", "openr1", "luffy"),
     "data.overlong_prompt": ("reject", "truncate"), "data.overlong_trace": ("reject", "truncate"),
     "data.bad_rows": ("error", "skip"), "checkpoint.resume": ("auto", "never"), "train.parallel": ("ddp", "fsdp2"),
@@ -301,6 +303,7 @@ def _get(cfg, key):
 
 
 def validate(cfg: Config) -> None:
+    cfg.loss.offline_shaping = canonical_shaping(cfg.loss.offline_shaping, "config key 'loss.offline_shaping'")
     for key, options in CHOICES.items():
         v = _get(cfg, key)
         _check(v in options, key, f"must be one of {', '.join(options)}, got {v!r}")

@@ -2,7 +2,7 @@
 
 | mode          | phases                     | teacher traces | offline shaping          | w               | entropy bonus |
 |---------------|----------------------------|----------------|--------------------------|-----------------|---------------|
-| red           | RL                         | rollout.num_offline | loss.offline_shaping (red) | algorithm.offline_weight | loss.entropy_coef (0) |
+| red           | RL                         | rollout.num_offline | loss.offline_shaping (accuracy_shift) | algorithm.offline_weight | loss.entropy_coef (0) |
 | luffy         | RL                         | rollout.num_offline | luffy                    | fixed (w = 1)   | 0.001 unless set |
 | grpo          | RL                         | 0              | -                        | -               | loss.entropy_coef (0) |
 | sft           | SFT                        | max(k, 1) per prompt, NLL only                                              |

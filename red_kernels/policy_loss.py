@@ -3,17 +3,20 @@
 Online token:   ℓ = −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) · is_w,   ρ = exp(log p − log p_old)
                 (dual clip c > 1: for A < 0 the loss is capped at −c·A)
 Offline token:  ℓ = −φ(p)·w·A + sft_coef·w·(−log p),   p = exp(log p), with φ by `offline_shaping`:
-                none: φ = p;   luffy: φ = p/(p + γ);   red: φ = p/(r̄ + (1 − r̄)·p), r̄ ∈ [r_min, 1 − r_min]
+                none: φ = p;   luffy: φ = p/(p + γ);
+                accuracy_shift (RED's accuracy-aware policy shift): φ = p/(r̄ + (1 − r̄)·p), r̄ ∈ [r_min, 1 − r_min]
 Every token:    − entropy_coef·H + kl_coef·(exp(log p_ref − log p) − (log p_ref − log p) − 1)
 Aggregation:    loss = Σ_tokens a_t·ℓ_t with a_t from `loss_agg` (see aggregation_weights).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
 
-SHAPINGS = ("none", "luffy", "red")
+SHAPINGS = ("none", "luffy", "accuracy_shift")
+SHAPING_ALIASES = {"red": "accuracy_shift"}   # old name -> new name (deprecated)
 AGGREGATIONS = ("seq_sum_const", "token_mean", "seq_mean")
 
 
@@ -23,7 +26,7 @@ class REDLossConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     dual_clip: float | None = None          # c > 1 caps the loss of negative-advantage tokens at −c·A
-    offline_shaping: str = "red"            # 'none' | 'luffy' | 'red'
+    offline_shaping: str = "accuracy_shift"  # 'none' | 'luffy' | 'accuracy_shift' (old name 'red': deprecated)
     shaping_gamma: float = 0.1              # γ of LUFFY shaping
     r_min: float = 1.0 / 16                 # clamp r̄ to [r_min, 1 − r_min]; the trainer passes 1/(2n)
     sft_coef: float = 0.0                   # extra NLL on offline tokens, weighted by w
@@ -45,6 +48,7 @@ class REDLossConfig:
             bad("clip_eps_high", "must be ≥ 0")
         if self.dual_clip is not None and not self.dual_clip > 1:
             bad("dual_clip", "must be None or > 1")
+        self.offline_shaping = canonical_shaping(self.offline_shaping, "REDLossConfig.offline_shaping")
         if self.offline_shaping not in SHAPINGS:
             bad("offline_shaping", f"must be one of {SHAPINGS}")
         if not self.shaping_gamma > 0:
@@ -74,6 +78,15 @@ class REDLossConfig:
             raise TypeError(f"unknown REDLossConfig keys {unknown}; known keys: {sorted(known)}")
         base = {} if config is None else {f.name: getattr(config, f.name) for f in fields(cls)}
         return cls(**{**base, **overrides})
+
+
+def canonical_shaping(name: str, where: str) -> str:
+    """The current name of an offline shaping; an old name still works, with a FutureWarning naming `where`."""
+    if name in SHAPING_ALIASES:
+        new = SHAPING_ALIASES[name]
+        warnings.warn(f"{where}={name!r} is deprecated, use {new!r} (same shaping)", FutureWarning, stacklevel=3)
+        return new
+    return name
 
 
 def shaping(p, r_bar, cfg: REDLossConfig):

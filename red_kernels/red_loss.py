@@ -85,8 +85,8 @@ def _check_inputs(targets, advantages, loss_mask, offline_mask, r_bar, w, old, r
                              "this call's own count")
     if cfg.kl_coef and ref is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs [B, T]")
-    if cfg.offline_shaping == "red" and r_bar is None and bool(off.any()):
-        raise ValueError("offline_shaping='red' needs group_accuracy [S] (the group's mean accuracy r̄) "
+    if cfg.offline_shaping == "accuracy_shift" and r_bar is None and bool(off.any()):
+        raise ValueError("offline_shaping='accuracy_shift' needs group_accuracy [S] (the group's mean accuracy r̄) "
                          "when there are offline tokens")
     return mask, off, adv, ids, n_seq
 
@@ -108,7 +108,7 @@ def red_loss(hidden, weight, targets, advantages, *, loss_mask, old_logprobs=Non
         loss_mask: [B, T] bool/0-1, the response tokens that carry loss.
         old_logprobs: [B, T] log p_old of online tokens; None → ρ ≡ 1 (one update per rollout batch).
         offline_mask: [B, T] bool, teacher-trace tokens (subset of loss_mask); None → all online.
-        group_accuracy: [S] r̄ of each sequence's group (offline_shaping='red').
+        group_accuracy: [S] r̄ of each sequence's group (offline_shaping='accuracy_shift').
         offline_weight: [S] w, the entropy-ratio weight of offline sequences (default 1).
         ref_logprobs: [B, T] reference-policy log-probs (kl_coef > 0).
         is_weights: [B, T] truncated importance weights for online tokens (rollout-engine mismatch).

@@ -42,7 +42,7 @@ def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, igno
 
 def naive_red_loss(hidden, weight, targets, adv, mask, *, old=None, offline=None, r_bar=None, w=None, ref=None,
                    is_w=None, bias=None, clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=None,
-                   offline_shaping="red", shaping_gamma=0.1, r_min=1 / 16, sft_coef=0.0, entropy_coef=0.0,
+                   offline_shaping="accuracy_shift", shaping_gamma=0.1, r_min=1 / 16, sft_coef=0.0, entropy_coef=0.0,
                    kl_coef=0.0, temperature=1.0, loss_agg="seq_sum_const", loss_const=None, normalizer=None,
                    softcap=None, logit_scale=1.0):
     """The RED loss (0-dim float64, differentiable) of [B, T] sequences; keyword names as red_loss/REDLossConfig

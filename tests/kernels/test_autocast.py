@@ -60,7 +60,7 @@ def test_linear_logprobs_same_under_autocast(backend, dtype):
     _assert_bitwise(out + [dh, dw], out_ac + [dh_ac, dw_ac])
 
 
-CONFIGS = {"red": dict(offline_shaping="red", loss_agg="seq_sum_const", entropy_coef=0.01),
+CONFIGS = {"red": dict(offline_shaping="accuracy_shift", loss_agg="seq_sum_const", entropy_coef=0.01),
            "grpo": dict(offline_shaping="none", loss_agg="seq_mean", clip_eps_high=0.2)}
 
 

@@ -68,7 +68,7 @@ def assert_close(out, grads, ref_loss, ref_grads, loss_tol=1e-5, grad_tol=1e-4):
         assert err <= grad_tol * scale, f"grad err {err:.3g} vs scale {scale:.3g}"
 
 
-COMBOS = list(itertools.product(["none", "luffy", "red"], ["seq_sum_const", "token_mean", "seq_mean"],
+COMBOS = list(itertools.product(["none", "luffy", "accuracy_shift"], ["seq_sum_const", "token_mean", "seq_mean"],
                                 [0.0, 0.3], [0.0, 0.05], [0.0, 0.1]))
 
 
@@ -203,7 +203,7 @@ def test_pure_grpo_matches_liger(agg, liger_type, beta):
 
 
 @given(B=st.integers(1, 4), T=st.integers(1, 9), H=st.integers(1, 40), V=st.integers(2, 300),
-       seed=st.integers(0, 10_000), shaping=st.sampled_from(["none", "luffy", "red"]),
+       seed=st.integers(0, 10_000), shaping=st.sampled_from(["none", "luffy", "accuracy_shift"]),
        agg=st.sampled_from(["seq_sum_const", "token_mean", "seq_mean"]))
 @settings(max_examples=25, deadline=None)
 def test_random_shapes_match_float64(B, T, H, V, seed, shaping, agg):

@@ -10,7 +10,7 @@ H, V = 16, 50
 SEQS = [(2, 3), (1, 5), (3, 2), (2, 4), (1, 1)]
 PACKED_ROWS = [[3, 0], [1, 4, 2]]     # packing order inside rows: ids need not follow position order
 SETTINGS = {
-    "red": dict(offline_shaping="red", sft_coef=0.1, entropy_coef=0.01),
+    "red": dict(offline_shaping="accuracy_shift", sft_coef=0.1, entropy_coef=0.01),
     "luffy": dict(offline_shaping="luffy", entropy_coef=0.01),
     "grpo": dict(offline_shaping="none", kl_coef=0.05),
 }

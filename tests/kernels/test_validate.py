@@ -77,3 +77,21 @@ def test_ignore_index_targets_are_not_out_of_range():
     assert logp[2] == 0 and ent[2] == 0 and (logp[[0, 1, 3, 4, 5]] < 0).all()
     with pytest.raises(ValueError, match="targets"):
         linear_logprobs(x, w, y, backend="torch")  # default ignore_index=-100: -7 is out of range
+
+
+def test_old_shaping_name_red_is_an_alias_of_accuracy_shift():
+    from red_kernels import REDLossConfig, red_loss
+    with pytest.warns(FutureWarning, match="REDLossConfig.offline_shaping='red' is deprecated"):
+        old = REDLossConfig(offline_shaping="red")
+    assert old == REDLossConfig(offline_shaping="accuracy_shift") == REDLossConfig()
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(11, 8, generator=g, dtype=torch.float64)
+    tgt, mask = torch.randint(0, 11, (2, 5), generator=g), torch.ones(2, 5, dtype=torch.bool)
+    kw = dict(loss_mask=mask, offline_mask=torch.tensor([[False] * 5, [True] * 5]),
+              group_accuracy=torch.tensor([0.25, 0.25], dtype=torch.float64))
+    with pytest.warns(FutureWarning):
+        a = red_loss(h, w, tgt, torch.tensor([1.0, -0.5], dtype=torch.float64), offline_shaping="red", **kw).loss
+    b = red_loss(h, w, tgt, torch.tensor([1.0, -0.5], dtype=torch.float64), offline_shaping="accuracy_shift", **kw).loss
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="offline_shaping.*accuracy_shift"):
+        REDLossConfig(offline_shaping="RED")

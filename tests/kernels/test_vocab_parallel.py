@@ -71,7 +71,7 @@ def _loss_case(backend, **cfg):
         mask = torch.rand(N_SHAPE, generator=g) < 0.8
         y = torch.where(mask, y, -100)
         offline = torch.zeros_like(mask)
-        if cfg.get("offline_shaping", "red") != "none":
+        if cfg.get("offline_shaping", "accuracy_shift") != "none":
             offline[2] = mask[2]
         kw = dict(loss_mask=mask, offline_mask=offline, old_logprobs=torch.randn(N_SHAPE, generator=g) * 0.3 - 3.6,
                   ref_logprobs=torch.randn(N_SHAPE, generator=g) * 0.3 - 3.6,
@@ -133,7 +133,7 @@ CASES = {
     **{f"logprobs_{be}_all_ignored": _lp_case(be, ignore_frac=1.1) for be in ("torch", "triton")},
     **{f"logprobs_{be}_softcap_no_dx_reduce": _lp_case(be, reduce=False, softcap=3.0, logit_scale=1.2)
        for be in ("torch", "triton")},
-    **{f"red_loss_{be}_red": _loss_case(be, offline_shaping="red", sft_coef=0.1, entropy_coef=0.01, temperature=0.9)
+    **{f"red_loss_{be}_red": _loss_case(be, offline_shaping="accuracy_shift", sft_coef=0.1, entropy_coef=0.01, temperature=0.9)
        for be in ("torch", "triton")},
     **{f"red_loss_{be}_grpo": _loss_case(be, offline_shaping="none", loss_agg="token_mean", kl_coef=0.05)
        for be in ("torch", "triton")},

@@ -64,7 +64,7 @@ def test_mode_table():
     assert modes.phases(grpo) == (modes.Phase("grpo", 60, 0),) and modes.offline_weight_settings(grpo, "grpo", 0)["w_max"] == 8.0
     red = load_config()
     lc, w = modes.loss_config(red, "red"), modes.offline_weight_settings(red, "red", 1)
-    assert modes.phases(red) == (modes.Phase("red", 60, 1),) and lc.offline_shaping == "red" and not w["fixed"]
+    assert modes.phases(red) == (modes.Phase("red", 60, 1),) and lc.offline_shaping == "accuracy_shift" and not w["fixed"]
     assert w["w_max"] == 7.0 and lc.entropy_coef == 0.0 and lc.loss_const == 48.0 and lc.r_min == 1 / 16
     # the kernel config is built from the loss section by field name: no field re-declared with another default
     assert modes.loss_config(load_config(overrides=["loss.dual_clip=3.0", "loss.kl_coef=0.1"]), "red").dual_clip == 3.0
@@ -196,3 +196,12 @@ def test_prompt_stream_is_deterministic_and_resumable():
     assert sorted(first[:5]) == [0, 1, 2, 3, 4]                  # one full epoch, then the next
     b = PromptStream(5, seed=3, cursor=4)
     assert b.take(3) == first[4:7]
+
+
+def test_old_shaping_name_red_is_an_alias_with_a_warning(tmp_path):
+    with pytest.warns(FutureWarning, match="loss.offline_shaping.*'red' is deprecated, use 'accuracy_shift'"):
+        cfg = load_config(overrides=["loss.offline_shaping=red"])
+    assert cfg.loss.offline_shaping == "accuracy_shift"
+    assert modes.loss_config(cfg, "red").offline_shaping == "accuracy_shift"
+    with pytest.raises(ConfigError, match="loss.offline_shaping.*accuracy_shift, luffy, none, got 'redd'"):
+        load_config(overrides=["loss.offline_shaping=redd"])

@@ -134,7 +134,7 @@ def test_a_sequence_never_attends_across_a_boundary(tiny, layout):
 
 def _loss_config(mode, agg):
     from red_kernels import REDLossConfig
-    shaping = {"red": "red", "luffy": "luffy", "grpo": "none"}[mode]
+    shaping = {"red": "accuracy_shift", "luffy": "luffy", "grpo": "none"}[mode]
     return REDLossConfig(loss_agg=agg, loss_const=8.0, r_min=1 / 16, offline_shaping=shaping,
                          entropy_coef=0.001 if mode == "luffy" else 0.0, sft_coef=0.1 if mode == "red" else 0.0,
                          dual_clip=3.0 if mode == "grpo" else None, temperature=0.9)
