@@ -19,6 +19,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 from .records import PromptItem
 
 log = logging.getLogger("red.data")
@@ -47,8 +49,7 @@ def read_rows(path: str):
         raise DataError(f"data file not found: {path}")
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
-        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield i, row
+        yield from enumerate(pq.read_table(path).to_pylist(), 1)
         return
     with open(path, encoding="utf-8") as fh:
         if path.endswith(".json"):
@@ -81,14 +82,23 @@ def _text(v):
     if v is None:
         return None
     if isinstance(v, (list, tuple)):
-        v = v[0] if v else None
-        return _text(v)
+        return _text(v[0] if v else None)
     if isinstance(v, dict):
         return _text(v.get("content"))
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     s = str(v).strip()
     return s or None
+
+
+def _texts(v) -> list[str]:
+    """The non-empty texts of a value or of each item of a list."""
+    return [t for t in ([_text(x) for x in v] if isinstance(v, list) else [_text(v)]) if t]
+
+
+def _pick(row: dict, key: str | None, names: tuple):
+    """row[key] when a key is given, else the value of the first of `names` in the row (None if none is)."""
+    return row.get(key or next((k for k in names if k in row), None))
 
 
 def _gold_from_solution(sol: str | None) -> str | None:
@@ -122,19 +132,15 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
         messages = [{"role": m.get("role"), "content": m.get("content")} for m in prompt]
         users = [m["content"] for m in messages if m.get("role") == "user"]
         problem = users[-1] if users else None
-        rm = row.get("reward_model") or {}
-        answer = _text(row.get(keys["answer"])) if keys.get("answer") else _text(
-            rm.get("ground_truth") if isinstance(rm, dict) else None)
-        tr = row.get(keys.get("trace") or "target")
-        traces = [t for t in ([_text(x) for x in tr] if isinstance(tr, list) else [_text(tr)]) if t]
+        rm = row.get("reward_model")
+        answer = _text(row.get(keys["answer"]) if keys.get("answer") else
+                       rm.get("ground_truth") if isinstance(rm, dict) else None)
+        traces = _texts(row.get(keys.get("trace") or "target"))
         source = str(row.get("data_source") or os.path.basename(path))
     else:
-        pk = keys.get("problem") or next((k for k in ("problem", "question", "Problem", "query") if k in row), None)
-        problem = _text(row.get(pk)) if pk else None
-        ak = keys.get("answer") or next(
-            (k for k in ("answer", "final_answer", "ground_truth", "gold", "expected_answer") if k in row), None)
-        answer = _text(row.get(ak)) if ak else None
-        traces = []
+        problem = _text(_pick(row, keys.get("problem"), ("problem", "question", "Problem", "query")))
+        answer = _text(_pick(row, keys.get("answer"),
+                             ("answer", "final_answer", "ground_truth", "gold", "expected_answer")))
         if layout == "openr1" and not keys.get("trace"):
             gens = row.get("generations") or []
             ok = row.get("correctness_math_verify")
@@ -144,10 +150,7 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
             if not traces and _text(row.get("solution")):
                 traces = [_text(row.get("solution"))]
         else:
-            tk = keys.get("trace") or next((k for k in ("trace", "teacher", "target", "solution") if k in row), None)
-            if tk:
-                tr = row.get(tk)
-                traces = [t for t in ([_text(x) for x in tr] if isinstance(tr, list) else [_text(tr)]) if t]
+            traces = _texts(_pick(row, keys.get("trace"), ("trace", "teacher", "target", "solution")))
         # gsm8k: the 'answer' is a worked solution ending in '#### n'
         if answer and "####" in answer:
             traces = traces or [answer.rsplit("####", 1)[0].strip() + f"\nThe answer is \\boxed{{{_gold_from_solution(answer)}}}."]
@@ -169,10 +172,9 @@ def load_examples(path: str, columns: str = "auto", keys: dict | None = None, ba
     keys = {k: v for k, v in (keys or {}).items() if v}
     out, skipped, layout = [], [], None if columns == "auto" else columns
     for row_no, row in read_rows(path):
-        lay = layout or detect_layout(row)
-        layout = lay
+        layout = layout or detect_layout(row)
         try:
-            out.append(row_to_example(row, lay, row_no, path, keys))
+            out.append(row_to_example(row, layout, row_no, path, keys))
         except DataError as e:
             if bad_rows == "error":
                 raise
@@ -233,8 +235,7 @@ class TokenizeReport:
     think_stripped: int = 0
 
     def counts(self) -> dict:
-        return {"prompts_rejected": len(self.prompts_rejected), "prompts_truncated": len(self.prompts_truncated),
-                "traces_rejected": len(self.traces_rejected), "traces_truncated": len(self.traces_truncated)}
+        return {k: len(v) for k, v in vars(self).items() if isinstance(v, list)}
 
 
 def tokenize_examples(examples: list[Example], tokenizer, dcfg, max_response_len: int, eos_id: int,
@@ -300,22 +301,14 @@ class PromptStream:
 
     def _order(self, epoch):
         if epoch != self._perm_epoch:
-            import torch
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._perm = torch.randperm(self.size, generator=g).tolist()
-            else:
-                self._perm = list(range(self.size))
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.size, generator=g).tolist() if self.shuffle else list(range(self.size))
             self._perm_epoch = epoch
         return self._perm
 
     def take(self, n: int) -> list[int]:
-        out = []
-        for _ in range(n):
-            epoch, pos = divmod(self.cursor, self.size)
-            out.append(self._order(epoch)[pos])
-            self.cursor += 1
-        return out
+        start, self.cursor = self.cursor, self.cursor + n
+        return [self._order(c // self.size)[c % self.size] for c in range(start, start + n)]
 
     @property
     def epoch(self) -> float:
