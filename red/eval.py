@@ -46,22 +46,20 @@ def summarise(records: list[dict], n: int) -> dict:
     by_src = defaultdict(list)
     for r in records:
         by_src[r["source"]].append(r)
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     out = {}
     for src, rs in sorted(by_src.items()) + [("all", records)]:
         per_problem = defaultdict(list)
         for r in rs:
             per_problem[r["uid"]].append(r["correct"])
-        ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
-        cor = [r for r in rs if r["correct"]]
-        wrong = [r for r in rs if not r["correct"]]
-        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
         out[src] = {
             "problems": len(per_problem), "samples": len(rs),
             f"avg@{n}": mean([float(r["correct"]) for r in rs]),
             **{f"pass@{k}": mean([pass_at_k(len(v), sum(v), k) for v in per_problem.values()]) for k in ks},
             "mean_length": mean([r["length"] for r in rs]),
-            "mean_length_correct": mean([r["length"] for r in cor]),
-            "mean_length_wrong": mean([r["length"] for r in wrong]),
+            "mean_length_correct": mean([r["length"] for r in rs if r["correct"]]),
+            "mean_length_wrong": mean([r["length"] for r in rs if not r["correct"]]),
             "truncation_rate": mean([float(r["truncated"]) for r in rs]),
             "statuses": count_statuses([r["status"] for r in rs]),
         }
@@ -114,16 +112,12 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of that config, e.g. rollout.engine=vllm")
     ap.add_argument("--n", type=int, help="samples per problem (avg@n, pass@k for k <= n)")
     ap.add_argument("--temperature", type=float, help="0 = greedy")
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--max-new-tokens", type=int)
-    ap.add_argument("--max-prompt-len", type=int)
-    ap.add_argument("--limit", type=int, default=None, help="first N rows per file")
-    ap.add_argument("--system-prompt")
-    ap.add_argument("--prompt-template")
+    ap.add_argument("--limit", type=int, help="first N rows per file")
     ap.add_argument("--columns", choices=["auto", "plain", "openr1", "luffy"])
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--device")
+    for flag, kind in (("--top-p", float), ("--max-new-tokens", int), ("--max-prompt-len", int),
+                       ("--system-prompt", str), ("--prompt-template", str), ("--batch-size", int), ("--seed", int),
+                       ("--device", str)):
+        ap.add_argument(flag, type=kind)
     ap.add_argument("--out", default=None, help="write results JSON here")
     args = ap.parse_args(argv)
 
@@ -172,9 +166,7 @@ def main(argv=None) -> int:
                                            with_traces=False)
             res = evaluate(engine, tok, items, verifier, n=args.n, temperature=args.temperature,
                            max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed)
-            res["skipped_rows"] = skipped
-            res["tokenize"] = rep.counts()
-            results["datasets"][spec] = res
+            results["datasets"][spec] = dict(res, skipped_rows=skipped, tokenize=rep.counts())
             for src, s in res["per_source"].items():
                 key = f"avg@{res['n']}"
                 print(f"{spec} [{src}] problems={s['problems']} {key}={s[key]:.3f} "
