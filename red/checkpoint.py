@@ -48,16 +48,13 @@ def full_state(model) -> dict:
     return get_model_state_dict(model, options=FULL)
 
 
-def hf_weights(model, state: dict, dtype: torch.dtype) -> dict:
-    """The state to save_pretrained in `dtype`: tied copies dropped (a gathered FSDP2 state has lost the tie)."""
+def save_pretrained(model, out: str, state: dict, dtype: torch.dtype) -> None:
+    """save_pretrained of `state` in `dtype`, with config.json saying that dtype (so dtype="auto" loads it).
+    Tied copies are dropped from `state` (a gathered FSDP2 state has lost the tie)."""
     tied = getattr(model, "_tied_weights_keys", None) or {}
     drop = set(tied) if getattr(model.config, "tie_word_embeddings", False) else set()
-    return {k: v.to(dtype) for k, v in state.items() if k not in drop}
-
-
-def save_pretrained(model, out: str, state: dict, dtype: torch.dtype) -> None:
-    """save_pretrained of `state` in `dtype`, with config.json saying that dtype (so dtype="auto" loads it)."""
-    model.save_pretrained(out, state_dict=hf_weights(model, state, dtype), safe_serialization=True)
+    weights = {k: v.to(dtype) for k, v in state.items() if k not in drop}
+    model.save_pretrained(out, state_dict=weights, safe_serialization=True)
     saved, model.config.dtype = model.config.dtype, dtype     # save_pretrained wrote the parameters' dtype
     try:
         model.config.save_pretrained(out)
@@ -65,9 +62,9 @@ def save_pretrained(model, out: str, state: dict, dtype: torch.dtype) -> None:
         model.config.dtype = saved
 
 
-def save_model(model, tokenizer, out: str, dtype: torch.dtype, state: dict | None = None) -> None:
+def save_model(model, tokenizer, out: str, dtype: torch.dtype) -> None:
     """HF save_pretrained of the (gathered) weights in `dtype` (rank 0), written atomically."""
-    state = full_state(model) if state is None else state
+    state = full_state(model)
     if parallel.is_main():
         with atomic(out) as tmp:
             save_pretrained(model, tmp, state, dtype)
@@ -90,8 +87,7 @@ def save(run: RunDir, step: int, model, tokenizer, dtype: torch.dtype, opt, trai
     if parallel.is_main():
         save_pretrained(model, tmp, weights, dtype)
         tokenizer.save_pretrained(tmp)
-        with atomic(os.path.join(tmp, "trainer_state.pt")) as p:
-            torch.save(state, p)
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))     # tmp/ is renamed into place below
     parallel.barrier()
     if parallel.is_main():
         shutil.rmtree(final, ignore_errors=True)

@@ -3,10 +3,13 @@ the per-step rollout statistics (sums per rank -> one reduction -> rates)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
 from . import parallel as D
+
+log = logging.getLogger("red.metrics")
 
 
 def _clean(v):
@@ -44,7 +47,7 @@ class MetricsLogger:
             return
         row = {k: _clean(v) for k, v in row.items()}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(row, sort_keys=False) + "\n")
+            fh.write(json.dumps(row) + "\n")
         if self.tb is not None:
             step = row.get("step", 0)
             for k, v in row.items():
@@ -111,8 +114,6 @@ def finish_rollout_metrics(s: dict, mx: dict, tr) -> dict:
     out.update({k: v for k, v in s.items() if k.startswith("status_")})
     tf, cfg = out["truncated_frac"], tr.cfg
     if tf is not None and tf > cfg.log.truncation_warn and D.is_main():
-        import logging
-        logging.getLogger("red.metrics").warning(
-            "step %d: %.0f%% of online samples hit rollout.max_new_tokens=%d (their reward is usually 0)",
-            tr.step + 1, 100 * tf, cfg.rollout.max_new_tokens)
+        log.warning("step %d: %.0f%% of online samples hit rollout.max_new_tokens=%d (their reward is usually 0)",
+                    tr.step + 1, 100 * tf, cfg.rollout.max_new_tokens)
     return out

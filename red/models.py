@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 
 import torch
 
@@ -38,15 +39,12 @@ def apply_config_overrides(cfg, overrides: dict | None):
         if key in _ROPE_KEYS or key == "rope_scaling":
             if not dicts:
                 raise ConfigError(f"{where}: {type(cfg).__name__} has no rope_parameters to put it in")
-            if key == "rope_scaling":
-                if not isinstance(value, dict):
-                    raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-                value = {("rope_type" if k == "type" else k): v for k, v in value.items()}
-                for d in dicts:
-                    d.update(value)
-            else:
-                for d in dicts:
-                    d[key] = value
+            if key == "rope_scaling" and not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            update = ({key: value} if key in _ROPE_KEYS else   # rope_scaling: "type" is read as "rope_type"
+                      {("rope_type" if k == "type" else k): v for k, v in value.items()})
+            for d in dicts:
+                d.update(update)
         elif hasattr(cfg, key):
             setattr(cfg, key, value)
         else:
@@ -163,8 +161,6 @@ def smollm2_dir(cache_root: str | None = None) -> str:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     os.makedirs(root, exist_ok=True)
-    if os.path.exists(out):
-        import shutil
-        shutil.rmtree(out)
+    shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

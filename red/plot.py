@@ -16,11 +16,6 @@ def plot_run(metrics_path: str, out_path: str, title: str = "") -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def series(key):
-        xs = [r["step"] for r in rows if isinstance(r.get(key), (int, float))]
-        ys = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-        return xs, ys
-
     panels = [
         ("accuracy", [("acc_online", "online acc"), ("acc_offline", "teacher acc"), ("reward_mean", "reward"),
                       ("eval/acc", "held-out acc")]),
@@ -35,9 +30,9 @@ def plot_run(metrics_path: str, out_path: str, title: str = "") -> str | None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (name, keys) in zip(axes.flat, panels):
         for key, label in keys:
-            xs, ys = series(key)
-            if xs:
-                ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None, ms=4, label=label)
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o" if key.startswith("eval/") else None, ms=4, label=label)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -23,9 +23,8 @@ def atomic(path: str):
     if os.path.isdir(tmp):
         shutil.rmtree(tmp)
     yield tmp
-    if os.path.isdir(tmp):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
+    if os.path.isdir(tmp) and os.path.isdir(path):
+        shutil.rmtree(path)
     os.replace(tmp, path)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from itertools import accumulate
 
 # task -> (kinds, list lengths (both drawn uniformly), teacher style)
 TASKS = {
@@ -56,11 +57,8 @@ def make_example(kind: str, numbers: list[int], style: str = "concise", rng: ran
     """kind 'largest' | 'smallest' over one-digit numbers -> problem, answer, step-by-step trace.
 
     style 'verbose' adds 1-2 redundant re-checks (drawn from `rng`) before the answer sentence."""
-    pick = max if kind == "largest" else min
-    run, cur = [], numbers[0]
-    for x in numbers:
-        cur = pick(cur, x)
-        run.append(cur)
+    run = list(accumulate(numbers, max if kind == "largest" else min))
+    cur = run[-1]
     problem = f"Find the {kind}:" + "".join(f" {x}" for x in numbers)
     trace = f"Running {kind}:" + "".join(f" {x}" for x in run) + "."
     if style == "verbose":
@@ -163,10 +161,8 @@ def build_model(tokenizer, overrides: dict | None = None, seed: int = 0):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    kw = dict(TINY_MODEL)
-    kw.update(overrides or {})
     cfg = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **kw)
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **{**TINY_MODEL, **(overrides or {})})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(cfg)

@@ -10,12 +10,11 @@ import argparse
 import json
 import logging
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
+from transformers import set_seed
 
 from . import checkpoint, modes, parallel
 from .config import ConfigError, load_config
@@ -94,9 +93,7 @@ def train(cfg) -> int:
     parallel.init_from_env(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    set_seed(cfg.seed)
     run = RunDir(cfg.output_dir)
     os.makedirs(run.root, exist_ok=True)
     resume_dir = checkpoint.find_resume(run, cfg.checkpoint.resume, cfg.train.steps)
@@ -125,8 +122,7 @@ def train(cfg) -> int:
     engine = make_engine(cfg, model, tok, stop_token_ids=sorted({eos_id, tok.eos_token_id} - {None}))
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s)
     tr = Trainer(cfg, policy, tok, engine, verifier, run)
-    summary = state.get("summary") if state else None
-    summary = summary or {"versions": package_versions(), **info}
+    summary = (state or {}).get("summary") or {"versions": package_versions(), **info}
     summary["precision"] = policy.precision()
     summary["attention"] = {"implementation": model.config._attn_implementation, "packing": policy.packing}
     say = lambda text: parallel.is_main() and print(text, flush=True)
