@@ -110,12 +110,6 @@ def _gold_from_solution(sol: str | None) -> str | None:
     return extract_boxed(sol)
 
 
-def _strip_dollars(s):
-    if s and s.startswith("$") and s.endswith("$") and len(s) > 1:
-        return s.strip("$").strip() or None
-    return s
-
-
 def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -> Example:
     """One row -> Example; raises DataError naming the row when the problem or the gold answer is missing."""
     where = f"{path} row {row_no}"
@@ -157,7 +151,8 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
             answer = _gold_from_solution(answer)
         if answer is None:
             answer = _gold_from_solution(_text(row.get("solution")))
-        answer = _strip_dollars(answer)
+        if answer and answer.startswith("$") and answer.endswith("$") and len(answer) > 1:
+            answer = answer.strip("$").strip() or None
         source = str(row.get("data_source") or os.path.splitext(os.path.basename(path))[0])
     if not problem:
         raise DataError(f"{where}: no problem text (looked for {keys.get('problem') or 'problem/question/prompt'})")
