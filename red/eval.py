@@ -72,13 +72,9 @@ def evaluate(engine, tokenizer, items, verifier: Verifier, n: int = 1, temperatu
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     n_eff = 1 if temperature == 0 else n
     outs = engine.generate([it.prompt_ids for it in items], n_eff, sampling)
-    golds, texts, meta = [], [], []
-    for it, rollouts in zip(items, outs):
-        for ro in rollouts:
-            golds.append(it.answer)
-            texts.append(tokenizer.decode(ro.token_ids, skip_special_tokens=True))
-            meta.append((it, ro))
-    statuses = verifier.grade(golds, texts)
+    meta = [(it, ro) for it, rollouts in zip(items, outs) for ro in rollouts]
+    texts = [tokenizer.decode(ro.token_ids, skip_special_tokens=True) for _, ro in meta]
+    statuses = verifier.grade([it.answer for it, _ in meta], texts)
     records = [{"source": it.source, "uid": it.uid, "row": it.row, "correct": st == "correct", "status": st,
                 "length": len(ro.token_ids), "truncated": ro.finish_reason == "length"}
                for (it, ro), st in zip(meta, statuses)]

@@ -85,8 +85,7 @@ def batch_sums(b, ds: dict) -> tuple[dict, dict]:
     on, off = ~b.is_offline, b.is_offline
     cor, L, R = b.correct, b.response_len.double(), b.reward.double()
     sets = {"on": on, "off": off, "cor": on & cor, "wrong": on & ~cor}
-    sums = {"groups": b.G, "draws": ds["draws"], "dropped_all_correct": ds["dropped_all_correct"],
-            "dropped_all_wrong": ds["dropped_all_wrong"], "short": ds["short"]}
+    sums = {"groups": b.G, **{k: ds[k] for k in ("draws", "dropped_all_correct", "dropped_all_wrong", "short")}}
     for name, s in sets.items():
         sums.update({f"n_{name}": s.sum(), f"len_{name}": L[s].sum(), f"reward_{name}": R[s].sum(),
                      f"correct_{name}": (s & cor).sum(), f"trunc_{name}": (s & b.truncated).sum()})

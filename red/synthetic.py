@@ -138,10 +138,7 @@ def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = []
-    for task in TASKS:
-        for ex in generate(task, 300, seed=12345):
-            corpus += [ex["problem"], ex["traces"][0]]
+    corpus = [t for task in TASKS for ex in generate(task, 300, seed=12345) for t in (ex["problem"], ex["traces"][0])]
     corpus += ["user", "assistant", "system", "You are a helpful assistant."]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([
