@@ -133,8 +133,7 @@ def main(argv=None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    base = _from_config(cfg) if cfg is not None else FLAG_DEFAULTS
-    for key, value in base.items():
+    for key, value in (_from_config(cfg) if cfg is not None else FLAG_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.data = args.data or (list(cfg.data.eval) if cfg is not None else None)
