@@ -16,7 +16,8 @@ import time
 import torch
 from transformers import set_seed
 
-from . import checkpoint, modes, parallel
+from . import checkpoint, modes, parallel, synthetic
+from .attention import packing_layout, resolve
 from .config import ConfigError, load_config
 from .data import DataError, load_source, tokenize_examples
 from .eval import package_versions
@@ -24,7 +25,6 @@ from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsLogger
 from .rewards import Verifier
 from .run_dir import RunDir, write_text
-from .attention import packing_layout
 from .update import Policy
 
 log = logging.getLogger("red.train")
@@ -44,7 +44,6 @@ def trace_eos_id(tokenizer, chat_eos: str | None) -> int:
 
 def build_model(cfg, device, run: RunDir, resume_dir):
     """(model with float32 parameters, tokenizer, whether the warm-up is already done)."""
-    from .attention import resolve
     from .models import load_pretrained
     attn = resolve(cfg.model.attn_implementation, device, cfg.model.dtype)
     warm = cfg.warmup.enabled and os.path.isfile(os.path.join(run.warmup, "config.json"))
@@ -55,7 +54,6 @@ def build_model(cfg, device, run: RunDir, resume_dir):
     elif cfg.model.path:
         model, tok = load_pretrained(cfg.model.path, "float32", cfg.model.config_overrides, attn)
     else:
-        from . import synthetic
         tok = synthetic.build_tokenizer()
         model = synthetic.build_model(tok, cfg.model.tiny, seed=cfg.seed)
         model.config._attn_implementation = attn
