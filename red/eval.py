@@ -169,6 +169,8 @@ def main(argv=None) -> int:
                       + f" len={s['mean_length']:.1f} trunc={s['truncation_rate']:.2f}")
     finally:
         verifier.close()
+        if hasattr(engine, "close"):   # the vLLM engine and the process group it made for itself
+            engine.close()
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=2)
