@@ -87,3 +87,14 @@ def test_command_line_errors_name_the_argument(capsys):
     with pytest.raises(SystemExit, match="--modes"):
         parse_overrides(["algorithm.mode=red"])
     assert parse_overrides(["output_dir=x/y", "train.steps=3"]) == ("x/y", ["train.steps=3"])
+
+
+def test_one_seed_writes_strict_json_with_null_intervals(tmp_path):
+    out = str(tmp_path / "one")
+    compare(None, ["grpo", "red"], 1, "grpo", 1, [], out, runner=fake_runner([]))
+    text = open(os.path.join(out, "compare.json")).read()
+    assert "NaN" not in text
+    on_disk = json.loads(text)
+    assert on_disk["modes"]["red"]["heldout_acc"] == {"mean": pytest.approx(0.7), "ci95": [None, None], "n": 1}
+    assert on_disk["paired_vs_baseline"]["red"]["ci95"] == [None, None]
+    assert "| red | 1 | 70.0 | n/a |" in open(os.path.join(out, "compare.md")).read()
