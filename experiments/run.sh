@@ -13,6 +13,10 @@ publish() {   # publish NAME COMMAND...
   local name=$1; shift
   mkdir -p "experiments/$name"
   cp "runs/$name/compare.json" "runs/$name/compare.md" "runs/$name/compare.png" "experiments/$name/"
+  for run in runs/"$name"/*/seed_*/; do   # each run's summary + per-step metrics (kilobytes; no weights)
+    local dest="experiments/$name/${run#runs/$name/}"
+    mkdir -p "$dest" && cp "$run/summary.json" "$run/metrics.jsonl" "$dest"
+  done
   { echo "command: $*"; echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- red red_kernels || echo ' (dirty)')";
     echo "date: $(date -u +%FT%TZ)"; } > "experiments/$name/COMMAND.txt"
 }

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 
+from .run_dir import json_ready
 from .stats import mean_ci95, paired_diff
 
 MODES = ("sft", "sft_then_grpo", "grpo", "luffy", "red")
@@ -190,21 +190,12 @@ def compare(config, modes, seeds, baseline, jobs, overrides, out_root, runner=su
     result["baseline"] = baseline
     os.makedirs(out_root, exist_ok=True)
     with open(os.path.join(out_root, "compare.json"), "w") as fh:
-        json.dump(json_safe(result), fh, indent=2, allow_nan=False)
+        json.dump(json_ready(result), fh, indent=2, allow_nan=False)
     from .compare_report import write_markdown, write_plot
     write_markdown(result, os.path.join(out_root, "compare.md"), command)
     write_plot({m: [read_metrics(dirs[(m, s)]) for s in range(seeds)] for m in modes},
                os.path.join(out_root, "compare.png"))
     return result
-
-
-def json_safe(x):
-    """NaN (e.g. the interval of a single seed) -> null, so compare.json is strict JSON (jq, JavaScript)."""
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def main(argv=None) -> int:

@@ -296,8 +296,11 @@ class PromptStream:
 
     def _order(self, epoch):
         if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.size, generator=g).tolist() if self.shuffle else list(range(self.size))
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm = torch.randperm(self.size, generator=g).tolist()
+            else:
+                self._perm = list(range(self.size))
             self._perm_epoch = epoch
         return self._perm
 

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 
 from . import parallel as D
+from .run_dir import json_ready
 
 log = logging.getLogger("red.metrics")
-
-
-def _clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
 
 
 class MetricsLogger:
@@ -45,7 +39,7 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not D.is_main():
             return
-        row = {k: _clean(v) for k, v in row.items()}
+        row = json_ready(row)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.tb is not None:

@@ -161,6 +161,7 @@ def smollm2_dir(cache_root: str | None = None) -> str:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     os.makedirs(root, exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
+    if os.path.exists(out):   # an older conversion: replace it (an error here must not be hidden)
+        shutil.rmtree(out)
     os.replace(tmp, out)
     return out

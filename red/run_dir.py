@@ -8,11 +8,24 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
 
 _STEP = re.compile(r"^step_(\d+)$")
+
+
+def json_ready(x):
+    """NaN -> null and ±inf -> "inf"/"-inf", recursively, so every JSON file a run or a comparison writes is
+    strict JSON (jq, JavaScript), e.g. the mean length of correct answers when there are none."""
+    if isinstance(x, dict):
+        return {k: json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from .eval import package_versions
 from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsLogger
 from .rewards import Verifier
-from .run_dir import RunDir, write_text
+from .run_dir import RunDir, json_ready, write_text
 from .update import Policy
 
 log = logging.getLogger("red.train")
@@ -165,7 +165,7 @@ def train(cfg) -> int:
         if cfg.log.plot:
             from .plot import plot_run
             plot_run(run.metrics, run.plot, title=f"{cfg.algorithm.mode} — {cfg.output_dir}")
-        write_text(run.summary, json.dumps(summary, indent=2, default=str))
+        write_text(run.summary, json.dumps(json_ready(summary), indent=2, default=str, allow_nan=False))
         fmt = lambda e: "n/a" if e is None else f"{100 * e['accuracy']:.1f}%"
         print(f"outputs: {cfg.output_dir} (metrics.jsonl, dynamics.png, {os.path.basename(run.latest() or '')})")
         print(f"held-out accuracy: {fmt(before)} -> {fmt(after)}", flush=True)

@@ -53,6 +53,8 @@ def test_every_mode_runs_in_the_same_pipeline(tmp_path, mode):
         assert all(r["groups_kept"] >= 1 and r["grad_norm"] > 0 for r in steps)
     assert os.path.isfile(os.path.join(out, "step_2", "model.safetensors"))
     assert open(os.path.join(out, "latest")).read().strip() == "step_2"
+    summary = open(os.path.join(out, "summary.json")).read()   # strict JSON: no NaN for an empty mean
+    assert "NaN" not in summary and "Infinity" not in summary and json.loads(summary)["eval_after"]["accuracy"] >= 0
     assert not os.path.exists(os.path.join(out, "step_0"))
     # keep: 2 -> step_1 and step_2 remain
     assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_1", "step_2"]
