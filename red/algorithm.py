@@ -1,5 +1,6 @@
 """RED algorithm steps as pure tensor functions (no I/O): group layout, advantages, dynamic sampling,
-entropy-change-ratio offline weight, accuracy-aware shift inputs. The reward formula is red/rewards.py. See shared/spec/red-algorithm.md.
+entropy-change-ratio offline weight, accuracy-aware shift inputs (the group layout itself,
+k teacher traces last with an explicit is_offline flag, is built by red/records.py). The reward formula is red/rewards.py. See shared/spec/red-algorithm.md.
 
 Shapes: G groups of n members each; tensors shaped [G, n] hold one value per group member, [B] = [G·n]
 flattened group-major.
@@ -10,17 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-
-def group_layout(num_groups: int, n: int, k: int) -> torch.Tensor:
-    """is_offline [G, n] bool: the last k members of each group are teacher traces (an explicit flag; code
-    downstream must use it, never the position)."""
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, n], got k={k}, n={n}")
-    flags = torch.zeros(num_groups, n, dtype=torch.bool)
-    if k:
-        flags[:, n - k:] = True
-    return flags
 
 
 def group_advantages(rewards: torch.Tensor, is_offline: torch.Tensor, *, adv_std: bool = True,
@@ -100,15 +90,6 @@ def sample_mean_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     """h_i: mean token entropy of each sample over its response tokens ([B, T], [B, T] -> [B]; 0 if empty)."""
     m = mask.to(entropy.dtype)
     return (entropy * m).sum(-1) / m.sum(-1).clamp_min(1)
-
-
-def split_means(values: torch.Tensor, is_offline: torch.Tensor) -> tuple[float | None, float | None]:
-    """Plain means of a per-sample value over online and offline samples (None where there are none)."""
-    v = values.double()
-    on, off = ~is_offline, is_offline
-    mean_on = float(v[on].mean()) if bool(on.any()) else None
-    mean_off = float(v[off].mean()) if bool(off.any()) else None
-    return mean_on, mean_off
 
 
 @dataclass

@@ -4,19 +4,26 @@ import math
 import pytest
 import torch
 
-from red.algorithm import (EntropyRatioWeight, group_accuracy, group_advantages, group_layout, keep_groups, refill,
-                           sample_mean_entropy, split_means)
+from red.algorithm import (EntropyRatioWeight, group_accuracy, group_advantages, keep_groups, refill,
+                           sample_mean_entropy)
+from red.records import PromptItem, RolloutBatch
+from red.rollout.base import Rollout
 from red.rewards import overlong_penalty
 
 SQRT3 = math.sqrt(1 / 3)   # unbiased std of {1, 0, 0, 1} and of {1, 0, 0}
 
 
 def test_group_layout_flags_last_k_members():
-    f = group_layout(2, 4, 1)
-    assert f.tolist() == [[False, False, False, True]] * 2
-    assert group_layout(1, 3, 0).tolist() == [[False] * 3]
-    with pytest.raises(ValueError):
-        group_layout(1, 3, 4)
+    """Each group: its online rollouts in engine order, then k teacher traces (cycling), flagged is_offline."""
+    item = lambda r: PromptItem([1, 2], "1", [[7, 8], [9]], "s", r, r)
+    ros = lambda: [Rollout([1, 2], [3], None, "stop"), Rollout([1, 2], [4, 4], None, "length")]
+    b = RolloutBatch.from_rollouts([item(0), item(1)], [ros(), ros()], 3)
+    assert b.n == 5 and b.B == 10
+    assert b.grouped(b.is_offline).tolist() == [[False, False, True, True, True]] * 2
+    assert b.response[2:5].tolist() == [[7, 8], [9, 0], [7, 8]] and b.truncated[:5].tolist() == [0, 1, 0, 0, 0]
+    assert RolloutBatch.from_rollouts([item(0)], [ros()], 0).is_offline.tolist() == [False, False]
+    with pytest.raises(ValueError, match="no teacher trace"):
+        RolloutBatch.from_rollouts([PromptItem([1], "1", [], "s", 4, 4)], [ros()], 1)
 
 
 def test_advantages_with_offline_member_whole_group():
@@ -151,14 +158,10 @@ def test_entropy_ratio_weight_missing_side_keeps_state():
     assert w.state_dict() == {"prev_on": 2.0, "prev_off": 1.0}
 
 
-def test_sample_entropy_and_split_means():
-    ent = torch.tensor([[1.0, 3.0, 9.0], [2.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    h = sample_mean_entropy(ent, mask)
-    assert h.tolist() == [2.0, 2.0]
-    on, off = split_means(torch.tensor([1.0, 2.0, 6.0]), torch.tensor([False, False, True]))
-    assert (on, off) == (1.5, 6.0)
-    assert split_means(torch.tensor([1.0]), torch.tensor([False])) == (1.0, None)
+def test_sample_mean_entropy():
+    ent = torch.tensor([[1.0, 3.0, 9.0], [2.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    assert sample_mean_entropy(ent, mask).tolist() == [2.0, 2.0, 0.0]     # an empty response has h = 0
 
 
 def test_overlong_penalty():
