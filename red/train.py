@@ -159,6 +159,8 @@ def train(cfg) -> int:
                 run_stage(tr, stage, logger, eval_items, summary)
     finally:
         verifier.close()
+        if hasattr(engine, "close"):   # the vLLM engine: its temporary model directory and own process group
+            engine.close()
     after, before = summary.get("eval_after"), summary.get("eval_before")
     summary["wall_time_s"] = time.perf_counter() - t_start
     if parallel.is_main():

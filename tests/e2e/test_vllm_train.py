@@ -26,6 +26,12 @@ def test_two_step_red_run_with_vllm_syncs_after_every_step(tmp_path, monkeypatch
         engine = real_make_engine(cfg, model, tokenizer, **kw)
         probe = list(engine._sync_check[1])
         built.update(engine=engine, model=model, probe=probe, initial=trainer_logprobs(model, probe))
+        real_close = engine.close
+
+        def close():   # the run closes its engine: read the engine's final log-probs just before
+            built.update(final_engine=engine.prompt_logprobs(probe), temp_dirs=list(engine._temp_dirs))
+            real_close()
+        engine.close = close
         return engine
 
     monkeypatch.setattr(factory, "make_engine", recording_make_engine)
@@ -45,7 +51,8 @@ def test_two_step_red_run_with_vllm_syncs_after_every_step(tmp_path, monkeypatch
         assert engine.syncs == STEPS + 1
         assert engine.last_sync_check is not None and engine.last_sync_check.ok
         final = trainer_logprobs(model, built["probe"])
-        assert (engine.prompt_logprobs(built["probe"]) - final).abs().max() < 1e-4
+        assert (built["final_engine"] - final).abs().max() < 1e-4
+        assert engine.llm is None and built["temp_dirs"] and not any(os.path.exists(d) for d in built["temp_dirs"])
         assert (final - built["initial"]).abs().max() > 1e-3  # training moved the model: the check is not vacuous
 
         rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -54,5 +61,6 @@ def test_two_step_red_run_with_vllm_syncs_after_every_step(tmp_path, monkeypatch
         for r in steps:  # engine vs trainer log-probs of the sampled tokens (fp32 both sides)
             assert r["mismatch/max_abs_diff"] < 1e-4
     finally:
-        engine.close()
-    assert not torch.distributed.is_initialized()
+        if engine.llm is not None:
+            engine.close()
+    assert not torch.distributed.is_initialized()          # the engine's own process group is gone with it
