@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from . import parallel
-from .run_dir import RunDir, atomic, write_text
+from .run_dir import RunDir, atomic, commit, temporary, write_text
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -78,7 +78,7 @@ def save(run: RunDir, step: int, model, tokenizer, dtype: torch.dtype, opt, trai
     weights = full_state(model)
     optim = get_optimizer_state_dict(model, opt, options=FULL)
     state = {**trainer_state, "optimizer": optim, "master": weights if dtype != torch.float32 else None}
-    tmp = os.path.join(run.root, f".tmp_step_{step}")
+    tmp = temporary(final)          # every rank writes into it; rank 0 commits it
     if parallel.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -90,8 +90,7 @@ def save(run: RunDir, step: int, model, tokenizer, dtype: torch.dtype, opt, trai
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))     # tmp/ is renamed into place below
     parallel.barrier()
     if parallel.is_main():
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        commit(tmp, final)
         write_text(run.latest_file, f"step_{step}\n")
         for _, d in run.steps()[:-keep]:
             if d != final:

@@ -28,17 +28,27 @@ def json_ready(x):
     return x
 
 
-@contextlib.contextmanager
-def atomic(path: str):
-    """Write `path` (a file or a directory) through a temporary sibling, renamed into place on success.
-    Yields the temporary path; a failure leaves any previous `path` untouched."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp_{os.path.basename(path)}")
-    if os.path.isdir(tmp):
-        shutil.rmtree(tmp)
-    yield tmp
+def temporary(path: str) -> str:
+    """The temporary sibling `path` is written through: `.tmp_<name>` (RunDir.clear removes leftovers)."""
+    return os.path.join(os.path.dirname(path) or ".", f".tmp_{os.path.basename(path)}")
+
+
+def commit(tmp: str, path: str) -> None:
+    """Rename a finished temporary into place, replacing a previous file or directory `path`."""
     if os.path.isdir(tmp) and os.path.isdir(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic(path: str):
+    """Write `path` (a file or a directory) through its temporary sibling, committed on success. Yields the
+    temporary path; a failure leaves any previous `path` untouched."""
+    tmp = temporary(path)
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    yield tmp
+    commit(tmp, path)
 
 
 def write_text(path: str, text: str) -> None:

@@ -1,6 +1,11 @@
-"""red/run_dir.py: every JSON a run or a comparison writes is strict JSON (NaN -> null, ±inf -> strings)."""
+"""red/run_dir.py: every JSON a run or a comparison writes is strict JSON (NaN -> null, ±inf -> strings); the one
+atomic write (a crash leaves the previous file or directory as it was)."""
 import json
 import math
+import os
+from pathlib import Path
+
+import pytest
 
 from red.metrics import MetricsLogger
 from red.run_dir import json_ready
@@ -21,3 +26,27 @@ def test_metrics_rows_are_strict_json(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"step": 1, "len_correct_mean": None, "ratio_max": "inf", "acc": 0.5}
+
+
+def test_atomic_write_replaces_on_success_and_keeps_the_old_on_failure(tmp_path):
+    from red.run_dir import RunDir, atomic, temporary
+    d = tmp_path / "step_1"
+    with atomic(str(d)) as tmp:
+        os.makedirs(tmp)
+        (Path(tmp) / "a").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic(str(d)) as tmp:                  # a crash half-way through a second write
+            os.makedirs(tmp)
+            (Path(tmp) / "a").write_text("half")
+            raise RuntimeError("crash")
+    assert (d / "a").read_text() == "old" and os.path.isdir(temporary(str(d)))
+    with atomic(str(d)) as tmp:                      # the next write starts from an empty temporary
+        os.makedirs(tmp)
+        (Path(tmp) / "b").write_text("new")
+    assert sorted(os.listdir(d)) == ["b"] and not os.path.exists(temporary(str(d)))
+    with pytest.raises(RuntimeError):
+        with atomic(str(d)) as tmp:
+            os.makedirs(tmp)
+            raise RuntimeError("crash")
+    RunDir(str(tmp_path)).clear()                    # checkpoint.resume=never also removes the leftover
+    assert os.listdir(tmp_path) == []
