@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from .run_dir import json_ready
+from .run_dir import json_ready, write_text
 from .stats import mean_ci95, paired_diff
 
 MODES = ("sft", "sft_then_grpo", "grpo", "luffy", "red")
@@ -73,8 +73,7 @@ def check_same_run(out: str, argv: list[str]) -> None:
                              f"output_dir or delete that directory")
         return
     os.makedirs(out, exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump({"argv": argv}, fh)
+    write_text(path, json.dumps({"argv": argv}))
 
 
 def read_summary(out: str) -> dict | None:
@@ -189,8 +188,7 @@ def compare(config, modes, seeds, baseline, jobs, overrides, out_root, runner=su
             result["paired_vs_baseline"][m] = paired_diff(mine, base)
     result["baseline"] = baseline
     os.makedirs(out_root, exist_ok=True)
-    with open(os.path.join(out_root, "compare.json"), "w") as fh:
-        json.dump(json_ready(result), fh, indent=2, allow_nan=False)
+    write_text(os.path.join(out_root, "compare.json"), json.dumps(json_ready(result), indent=2, allow_nan=False))
     from .compare_report import write_markdown, write_plot
     write_markdown(result, os.path.join(out_root, "compare.md"), command)
     write_plot({m: [read_metrics(dirs[(m, s)]) for s in range(seeds)] for m in modes},

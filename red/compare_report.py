@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from .run_dir import write_text
+
 
 def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
@@ -62,8 +64,7 @@ def write_markdown(res: dict, path: str, command: str) -> None:
     lines += ["", f"Command: `{command}`", "",
               f"Code: commit {v.get('git_commit', 'unknown')}{' (dirty)' if v.get('git_dirty') else ''}; "
               + ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("git_commit", "git_dirty")), ""]
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def _curve(runs: list[list[dict]], key: str):
