@@ -2,6 +2,7 @@
 single-process op on the full weight. Each case runs on both ranks; its result (or traceback) is collected per
 rank, and one test per case asserts it passed on both."""
 import json
+import os
 import traceback
 import warnings
 from datetime import timedelta
@@ -161,23 +162,33 @@ def _worker(rank, init_file, out_dir):
             results[name] = {"ok": True, "errors": case(rank)}
         except Exception:  # noqa: BLE001 — reported by the test of that case
             results[name] = {"ok": False, "traceback": traceback.format_exc()}
-    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+    dist.barrier()                               # both ranks finished every case before either reports
+    with open(f"{out_dir}/rank{rank}.json.tmp", "w") as f:
         json.dump(results, f, indent=1)
+    os.replace(f"{out_dir}/rank{rank}.json.tmp", f"{out_dir}/rank{rank}.json")   # a report is whole or absent
+    dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Every case's result on each of the 2 ranks. One full-suite run on the 2-core CI machine saw a rank abort in
-    C++ ("terminate called without an active exception", SIGABRT) that 4 reruns did not reproduce: a rank killed
-    by a signal (never a Python error or a wrong result) is retried once, in a fresh process group, with a warning."""
+    """Every case's result on each of the 2 ranks. Two full-suite runs on the 2-core CI machine saw a rank abort in
+    C++ ("terminate called without an active exception", SIGABRT) that reruns did not reproduce; gloo's worker
+    threads are known to abort like this in process-group teardown. A rank killed by a signal (never a Python
+    error or a wrong result) after both ranks wrote their whole reports died in teardown, and the reports stand
+    (with a warning); one killed before that is retried once, in a fresh process group, with a warning."""
     for attempt in range(2):
         d = tmp_path_factory.mktemp("vocab_parallel")
         try:
             mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
             break
         except mp.ProcessExitedException as e:
-            if attempt or e.signal_name is None:
+            if e.signal_name is None:
+                raise
+            if all((d / f"rank{r}.json").is_file() for r in range(WORLD)):
+                warnings.warn(f"vocab-parallel ranks: {e} after both reported (process-group teardown)")
+                break
+            if attempt:
                 raise
             warnings.warn(f"vocab-parallel ranks: {e}; retrying once")
     return [json.loads((d / f"rank{r}.json").read_text()) for r in range(WORLD)]
