@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 
+from .config import ConfigError, load_config
 from .run_dir import json_ready, write_text
 from .stats import mean_ci95, paired_diff
 
@@ -126,32 +127,28 @@ def versions() -> dict:
     return out
 
 
-def config_path(config: str | None) -> str:
-    """A YAML file, or a config packaged in red/configs (name with or without .yaml), as red.train resolves it."""
-    if config and os.path.isfile(config):
-        return config
-    packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-    for name in ([os.path.basename(config), os.path.basename(config) + ".yaml"] if config else ["default.yaml"]):
-        if os.path.isfile(os.path.join(packaged, name)):
-            return os.path.join(packaged, name)
-    raise SystemExit(f"error: --config {config!r}: neither a file nor a packaged config in {packaged}")
+def check_configs(config: str | None, overrides: list[str], modes: list[str]) -> None:
+    """Every mode's run configuration, loaded and checked by the training schema now (ConfigError naming the
+    key), not in each of the runs after the first ones have spent their budget."""
+    for m in modes:
+        load_config(config, overrides + [f"algorithm.mode={m}"])
 
 
 def budget_of(config: str | None, overrides: list[str], sft_steps: dict) -> dict:
-    """The shared budget, read from the effective YAML + overrides (as the trainer reads them)."""
-    from omegaconf import OmegaConf
-    cfg = OmegaConf.merge(OmegaConf.load(config_path(config)), OmegaConf.from_dotlist(overrides))
-    get = lambda k, d=None: OmegaConf.select(cfg, k, default=d)
-    steps, prompts, n = get("train.steps"), get("train.prompts_per_step"), get("rollout.n")
-    return {"train_steps": steps, "prompts_per_step": prompts, "group_size": n,
-            "samples": steps * prompts * n if None not in (steps, prompts, n) else None,
-            "max_new_tokens": get("rollout.max_new_tokens"), "config": str(config or "default.yaml"),
+    """The shared budget, from the training schema's values of the config + overrides (what every run reads;
+    the same for every mode of `sft_steps`, the mode -> SFT steps taken)."""
+    c = load_config(config, overrides + [f"algorithm.mode={next(iter(sft_steps))}"])
+    steps, prompts, n = c.train.steps, c.train.prompts_per_step, c.rollout.n
+    return {"train_steps": steps, "prompts_per_step": prompts, "group_size": n, "samples": steps * prompts * n,
+            "max_new_tokens": c.rollout.max_new_tokens, "config": str(config or "default.yaml"),
             "overrides": overrides, "sft_steps": sft_steps}
 
 
 def compare(config, modes, seeds, baseline, jobs, overrides, out_root, runner=subprocess_runner,
             command: str = "") -> dict:
-    """Run what is missing, then aggregate. `runner(argv, out) -> exit code` (injectable for tests)."""
+    """Run what is missing, then aggregate. `runner(argv, out) -> exit code` (injectable for tests). Raises
+    ConfigError, before any run, when a mode's configuration is invalid."""
+    check_configs(config, overrides, modes)
     todo = [(m, s) for m in modes for s in range(seeds)]
     dirs = {(m, s): os.path.join(out_root, m, f"seed_{s}") for m, s in todo}
     for m, s in todo:
@@ -213,10 +210,13 @@ def main(argv=None) -> int:
         ap.error(f"--baseline {a.baseline!r} must be one of --modes ({', '.join(modes)})")
     if a.seeds < 1 or a.jobs < 1:
         ap.error("--seeds and --jobs must be >= 1")
-    config_path(a.config)            # fail now, not after the runs, on a bad --config
     out_root, overrides = parse_overrides(a.overrides)
-    res = compare(a.config, modes, a.seeds, a.baseline, a.jobs, overrides, out_root,
-                  command="python -m red.compare " + " ".join(sys.argv[1:] if argv is None else argv))
+    try:
+        res = compare(a.config, modes, a.seeds, a.baseline, a.jobs, overrides, out_root,
+                      command="python -m red.compare " + " ".join(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:           # a bad --config or key: before any run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(open(os.path.join(out_root, "compare.md")).read())
     return 1 if res["failed"] else 0
 

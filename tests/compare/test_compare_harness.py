@@ -98,3 +98,27 @@ def test_one_seed_writes_strict_json_with_null_intervals(tmp_path):
     assert on_disk["modes"]["red"]["heldout_acc"] == {"mean": pytest.approx(0.7), "ci95": [None, None], "n": 1}
     assert on_disk["paired_vs_baseline"]["red"]["ci95"] == [None, None]
     assert "| red | 1 | 70.0 | n/a |" in open(os.path.join(out, "compare.md")).read()
+
+
+def test_a_bad_config_fails_before_any_run_and_names_the_key(tmp_path, capsys):
+    from red.config import ConfigError
+    calls = []
+    with pytest.raises(ConfigError, match="'train.stepz': unknown key"):
+        compare(None, ["grpo", "red"], 1, "grpo", 1, ["train.stepz=2"], str(tmp_path / "a"), runner=fake_runner(calls))
+    with pytest.raises(ConfigError, match="rollout.num_offline"):      # valid for grpo, not for red
+        compare(None, ["grpo", "red"], 1, "grpo", 1, ["rollout.num_offline=0"], str(tmp_path / "b"),
+                runner=fake_runner(calls))
+    assert calls == [] and not os.path.exists(tmp_path / "a")
+    assert main(["--config", "no-such-config", f"output_dir={tmp_path / 'c'}"]) == 2
+    assert "no-such-config" in capsys.readouterr().err
+    assert main(["--modes", "grpo", "train.steps=0", f"output_dir={tmp_path / 'd'}"]) == 2
+    assert "config key 'train.steps': must be >= 1" in capsys.readouterr().err
+
+
+def test_the_budget_holds_the_schema_values_the_runs_use(tmp_path):
+    cfg = tmp_path / "short.yaml"
+    cfg.write_text("rollout: {n: 4}\n")        # train.* left to the schema's defaults, as the runs see them
+    res = compare(str(cfg), ["grpo"], 1, "grpo", 1, ["train.steps=3"], str(tmp_path / "cmp"), runner=fake_runner([]))
+    from red.config import TrainConfig
+    b, prompts = res["budget"], TrainConfig().prompts_per_step
+    assert (b["train_steps"], b["prompts_per_step"], b["group_size"], b["samples"]) == (3, prompts, 4, 3 * prompts * 4)
