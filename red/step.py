@@ -16,7 +16,6 @@ import torch
 
 from . import parallel, rewards
 from .algorithm import group_accuracy, group_advantages, refill, sample_mean_entropy
-from .batching import token_budget_groups
 from .metrics import batch_sums, finish_rollout_metrics
 from .records import RolloutBatch
 from .rollout.base import SamplingConfig

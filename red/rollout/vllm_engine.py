@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import socket
 import warnings
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
+from ..checkpoint import rng_state, set_rng_state
 from .base import Rollout, SamplingConfig
 from .vllm_sync import (bits_checksum, check_vllm_version, checkpoint_weights, comparable_names, engine_checksums,
                         engine_shapes)
@@ -55,22 +55,11 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _preserved_rng():
     """vLLM re-seeds and draws from the global RNGs in-process; keep the trainer's streams untouched."""
-    py, cpu = random.getstate(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        import numpy as np
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np, np_state = None, None
+    state = rng_state()
     try:
         yield
     finally:
-        random.setstate(py)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        if np is not None:
-            np.random.set_state(np_state)
+        set_rng_state(state)
 
 
 class VLLMEngine:
