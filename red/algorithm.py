@@ -1,6 +1,6 @@
-"""RED algorithm steps as pure tensor functions (no I/O): group layout, advantages, dynamic sampling,
-entropy-change-ratio offline weight, accuracy-aware shift inputs (the group layout itself,
-k teacher traces last with an explicit is_offline flag, is built by red/records.py). The reward formula is red/rewards.py. See shared/spec/red-algorithm.md.
+"""RED algorithm steps as pure tensor functions (no I/O): advantages, dynamic sampling, entropy-change-ratio
+offline weight, accuracy-aware shift inputs. The group layout (k teacher traces last, flagged is_offline) is built
+by red/records.py, the reward formula by red/rewards.py. See shared/spec/red-algorithm.md.
 
 Shapes: G groups of n members each; tensors shaped [G, n] hold one value per group member, [B] = [G·n]
 flattened group-major.
