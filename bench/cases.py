@@ -3,11 +3,11 @@
 A Case is one (op, mode, model, tokens, impl) point. FLOPs count 2·N·H·V per GEMM-shaped sweep over the
 vocabulary that the implementation actually performs (GEMMS below), as kernels.md asks.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -40,10 +40,12 @@ GEMMS = {
     ("loss", "bwd"): {"naive": 3, "torch": 3, "triton": 4, "liger": 4},
 }
 
-SEQ_LEN = 512       # positions per sequence in the loss cases (B = tokens / SEQ_LEN)
-GROUP = 8           # RED groups: 7 online samples + 1 teacher trace
+SEQ_LEN = 512  # positions per sequence in the loss cases (B = tokens / SEQ_LEN)
+GROUP = 8  # RED groups: 7 online samples + 1 teacher trace
 PEAK_TFLOPS = 800.0  # H100 dense bf16, measured (kernels.md)
-CPU_GFLOPS_PER_THREAD = 75.0   # rough fp32 GEMM rate of one dev-machine core, only to choose the number of rounds
+CPU_GFLOPS_PER_THREAD = (
+    75.0  # rough fp32 GEMM rate of one dev-machine core, only to choose the number of rounds
+)
 # CPU side-by-side with the peers: N per case (fp32, 1 thread: ~10-30 s per call at 1.5B); BENCH_PEER_TOKENS sets it
 PEER_TOKENS = int(os.environ.get("BENCH_PEER_TOKENS", "512"))
 
@@ -53,11 +55,11 @@ DEVICE = os.environ.get("BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() 
 
 @dataclass(frozen=True)
 class Case:
-    op: str          # 'logprobs' | 'loss'
-    mode: str        # see MODES
-    model: str       # key of MODELS
-    tokens: int      # N rows that reach the GEMMs
-    impl: str        # see IMPLS
+    op: str  # 'logprobs' | 'loss'
+    mode: str  # see MODES
+    model: str  # key of MODELS
+    tokens: int  # N rows that reach the GEMMs
+    impl: str  # see IMPLS
     device: str = "cpu"
 
     @property
@@ -105,17 +107,26 @@ def cpu_cases(op: str) -> list[Case]:
     Liger's fused linear CE is a Triton kernel, so on CPU it runs in Triton's interpreter (not a speed
     reference): one small case only. Liger's GRPO loss is plain PyTorch on CPU, a fair peer.
     """
-    if op == "logprobs":   # (de-duplicated: BENCH_PEER_TOKENS=1024 overlaps the 1.5B naive/torch cases)
-        return list(dict.fromkeys(_grid(op, MODES[op], "qwen2.5-0.5b", 4096, ("naive", "torch"), "cpu")
+    if op == "logprobs":  # (de-duplicated: BENCH_PEER_TOKENS=1024 overlaps the 1.5B naive/torch cases)
+        return list(
+            dict.fromkeys(
+                _grid(op, MODES[op], "qwen2.5-0.5b", 4096, ("naive", "torch"), "cpu")
                 + _grid(op, MODES[op], "smollm2-135m", 1024, ("naive", "torch"), "cpu")
                 + [Case(op, "fwdbwd_noent", "smollm2-135m", 1024, "liger", "cpu")]
                 + _grid(op, ("fwdbwd",), "qwen2.5-1.5b", 1024, ("naive", "torch"), "cpu")
-                + [Case(op, "fwdbwd", m, PEER_TOKENS, i, "cpu") for m in ("qwen2.5-0.5b", "qwen2.5-1.5b")
-                   for i in ("naive", "torch") + PEERS]))
-    return (_grid(op, ("red",), "qwen2.5-0.5b", 4096, ("naive", "torch"), "cpu")
-            + _grid(op, ("grpo",), "qwen2.5-0.5b", 4096, ("naive", "torch", "liger"), "cpu")
-            + _grid(op, ("red",), "smollm2-135m", 1024, ("naive", "torch"), "cpu")
-            + _grid(op, ("grpo",), "smollm2-135m", 1024, ("naive", "torch", "liger"), "cpu"))
+                + [
+                    Case(op, "fwdbwd", m, PEER_TOKENS, i, "cpu")
+                    for m in ("qwen2.5-0.5b", "qwen2.5-1.5b")
+                    for i in ("naive", "torch") + PEERS
+                ]
+            )
+        )
+    return (
+        _grid(op, ("red",), "qwen2.5-0.5b", 4096, ("naive", "torch"), "cpu")
+        + _grid(op, ("grpo",), "qwen2.5-0.5b", 4096, ("naive", "torch", "liger"), "cpu")
+        + _grid(op, ("red",), "smollm2-135m", 1024, ("naive", "torch"), "cpu")
+        + _grid(op, ("grpo",), "smollm2-135m", 1024, ("naive", "torch", "liger"), "cpu")
+    )
 
 
 def gpu_cases(op: str) -> list[Case]:
@@ -146,8 +157,11 @@ def schedule(case: Case) -> tuple[int, int]:
     if case.device == "cuda":
         return 2, 10
     est_s = case.flop / (CPU_GFLOPS_PER_THREAD * torch.get_num_threads() * 1e9)
-    slow = (os.environ.get("BENCH_CPU_COLD") == "1" or est_s > 4
-            or (case.impl == "liger" and case.op == "logprobs"))
+    slow = (
+        os.environ.get("BENCH_CPU_COLD") == "1"
+        or est_s > 4
+        or (case.impl == "liger" and case.op == "logprobs")
+    )
     return (0, 1) if slow else (1, 3)
 
 
@@ -169,19 +183,19 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
     def rand(*shape):
         return torch.rand(*shape, generator=g, device=dev)
 
-    weight = leaf(v, h, scale=h ** -0.5 * 2)   # logits of std ~2: a peaked, realistic softmax
+    weight = leaf(v, h, scale=h**-0.5 * 2)  # logits of std ~2: a peaked, realistic softmax
     if case.op == "logprobs":
         return {
             "hidden": leaf(n, h),
             "weight": weight,
             "targets": torch.randint(0, v, (n,), generator=g, device=dev),
-            "g_lp": randn(n),            # upstream ∂L/∂log p
-            "g_h": randn(n) * 0.1,       # upstream ∂L/∂H
+            "g_lp": randn(n),  # upstream ∂L/∂log p
+            "g_h": randn(n) * 0.1,  # upstream ∂L/∂H
         }
     b, t = max(1, n // SEQ_LEN), min(n, SEQ_LEN)
     offline = torch.zeros(b, t, dtype=torch.bool, device=dev)
     if case.mode == "red":
-        offline[min(GROUP, b) - 1::GROUP] = True   # the last member of each group is the teacher trace
+        offline[min(GROUP, b) - 1 :: GROUP] = True  # the last member of each group is the teacher trace
     return {
         "hidden": leaf(b, t, h),
         "weight": weight,

@@ -9,6 +9,7 @@ pytest run to DIR/<device>.json (rewritten after every case, so a killed run kee
 DIR/<device>.md and .png. Cases that cannot run (no Liger, no red_loss) are skipped; failures (OOM, compile
 errors) become rows with an "error". Cases not started when the time budget is spent are listed as skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,9 +75,12 @@ def run_cases(case_list, out_path: Path, env: dict, budget_s: float = 170.0, **t
             if case.device == "cuda":
                 torch.cuda.empty_cache()
         r = rows[-1]
-        print(f"{case.id}: {r['time_s'] and round(r['time_s']['median'] * 1e3, 2)} ms, "
-              f"{r['tflops'] and round(r['tflops'], 1)} TFLOP/s, extra {r['extra_mib'] and round(r['extra_mib'])}"
-              f" MiB{' ERROR ' + r['error'] if r['error'] else ''}", flush=True)
+        print(
+            f"{case.id}: {r['time_s'] and round(r['time_s']['median'] * 1e3, 2)} ms, "
+            f"{r['tflops'] and round(r['tflops'], 1)} TFLOP/s, extra {r['extra_mib'] and round(r['extra_mib'])}"
+            f" MiB{' ERROR ' + r['error'] if r['error'] else ''}",
+            flush=True,
+        )
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(data, indent=1) + "\n")
     out_path.write_text(json.dumps(data, indent=1) + "\n")
@@ -85,37 +89,60 @@ def run_cases(case_list, out_path: Path, env: dict, budget_s: float = 170.0, **t
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=record.RESULTS_DIR, help="directory for <device>.json/.md/.png")
+    p.add_argument(
+        "--out", type=Path, default=record.RESULTS_DIR, help="directory for <device>.json/.md/.png"
+    )
     p.add_argument("--budget-s", type=float, default=170.0, help="stop starting new cases after this many s")
     p.add_argument("--ops", default="logprobs,loss")
     p.add_argument("--models", default=",".join(cases.MODELS), help="comma-separated subset of cases.MODELS")
     p.add_argument("--impls", default=",".join(cases.IMPLS), help="comma-separated subset of cases.IMPLS")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--note", default="")
-    p.add_argument("--variants", choices=("with", "only", "none"), default="with",
-                   help="also time the Triton kernel variants (bench/gpu_variants.py), only them, or not")
+    p.add_argument(
+        "--variants",
+        choices=("with", "only", "none"),
+        default="with",
+        help="also time the Triton kernel variants (bench/gpu_variants.py), only them, or not",
+    )
     p.add_argument("--variants-budget-s", type=float, default=60.0, help="budget of the variants stage")
-    p.add_argument("--dry-run", action="store_true", help="list cases and variants with estimated device time")
+    p.add_argument(
+        "--dry-run", action="store_true", help="list cases and variants with estimated device time"
+    )
     a = p.parse_args(argv)
     device = "cuda" if a.dry_run else a.device
-    case_list = [c for op in a.ops.split(",") for c in cases.cases_for(op, device)
-                 if c.model in a.models.split(",") and c.impl in a.impls.split(",")]
+    case_list = [
+        c
+        for op in a.ops.split(",")
+        for c in cases.cases_for(op, device)
+        if c.model in a.models.split(",") and c.impl in a.impls.split(",")
+    ]
     if a.dry_run:
         from .gpu_plan import dry_run
-        print(dry_run(case_list, a.budget_s, a.variants_budget_s, with_cases=a.variants != "only",
-                      with_variants=a.variants != "none", priority=_priority))
+
+        print(
+            dry_run(
+                case_list,
+                a.budget_s,
+                a.variants_budget_s,
+                with_cases=a.variants != "only",
+                with_variants=a.variants != "none",
+                priority=_priority,
+            )
+        )
         return
     out = a.out / f"{record.device_name(a.device)}.json"
     env = record.environment(a.device, a.note or "bench/gpu_bench.py")
     if any(c.impl == "liger_flsce" for c in case_list):
-        env["liger_flsce_path"] = impls.liger_flsce_path(a.device)   # CuTe (Hopper) or the PyTorch fallback
+        env["liger_flsce_path"] = impls.liger_flsce_path(a.device)  # CuTe (Hopper) or the PyTorch fallback
         print("liger_flsce runs:", env["liger_flsce_path"], flush=True)
     if a.variants != "only":
         run_cases(case_list, out, env, a.budget_s)
     if a.variants != "none" and a.device == "cuda":
         from .gpu_plan import run_variants
+
         run_variants(out, env, a.variants_budget_s, time_case)
     from .report import write_report
+
     print(write_report(out).read_text())
 
 

@@ -7,6 +7,7 @@ the Triton path, and from its GEMM count at 75 % of peak plus the logits traffic
 other implementations. The first call of each Triton kernel set adds its compiles (all autotune configs in the cases stage, the one
 pinned config in the variants stage).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,10 @@ CUBLAS_EFF = 0.75
 
 def call_seconds(case: cases.Case, variant: str = "baseline") -> float:
     if case.impl == "triton":
-        return gpu_variants.paper(case.op, case.mode, case.tokens, case.hidden, case.vocab, variant).total_ms / 1e3
+        return (
+            gpu_variants.paper(case.op, case.mode, case.tokens, case.hidden, case.vocab, variant).total_ms
+            / 1e3
+        )
     gemm = case.flop / (CUBLAS_EFF * gpu_variants.PEAK)
     return gemm + case.tokens * case.vocab * BYTES_PER_LOGIT.get(case.impl, 24) / gpu_variants.HBM
 
@@ -38,8 +42,14 @@ def case_seconds(case: cases.Case, variant: str = "baseline", first: bool = Fals
     return (3 + reps) * t + compile_s
 
 
-def dry_run(case_list, budget_s: float, variants_budget_s: float, with_cases: bool = True,
-            with_variants: bool = True, priority=None) -> str:
+def dry_run(
+    case_list,
+    budget_s: float,
+    variants_budget_s: float,
+    with_cases: bool = True,
+    with_variants: bool = True,
+    priority=None,
+) -> str:
     """Every case and variant the device run will time, each with its estimated device seconds, in run order;
     cases past the time budget are marked as gpu_bench would skip them."""
     lines, spent, seen = [], 0.0, set()
@@ -68,8 +78,10 @@ def dry_run(case_list, budget_s: float, variants_budget_s: float, with_cases: bo
         lines.append(f"variants total ≈ {v_spent:.0f} s")
     total = spent + v_spent
     limit = budget_s + variants_budget_s
-    lines.append(f"estimated device time {total:.0f} s for budgets of {limit:.0f} s: "
-                 f"{'within' if total <= limit * 1.1 else 'OVER'} budget")
+    lines.append(
+        f"estimated device time {total:.0f} s for budgets of {limit:.0f} s: "
+        f"{'within' if total <= limit * 1.1 else 'OVER'} budget"
+    )
     return "\n".join(lines)
 
 
@@ -88,12 +100,16 @@ def run_variants(out_path: Path, env: dict, budget_s: float, time_case) -> list:
 
 
 def render(rows) -> str:
-    lines = ["| case | variant | median ms | paper ms | TFLOP/s | frac of 800 | extra MiB | error |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | variant | median ms | paper ms | TFLOP/s | frac of 800 | extra MiB | error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t = r["time_s"]
-        lines.append(f"| {r['id']} | {r['variant']} | {t and round(t['median'] * 1e3, 2)} | "
-                     f"{round(r.get('paper_ms') or 0, 1)} | {r['tflops'] and round(r['tflops'], 1)} | "
-                     f"{r['frac_peak'] and round(r['frac_peak'], 3)} | {r['extra_mib'] and round(r['extra_mib'])} | "
-                     f"{r['error'] or ''} |")
+        lines.append(
+            f"| {r['id']} | {r['variant']} | {t and round(t['median'] * 1e3, 2)} | "
+            f"{round(r.get('paper_ms') or 0, 1)} | {r['tflops'] and round(r['tflops'], 1)} | "
+            f"{r['frac_peak'] and round(r['frac_peak'], 3)} | {r['extra_mib'] and round(r['extra_mib'])} | "
+            f"{r['error'] or ''} |"
+        )
     return "\n".join(lines)

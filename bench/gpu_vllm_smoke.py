@@ -14,6 +14,7 @@ On a small random Qwen2 (head_dim 64, RoPE base 40000, tied head; no download), 
 Without vLLM it prints SKIPPED and exits 0; --dry-run builds the model and checks imports without an engine.
 Results: DIR/gpu_vllm_smoke.json (DIR = --out, $OUT or bench/results). Exit code 1 when a check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,16 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 ROPE_THETA = 40000.0
-MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=2048, rope_theta=ROPE_THETA, initializer_range=0.1)
+MODEL = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rope_theta=ROPE_THETA,
+    initializer_range=0.1,
+)
 QUESTIONS = ["3 + 4 = ?", "12 * 2", "sort 5 3 9", "what is 7 - 2?"]
 MAX_PROMPT, MAX_NEW = 64, 32
 
@@ -50,18 +59,27 @@ def build(tmp: str):
     import torch
 
     from red import synthetic
+
     tok = synthetic.build_tokenizer()
     model = synthetic.build_model(tok, MODEL, seed=0).float()
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    ps = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True),
-              add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    ps = [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in QUESTIONS
+    ]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tok, ps
 
 
 def perturb(model, seed: int) -> None:
     import torch
+
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -115,25 +133,43 @@ def _run(smoke: Smoke, args, tmp: str) -> None:
     cuda = torch.cuda.is_available()
     smoke.report.update(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)
     if args.dry_run:
-        smoke.check("dry_run_model_built", len(ps) == len(QUESTIONS), params=sum(p.numel() for p in model.parameters()),
-                    vllm_installed=importlib.util.find_spec("vllm") is not None)
+        smoke.check(
+            "dry_run_model_built",
+            len(ps) == len(QUESTIONS),
+            params=sum(p.numel() for p in model.parameters()),
+            vllm_installed=importlib.util.find_spec("vllm") is not None,
+        )
         return
     try:
         smoke.report["vllm"] = check_vllm_version()
-    except RuntimeError as e:   # report it, and still run the other checks on this version
+    except RuntimeError as e:  # report it, and still run the other checks on this version
         smoke.check("vllm_version_in_tested_range", False, error=str(e)[:200])
         os.environ["RED_VLLM_UNTESTED_OK"] = "1"
         smoke.report["vllm"] = check_vllm_version()
     t = time.perf_counter()
-    engine = VLLMEngine(tmp, max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, seed=0, dtype="bfloat16",
-                        gpu_memory_utilization=0.2, llm_kwargs={"enforce_eager": True} if args.eager else None)
-    smoke.check("engine_start", engine.weights_valid and engine.dtype == torch.bfloat16,
-                seconds=round(time.perf_counter() - t, 1), sleep_level=engine.sleep_level,
-                head_dtype=str(engine.llm.llm_engine.model_config.head_dtype))
+    engine = VLLMEngine(
+        tmp,
+        max_prompt_len=MAX_PROMPT,
+        max_new_tokens=MAX_NEW,
+        seed=0,
+        dtype="bfloat16",
+        gpu_memory_utilization=0.2,
+        llm_kwargs={"enforce_eager": True} if args.eager else None,
+    )
+    smoke.check(
+        "engine_start",
+        engine.weights_valid and engine.dtype == torch.bfloat16,
+        seconds=round(time.perf_counter() - t, 1),
+        sleep_level=engine.sleep_level,
+        head_dtype=str(engine.llm.llm_engine.model_config.head_dtype),
+    )
     head_dim = MODEL["hidden_size"] // MODEL["num_attention_heads"]
     rot = rotary_error(engine, head_dim)
-    smoke.check("rotary_base_40000", rot.get("found") and rot["max_err_base_40000"] < 1e-2 <
-                rot["max_err_base_10000"], **rot)
+    smoke.check(
+        "rotary_base_40000",
+        rot.get("found") and rot["max_err_base_40000"] < 1e-2 < rot["max_err_base_10000"],
+        **rot,
+    )
 
     greedy = SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.0)
     sampled = SamplingConfig(max_new_tokens=MAX_NEW, temperature=1.0, seed=7)
@@ -141,19 +177,30 @@ def _run(smoke: Smoke, args, tmp: str) -> None:
     g0 = [r[0].token_ids for r in engine.generate(ps, 1, greedy)]
     s1, s2 = engine.generate(ps, 4, sampled), engine.generate(ps, 4, sampled)
     lps = [lp for g in s1 for r in g for lp in r.logprobs]
-    smoke.check("generate", all(len(x) > 0 for x in g0) and all(math.isfinite(v) for v in lps) and
-                [[r.token_ids for r in g] for g in s1] == [[r.token_ids for r in g] for g in s2],
-                greedy_lengths=[len(x) for x in g0], sampled_tokens=len(lps))
+    smoke.check(
+        "generate",
+        all(len(x) > 0 for x in g0)
+        and all(math.isfinite(v) for v in lps)
+        and [[r.token_ids for r in g] for g in s1] == [[r.token_ids for r in g] for g in s2],
+        greedy_lengths=[len(x) for x in g0],
+        sampled_tokens=len(lps),
+    )
 
     perturb(model, 1)
     probe = ps[0] + g0[0]
     stale = verify_weight_sync(engine, model, probe, atol=_DEFAULT_SYNC_ATOL["bfloat16"])
     engine.load_weights(model.named_parameters())
     synced = verify_weight_sync(engine, model, probe, atol=_DEFAULT_SYNC_ATOL["bfloat16"])
-    smoke.check("weight_update_exact_and_probe", synced.ok and bool(engine.last_exact_check),
-                sync_seconds=round(engine.last_sync_seconds, 4), exact_checked=sorted(engine.last_exact_check),
-                probe_max_abs_diff=synced.max_abs_diff, probe_mean_abs_diff=synced.mean_abs_diff,
-                stale_probe_max_abs_diff=stale.max_abs_diff, atol=synced.atol)
+    smoke.check(
+        "weight_update_exact_and_probe",
+        synced.ok and bool(engine.last_exact_check),
+        sync_seconds=round(engine.last_sync_seconds, 4),
+        exact_checked=sorted(engine.last_exact_check),
+        probe_max_abs_diff=synced.max_abs_diff,
+        probe_mean_abs_diff=synced.mean_abs_diff,
+        stale_probe_max_abs_diff=stale.max_abs_diff,
+        atol=synced.atol,
+    )
 
     perturb(model, 2)
     real_rpc = engine.llm.collective_rpc
@@ -172,8 +219,11 @@ def _run(smoke: Smoke, args, tmp: str) -> None:
         caught = str(e)
     finally:
         engine.llm.collective_rpc = real_rpc
-    smoke.check("noop_sync_fails_exact_check", caught is not None and "did not take effect" in caught,
-                error=(caught or "")[:160])
+    smoke.check(
+        "noop_sync_fails_exact_check",
+        caught is not None and "did not take effect" in caught,
+        error=(caught or "")[:160],
+    )
     engine.load_weights(model.named_parameters())
 
     if cuda and engine.sleep_mode:
@@ -191,9 +241,14 @@ def _run(smoke: Smoke, args, tmp: str) -> None:
         after = [r[0].token_ids for r in engine.generate(ps, 1, greedy)]
         free2 = torch.cuda.mem_get_info()[0]
         released, restored = free1 - free0, free1 - free2
-        smoke.check("sleep_level2_release_restore", released > 0 and refused and after == before and
-                    abs(restored - released) <= 0.1 * released, released_bytes=released, restored_bytes=restored,
-                    generate_refused_while_invalid=refused, same_greedy_tokens=after == before)
+        smoke.check(
+            "sleep_level2_release_restore",
+            released > 0 and refused and after == before and abs(restored - released) <= 0.1 * released,
+            released_bytes=released,
+            restored_bytes=restored,
+            generate_refused_while_invalid=refused,
+            same_greedy_tokens=after == before,
+        )
     else:
         smoke.check("sleep_level2_release_restore", True, skipped="no CUDA sleep mode on this machine")
 
@@ -203,8 +258,8 @@ def _run(smoke: Smoke, args, tmp: str) -> None:
     with torch.no_grad():
         for r in rollouts:
             ids = torch.tensor([r.prompt_ids + r.token_ids], device=head.device)
-            hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, len(r.prompt_ids) - 1:-1]
-            lp, _ = linear_logprobs(hidden, head, ids[0, len(r.prompt_ids):], temperature=1.0)
+            hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, len(r.prompt_ids) - 1 : -1]
+            lp, _ = linear_logprobs(hidden, head, ids[0, len(r.prompt_ids) :], temperature=1.0)
             eng.append(torch.tensor(r.logprobs))
             tr.append(lp.float().cpu())
     T = max(len(e) for e in eng)
@@ -212,8 +267,13 @@ def _run(smoke: Smoke, args, tmp: str) -> None:
     mask = pad([torch.ones(len(e)) for e in eng]).bool()
     mm = logprob_mismatch(pad(eng), pad(tr), mask, cap=2.0)
     vals = {k: round(v, 5) for k, v in mm.metrics("").items()}
-    smoke.check("logprob_mismatch_vs_red_kernels", all(math.isfinite(v) for v in vals.values()) and
-                vals["max_abs_diff"] < _DEFAULT_SYNC_ATOL["bfloat16"], tokens=int(mask.sum()), **vals)
+    smoke.check(
+        "logprob_mismatch_vs_red_kernels",
+        all(math.isfinite(v) for v in vals.values())
+        and vals["max_abs_diff"] < _DEFAULT_SYNC_ATOL["bfloat16"],
+        tokens=int(mask.sum()),
+        **vals,
+    )
     engine.close()
 
 

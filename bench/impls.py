@@ -10,6 +10,7 @@ fallback; liger_flsce_path says which).
 run() returns the tensors the step produces (outputs and gradients), so that measure.py can subtract them from
 the peak memory.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,11 +21,20 @@ import torch
 from .cases import Case
 
 CLIP_LOW, CLIP_HIGH, R_MIN = 0.2, 0.28, 1 / 16
-LOSS_CONFIGS = {   # red_loss keyword overrides per loss mode
-    "red": {"offline_shaping": "accuracy_shift", "loss_agg": "seq_sum_const", "clip_eps_low": CLIP_LOW,
-            "clip_eps_high": CLIP_HIGH, "r_min": R_MIN},
-    "grpo": {"offline_shaping": "none", "loss_agg": "token_mean", "clip_eps_low": CLIP_LOW,
-             "clip_eps_high": CLIP_HIGH},
+LOSS_CONFIGS = {  # red_loss keyword overrides per loss mode
+    "red": {
+        "offline_shaping": "accuracy_shift",
+        "loss_agg": "seq_sum_const",
+        "clip_eps_low": CLIP_LOW,
+        "clip_eps_high": CLIP_HIGH,
+        "r_min": R_MIN,
+    },
+    "grpo": {
+        "offline_shaping": "none",
+        "loss_agg": "token_mean",
+        "clip_eps_low": CLIP_LOW,
+        "clip_eps_high": CLIP_HIGH,
+    },
 }
 
 
@@ -40,13 +50,14 @@ def available(case: Case) -> tuple[bool, str]:
         if case.op == "logprobs" and case.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return False, "Liger's fused linear CE needs TRITON_INTERPRET=1 on CPU"
     if case.impl == "trl":
-        for mod in ("trl", "transformers"):   # trl.kernels imports transformers.utils
+        for mod in ("trl", "transformers"):  # trl.kernels imports transformers.utils
             if importlib.util.find_spec(mod) is None:
                 return False, f"{mod} is not installed (pip install 'red-kernels[trl]')"
     if case.impl == "liger_flsce" and importlib.util.find_spec("liger_kernel") is None:
         return False, "liger-kernel is not installed"
     if case.op == "loss" and case.impl in ("torch", "triton"):
         import red_kernels
+
         if not hasattr(red_kernels, "red_loss"):
             return False, "red_kernels.red_loss is not available yet"
     return True, ""
@@ -56,6 +67,7 @@ def liger_flsce_path(device: str) -> str:
     """Which implementation LigerFusedLinearScaledCrossEntropyFunction dispatches to on `device`."""
     try:
         from liger_kernel.ops import fused_linear_scaled_cross_entropy as flsce
+
         fn = flsce._resolve_implementation(torch.device(device))
     except Exception as e:  # noqa: BLE001 — e.g. the CuTe DSL missing on a Hopper image
         return f"unavailable ({type(e).__name__}: {str(e)[:80]})"
@@ -64,6 +76,7 @@ def liger_flsce_path(device: str) -> str:
 
 # ---------------- naive PyTorch implementations (materialised logits): timing peers, checked against the one
 # ---------------- float64 reference (red_kernels.reference) in tests/bench/test_bench_cases.py
+
 
 def naive_logprobs(hidden, weight, targets, return_entropy=True, entropy_grad=True):
     """log p(targets) and entropy, fp32 [N], from full [N, V] logits (entropy detached if not entropy_grad)."""
@@ -78,8 +91,23 @@ def naive_logprobs(hidden, weight, targets, return_entropy=True, entropy_grad=Tr
     return logp, ent
 
 
-def naive_red_loss(hidden, weight, targets, advantages, loss_mask, old_logprobs, offline_mask, group_accuracy,
-                   offline_weight, *, offline_shaping, loss_agg, clip_eps_low, clip_eps_high, r_min=R_MIN):
+def naive_red_loss(
+    hidden,
+    weight,
+    targets,
+    advantages,
+    loss_mask,
+    old_logprobs,
+    offline_mask,
+    group_accuracy,
+    offline_weight,
+    *,
+    offline_shaping,
+    loss_agg,
+    clip_eps_low,
+    clip_eps_high,
+    r_min=R_MIN,
+):
     """The RED / GRPO loss of red-algorithm.md steps 7–8 over materialised logits. Returns (loss, logp, entropy)."""
     b, t, h = hidden.shape
     # the entropy is a logged metric (no entropy bonus), as red_loss returns it: no gradient through it
@@ -100,12 +128,13 @@ def naive_red_loss(hidden, weight, targets, advantages, loss_mask, old_logprobs,
     per_tok = (on * pg - off * phi * offline_weight[:, None] * adv) * m
     if loss_agg == "token_mean":
         loss = per_tok.sum() / m.sum().clamp(min=1)
-    else:   # seq_sum_const with C = T
+    else:  # seq_sum_const with C = T
         loss = per_tok.sum() / (t * b)
     return loss, logp.detach(), ent
 
 
 # ---------------------------------------------------------------- run() builders
+
 
 def _sync(device):
     if device == "cuda":
@@ -137,6 +166,7 @@ def _build_logprobs(case, inp):
     x, w, y, g_lp, g_h = (inp[k] for k in ("hidden", "weight", "targets", "g_lp", "g_h"))
     with_ent = case.mode != "fwdbwd_noent"
     if case.impl == "naive":
+
         def forward():
             return naive_logprobs(x, w, y, return_entropy=with_ent)
     elif case.impl in ("torch", "triton"):
@@ -146,15 +176,17 @@ def _build_logprobs(case, inp):
             return linear_logprobs(x, w, y, return_entropy=with_ent, backend=case.impl)
     elif case.impl == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
         ce = LigerFusedLinearCrossEntropyLoss(reduction="none")
 
         def forward():
-            return -ce(w, x, y), None   # per-token NLL -> log p; no entropy
+            return -ce(w, x, y), None  # per-token NLL -> log p; no entropy
     elif case.impl == "trl":
         from trl.kernels import ChunkedLogProbFunction
+
         fields = ("log_probs", "entropy") if with_ent else ("log_probs",)
 
-        def forward():   # (hidden, weight, bias, targets, temperature, vocab chunk, softcap, logit scale, outputs)
+        def forward():  # (hidden, weight, bias, targets, temperature, vocab chunk, softcap, logit scale, outputs)
             logp, ent, *_ = ChunkedLogProbFunction.apply(x, w, None, y, 1.0, 32768, None, 1.0, fields)
             return logp, ent
     elif case.impl == "liger_flsce":
@@ -184,22 +216,44 @@ def _build_loss(case, inp):
     offline = inp["offline_mask"] if case.mode == "red" else None
     args = (inp["hidden"], inp["weight"], inp["targets"], inp["advantages"])
     if case.impl == "naive":
+
         def forward():
-            return naive_red_loss(*args, inp["loss_mask"], inp["old_logprobs"], offline, inp["group_accuracy"],
-                                  inp["offline_weight"], **cfg)
+            return naive_red_loss(
+                *args,
+                inp["loss_mask"],
+                inp["old_logprobs"],
+                offline,
+                inp["group_accuracy"],
+                inp["offline_weight"],
+                **cfg,
+            )
     elif case.impl in ("torch", "triton"):
         from red_kernels import red_loss
 
         def forward():
-            out = red_loss(*args, loss_mask=inp["loss_mask"], old_logprobs=inp["old_logprobs"],
-                           offline_mask=offline, group_accuracy=inp["group_accuracy"],
-                           offline_weight=inp["offline_weight"], backend=case.impl, **cfg)
+            out = red_loss(
+                *args,
+                loss_mask=inp["loss_mask"],
+                old_logprobs=inp["old_logprobs"],
+                offline_mask=offline,
+                group_accuracy=inp["group_accuracy"],
+                offline_weight=inp["offline_weight"],
+                backend=case.impl,
+                **cfg,
+            )
             return out.loss, out.logprobs, out.entropy
     elif case.impl == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
         assert case.mode == "grpo", "Liger has no RED loss"
-        grpo = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, epsilon_low=CLIP_LOW,
-                                        epsilon_high=CLIP_HIGH, loss_type="dapo")
+        grpo = LigerFusedLinearGRPOLoss(
+            beta=0.0,
+            compiled=False,
+            use_ref_model=False,
+            epsilon_low=CLIP_LOW,
+            epsilon_high=CLIP_HIGH,
+            loss_type="dapo",
+        )
         mask = inp["loss_mask"].float()
 
         def forward():

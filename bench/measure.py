@@ -8,6 +8,7 @@ CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats; time with t
 peak = peak during the call − memory before it (inputs included); extra = peak − bytes of what the call returns
 (outputs and gradients). extra is a lower bound: it undercounts when the peak comes before an output exists.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -72,7 +73,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
-        elif cpu_peak_resettable():       # resets VmHWM to the current RSS
+        elif cpu_peak_resettable():  # resets VmHWM to the current RSS
             _malloc_trim()
             cpu_peak_resettable()
             self._base = _status_kib("VmRSS") * 1024
@@ -97,13 +98,13 @@ class MeasuredRun:
     def __init__(self, run, device: str, measure_call: int = 0):
         self.run, self.device, self.measure_call = run, device, measure_call
         self.calls, self.peak_bytes, self.extra_bytes = 0, None, None
-        self.cpu_times = []     # process CPU seconds of calls from measure_call on (robust to a busy machine)
+        self.cpu_times = []  # process CPU seconds of calls from measure_call on (robust to a busy machine)
 
     def __call__(self):
         c0 = time.process_time()
         if self.calls == self.measure_call:
             if hasattr(self.run, "reset"):
-                self.run.reset()     # free the previous call's gradients before taking the baseline
+                self.run.reset()  # free the previous call's gradients before taking the baseline
             with PeakMemory(self.device) as pm:
                 out = self.run()
             if pm.peak_bytes is not None:
@@ -121,6 +122,7 @@ def time_cuda(run, warmup_ms: float = 25, rep_ms: float = 1000) -> list[float]:
     """Seconds per call of run(), every repetition, from triton.testing.do_bench (CUDA events, L2 flushed before
     each call; it picks the number of calls to fill about warmup_ms of warm-up and rep_ms of timing)."""
     from triton.testing import do_bench
+
     return [t / 1e3 for t in do_bench(run, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
 
 
@@ -130,6 +132,7 @@ def _main(argv=None):
     import json
 
     from . import cases, impls
+
     p = argparse.ArgumentParser(description=_main.__doc__)
     p.add_argument("--op", required=True, choices=list(cases.MODES))
     p.add_argument("--mode", required=True)
@@ -148,9 +151,18 @@ def _main(argv=None):
     out = run()
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"case": case.id, "time_s": dt, "cpu_s": cpu, "peak_rss_mib": peak / 2**20,
-                      "peak_mib": (peak - base) / 2**20,
-                      "extra_mib": max(0, peak - base - tensor_bytes(out)) / 2**20}))
+    print(
+        json.dumps(
+            {
+                "case": case.id,
+                "time_s": dt,
+                "cpu_s": cpu,
+                "peak_rss_mib": peak / 2**20,
+                "peak_mib": (peak - base) / 2**20,
+                "extra_mib": max(0, peak - base - tensor_bytes(out)) / 2**20,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ cpu_median: process CPU seconds (all threads) per call, CPU runs only: less sens
 jobs on a shared machine. peak_mib: memory growth during the call over the inputs; extra_mib: peak_mib minus the outputs and gradients
 the call returns (a lower bound when the peak comes before an output exists). tflops uses the median time; frac_peak = tflops / 800 (H100-class GPUs; None on CPU).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,18 +31,43 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_row(case: Case, times: list[float] | None, extra_bytes: int | None, error: str | None = None,
-             peak_bytes: int | None = None, cpu_times: list[float] | None = None) -> dict:
-    row = {"id": case.id, "op": case.op, "mode": case.mode, "model": case.model, "tokens": case.tokens,
-           "hidden": case.hidden, "vocab": case.vocab, "dtype": str(case.dtype).replace("torch.", ""),
-           "impl": case.impl, "device": case.device, "gemms": case.gemms, "tflop": case.flop / 1e12,
-           "time_s": None, "tflops": None, "frac_peak": None,
-           "peak_mib": None if peak_bytes is None else peak_bytes / 2**20,
-           "extra_mib": None if extra_bytes is None else extra_bytes / 2**20, "error": error}
+def make_row(
+    case: Case,
+    times: list[float] | None,
+    extra_bytes: int | None,
+    error: str | None = None,
+    peak_bytes: int | None = None,
+    cpu_times: list[float] | None = None,
+) -> dict:
+    row = {
+        "id": case.id,
+        "op": case.op,
+        "mode": case.mode,
+        "model": case.model,
+        "tokens": case.tokens,
+        "hidden": case.hidden,
+        "vocab": case.vocab,
+        "dtype": str(case.dtype).replace("torch.", ""),
+        "impl": case.impl,
+        "device": case.device,
+        "gemms": case.gemms,
+        "tflop": case.flop / 1e12,
+        "time_s": None,
+        "tflops": None,
+        "frac_peak": None,
+        "peak_mib": None if peak_bytes is None else peak_bytes / 2**20,
+        "extra_mib": None if extra_bytes is None else extra_bytes / 2**20,
+        "error": error,
+    }
     if times:
         med = statistics.median(times)
-        row["time_s"] = {"min": min(times), "median": med, "mean": statistics.fmean(times), "rounds": len(times),
-                         "cpu_median": statistics.median(cpu_times) if cpu_times else None}
+        row["time_s"] = {
+            "min": min(times),
+            "median": med,
+            "mean": statistics.fmean(times),
+            "rounds": len(times),
+            "cpu_median": statistics.median(cpu_times) if cpu_times else None,
+        }
         row["tflops"] = case.flop / med / 1e12
         if case.device == "cuda":
             row["frac_peak"] = row["tflops"] / PEAK_TFLOPS
@@ -79,7 +105,10 @@ def _version(dist: str) -> str | None:
 
 def _git() -> dict:
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+
     try:
         return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
     except (OSError, subprocess.SubprocessError):
@@ -88,21 +117,41 @@ def _git() -> dict:
 
 def environment(device: str, note: str = "") -> dict:
     """Machine, device, package versions and git commit of this run."""
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    machine = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     try:
         machine["ram_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
         machine["load_avg"] = os.getloadavg()
     except (OSError, ValueError, AttributeError):
         pass
     dev = torch.cuda.get_device_name() if device == "cuda" else cpu_model()
-    versions = {name: _version(dist) for name, dist in (
-        ("torch", "torch"), ("triton", "triton"), ("liger_kernel", "liger_kernel"), ("trl", "trl"),
-        ("transformers", "transformers"), ("pytest_benchmark", "pytest-benchmark"), ("numpy", "numpy"))}
+    versions = {
+        name: _version(dist)
+        for name, dist in (
+            ("torch", "torch"),
+            ("triton", "triton"),
+            ("liger_kernel", "liger_kernel"),
+            ("trl", "trl"),
+            ("transformers", "transformers"),
+            ("pytest_benchmark", "pytest-benchmark"),
+            ("numpy", "numpy"),
+        )
+    }
     versions["torch"] = torch.__version__
     versions["cuda"] = torch.version.cuda
-    return {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": dev, "machine": machine, "versions": versions, "git": _git(), "note": note}
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": dev,
+        "machine": machine,
+        "versions": versions,
+        "git": _git(),
+        "note": note,
+    }
 
 
 def append_run(path: Path, env: dict, rows: list[dict]) -> Path:

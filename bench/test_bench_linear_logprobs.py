@@ -1,5 +1,6 @@
 """linear_logprobs: forward; forward+backward with and without entropy — naive, chunked torch, Triton (GPU),
 Liger fused linear CE (log-probs only)."""
+
 import pytest
 
 from bench import cases

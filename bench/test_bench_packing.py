@@ -12,6 +12,7 @@ GPU: `python -m bench.test_bench_packing --device cuda --out DIR` (needs torch, 
 longtail case, bf16 autocast, a Qwen2 of H 1024 x 8 layers, V 32,000, budget 16,384; every packed attention
 available — flash_attention_2, torch_varlen — against padded sdpa, exit 1 if log-probs disagree by > 0.1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,13 @@ ROUNDS, WARMUP = 2, 1
 def _batch(case: str, V: int, seed: int = 0):
     from red.records import PromptItem, RolloutBatch
     from red.rollout.base import Rollout
+
     g = torch.Generator().manual_seed(seed)
     if case == "embedded":
         from red import synthetic
         from red.config import load_config
         from red.train import load_items, trace_eos_id
+
         cfg = load_config(overrides=["data.synthetic_train_size=256"])
         tok = synthetic.build_tokenizer()
         items = load_items(cfg, tok, trace_eos_id(tok, None), cfg.data.train, need_traces=True)[0][:32]
@@ -41,24 +44,43 @@ def _batch(case: str, V: int, seed: int = 0):
         rollouts = []
         for it in items:
             lo = max(len(it.trace_ids[0]) // 2, 1)
-            n = [mx if float(torch.rand(1, generator=g)) < 0.2 else int(torch.randint(lo, mx + 1, (1,), generator=g))
-                 for _ in range(7)]
-            rollouts.append([Rollout(it.prompt_ids, torch.randint(3, V, (k,), generator=g).tolist(), None, "stop")
-                             for k in n])
+            n = [
+                mx
+                if float(torch.rand(1, generator=g)) < 0.2
+                else int(torch.randint(lo, mx + 1, (1,), generator=g))
+                for _ in range(7)
+            ]
+            rollouts.append(
+                [
+                    Rollout(it.prompt_ids, torch.randint(3, V, (k,), generator=g).tolist(), None, "stop")
+                    for k in n
+                ]
+            )
         return RolloutBatch.from_rollouts(items, rollouts, 1)
     items, rollouts = [], []
     for i in range(16):
         p = torch.randint(3, V, (int(torch.randint(16, 257, (1,), generator=g)),), generator=g).tolist()
-        n = (torch.randn(8, generator=g) + torch.log(torch.tensor(100.0))).exp().clamp(4, 2048).long().tolist()
+        n = (
+            (torch.randn(8, generator=g) + torch.log(torch.tensor(100.0)))
+            .exp()
+            .clamp(4, 2048)
+            .long()
+            .tolist()
+        )
         items.append(PromptItem(p, "1", [], "t", i, i))
-        rollouts.append([Rollout(p, torch.randint(3, V, (k,), generator=g).tolist(), None, "stop") for k in n])
+        rollouts.append(
+            [Rollout(p, torch.randint(3, V, (k,), generator=g).tolist(), None, "stop") for k in n]
+        )
     return RolloutBatch.from_rollouts(items, rollouts, 0)
 
 
 def _with_targets(batch):
     g = torch.Generator().manual_seed(1)
-    return batch.replace(advantage=torch.randn(batch.B, generator=g), group_accuracy=torch.full((batch.B,), 0.5),
-                         offline_weight=torch.ones(batch.B))
+    return batch.replace(
+        advantage=torch.randn(batch.B, generator=g),
+        group_accuracy=torch.full((batch.B,), 0.5),
+        offline_weight=torch.ones(batch.B),
+    )
 
 
 def _time(fn):
@@ -79,53 +101,95 @@ def _time(fn):
 def measure(model, pad_id, batch, budget, layout, dtype="float32"):
     """{old_pass, update}: wall s, CPU s and real tokens/s of one pass over the whole batch (the RED loss of the
     embedded default: seq_sum_const with C = 48, clip 0.2/0.28, RED shaping)."""
-    from red_kernels import REDLossConfig
     from red.update import Policy, old_policy_pass, policy_update
+    from red_kernels import REDLossConfig
+
     policy = Policy(model, dtype, pad_id=pad_id)
     policy.packing = layout
-    loss_cfg = REDLossConfig(clip_eps_low=0.2, clip_eps_high=0.28, offline_shaping="accuracy_shift", loss_agg="seq_sum_const",
-                             loss_const=48.0, r_min=1 / 16)
+    loss_cfg = REDLossConfig(
+        clip_eps_low=0.2,
+        clip_eps_high=0.28,
+        offline_shaping="accuracy_shift",
+        loss_agg="seq_sum_const",
+        loss_const=48.0,
+        r_min=1 / 16,
+    )
     tokens = int(batch.lengths.sum())
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)            # the step itself is not what is compared
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step itself is not what is compared
     from red.batching import micro_batches
+
     mbs = micro_batches(batch, budget, pad_id, layout)
-    out = {"micro_batches": len(mbs), "slots": sum(mb.input_ids.numel() for mb in mbs)}   # tokens incl. padding
+    out = {
+        "micro_batches": len(mbs),
+        "slots": sum(mb.input_ids.numel() for mb in mbs),
+    }  # tokens incl. padding
     b = {}
     out["old_pass"] = _time(lambda: b.__setitem__("b", old_policy_pass(policy, batch, budget, 1.0)))
     old = b["b"]
     out["update"] = _time(lambda: policy_update(policy, old, loss_cfg, budget, opt, 1.0, old.B))
     for k in ("old_pass", "update"):
         wall, cpu = out[k]
-        out[k] = {"wall_s": wall, "cpu_s": cpu, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu}
+        out[k] = {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "tokens_per_s": tokens / wall,
+            "tokens_per_cpu_s": tokens / cpu,
+        }
     out["logprobs"] = old.old_logprobs
     return out
 
 
-EMBEDDED_MODEL = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
-                  "num_key_value_heads": 2}            # red/configs/default.yaml model.tiny
-BUDGET = 8192                                          # red/configs/default.yaml train.micro_batch_tokens
+EMBEDDED_MODEL = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}  # red/configs/default.yaml model.tiny
+BUDGET = 8192  # red/configs/default.yaml train.micro_batch_tokens
 
 
 def _model(kw: dict, vocab: int, device):
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, pad_token_id=0,
-                                        attn_implementation="sdpa", **kw)).to(device)
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=vocab, tie_word_embeddings=True, pad_token_id=0, attn_implementation="sdpa", **kw
+        )
+    ).to(device)
 
 
-def run(device="cpu", attn_impls=("sdpa",), model_kw=None, dtype="float32", vocab=None, budget=BUDGET,
-        cases=("embedded", "longtail")) -> dict:
+def run(
+    device="cpu",
+    attn_impls=("sdpa",),
+    model_kw=None,
+    dtype="float32",
+    vocab=None,
+    budget=BUDGET,
+    cases=("embedded", "longtail"),
+) -> dict:
     """Padded sdpa and each packed attention in attn_impls, on every case (see the module docstring)."""
     from red import attention
     from red.batching import token_budget_groups
+
     if vocab is None:
         from red import synthetic
-        vocab = len(synthetic.build_tokenizer())        # the embedded tokenizer (token ids of the real task)
+
+        vocab = len(synthetic.build_tokenizer())  # the embedded tokenizer (token ids of the real task)
     model = _model(model_kw or EMBEDDED_MODEL, vocab, device)
-    res = {"device": device, "dtype": dtype, "threads": torch.get_num_threads(), "budget": budget, "vocab": vocab,
-           "model": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers",
-                                                           "num_attention_heads", "num_key_value_heads")},
-           "cases": {}}
+    res = {
+        "device": device,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "budget": budget,
+        "vocab": vocab,
+        "model": {
+            k: getattr(model.config, k)
+            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+        },
+        "cases": {},
+    }
     pad_id = 0
     for case in cases:
         batch = _with_targets(_batch(case, vocab))
@@ -142,7 +206,9 @@ def run(device="cpu", attn_impls=("sdpa",), model_kw=None, dtype="float32", voca
             got["max_abs_logprob_diff"] = float((got["logprobs"] - ref["logprobs"]).abs().max())
             got["ratio_old_pass"] = got["old_pass"]["tokens_per_s"] / ref["old_pass"]["tokens_per_s"]
             got["ratio_update"] = got["update"]["tokens_per_s"] / ref["update"]["tokens_per_s"]
-            got["ratio_old_pass_cpu"] = got["old_pass"]["tokens_per_cpu_s"] / ref["old_pass"]["tokens_per_cpu_s"]
+            got["ratio_old_pass_cpu"] = (
+                got["old_pass"]["tokens_per_cpu_s"] / ref["old_pass"]["tokens_per_cpu_s"]
+            )
             got["ratio_update_cpu"] = got["update"]["tokens_per_cpu_s"] / ref["update"]["tokens_per_cpu_s"]
             row["runs"][f"packed {impl} ({layout})"] = got
         for r in row["runs"].values():
@@ -153,27 +219,43 @@ def run(device="cpu", attn_impls=("sdpa",), model_kw=None, dtype="float32", voca
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# packed vs padded micro-batches — {res['device']}, {res['dtype']}, {res['threads']} thread(s), "
-             f"budget {res['budget']}, model {res['model']}", "",
-             "| case | run | micro-batches (token slots) | old pass tok/s (CPU-time tok/s) | "
-             "update tok/s (CPU-time tok/s) | "
-             "packed/padded old pass | packed/padded update |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# packed vs padded micro-batches — {res['device']}, {res['dtype']}, {res['threads']} thread(s), "
+        f"budget {res['budget']}, model {res['model']}",
+        "",
+        "| case | run | micro-batches (token slots) | old pass tok/s (CPU-time tok/s) | "
+        "update tok/s (CPU-time tok/s) | "
+        "packed/padded old pass | packed/padded update |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for case, row in res["cases"].items():
         for name, r in row["runs"].items():
-            f = lambda k: f"{r[k]['tokens_per_s']:.0f} ({r[k]['tokens_per_cpu_s']:.0f})"
-            ratio = lambda k: f"{r[k]:.2f}x (CPU {r[k + '_cpu']:.2f}x)" if k in r else "1"
-            lines.append(f"| {case}: {row['sequences']} seqs, {row['tokens']} tokens ({row['padded_tokens']} "
-                         f"padded) | {name} | {r['micro_batches']} ({r['slots']}) | {f('old_pass')} | {f('update')} | "
-                         f"{ratio('ratio_old_pass')} | {ratio('ratio_update')} |")
+
+            def f(k, r=r):
+                return f"{r[k]['tokens_per_s']:.0f} ({r[k]['tokens_per_cpu_s']:.0f})"
+
+            def ratio(k, r=r):
+                return f"{r[k]:.2f}x (CPU {r[k + '_cpu']:.2f}x)" if k in r else "1"
+
+            lines.append(
+                f"| {case}: {row['sequences']} seqs, {row['tokens']} tokens ({row['padded_tokens']} "
+                f"padded) | {name} | {r['micro_batches']} ({r['slots']}) | {f('old_pass')} | {f('update')} | "
+                f"{ratio('ratio_old_pass')} | {ratio('ratio_update')} |"
+            )
     meta = ", ".join(f"{k} {res[k]}" for k in ("recorded_utc", "commit", "note") if res.get(k))
     return "\n".join(lines + ([f"\n{meta}"] if meta else [])) + "\n"
 
 
 def write(res: dict, out: Path, name: str):
     import subprocess
+
     res["recorded_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                   cwd=Path(__file__).parent).stdout.strip() or None
+    res["commit"] = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        or None
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(res, indent=2))
     (out / f"{name}.md").write_text(markdown(res))
@@ -186,8 +268,9 @@ def test_bench_packing_cpu(benchmark, request):
     benchmark.pedantic(lambda: holder.__setitem__("r", run("cpu")), rounds=1, iterations=1)
     res = holder["r"]
     res["note"] = request.config.getoption("record_note")
-    benchmark.extra_info.update({c: {k: v.get("ratio_update") for k, v in row["runs"].items()}
-                                 for c, row in res["cases"].items()})
+    benchmark.extra_info.update(
+        {c: {k: v.get("ratio_update") for k, v in row["runs"].items()} for c, row in res["cases"].items()}
+    )
     print("\n" + markdown(res))
     for row in res["cases"].values():
         for r in row["runs"].values():
@@ -202,17 +285,35 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
     from red import attention
-    impls = (["flash_attention_2"] if attention.has_flash_attn() else []) + \
-        ([attention.VARLEN] if attention._varlen_fn() is not None else [])
+
+    impls = (["flash_attention_2"] if attention.has_flash_attn() else []) + (
+        [attention.VARLEN] if attention._varlen_fn() is not None else []
+    )
     if not impls:
-        print("no packed attention on this machine (neither flash-attn nor torch varlen_attn): nothing to check")
+        print(
+            "no packed attention on this machine (neither flash-attn nor torch varlen_attn): nothing to check"
+        )
         return 0
-    res = run(a.device, impls, {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
-                                "num_attention_heads": 16, "num_key_value_heads": 4}, "bfloat16", vocab=32000,
-              budget=16384, cases=("longtail",))
+    res = run(
+        a.device,
+        impls,
+        {
+            "hidden_size": 1024,
+            "intermediate_size": 2816,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+        },
+        "bfloat16",
+        vocab=32000,
+        budget=16384,
+        cases=("longtail",),
+    )
     write(res, Path(a.out), "packing-gpu")
     print(markdown(res))
-    worst = max(r.get("max_abs_logprob_diff", 0.0) for row in res["cases"].values() for r in row["runs"].values())
+    worst = max(
+        r.get("max_abs_logprob_diff", 0.0) for row in res["cases"].values() for r in row["runs"].values()
+    )
     print(f"max |log p packed - log p padded| (bf16): {worst:.3g}")
     return 0 if worst < 0.1 else 1
 

@@ -1,4 +1,5 @@
 """red_loss forward+backward (RED and GRPO configurations) — naive, chunked torch, Triton (GPU), Liger GRPO."""
+
 import pytest
 
 from bench import cases

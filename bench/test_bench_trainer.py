@@ -12,6 +12,7 @@ metrics.jsonl (time_rollout, time_reward, time_old_pass, time_update, time_step)
 from the medians (allocation and first-call costs). Without the warm-up the policy is the random tiny model, so
 online samples run to rollout.max_new_tokens: an upper bound on rollout length.
 """
+
 import json
 import os
 import statistics
@@ -24,20 +25,34 @@ import pytest
 
 STEPS = 5
 PHASES = ("time_rollout", "time_reward", "time_old_pass", "time_update", "time_step")
-OVERRIDES = [f"train.steps={STEPS}", "warmup.enabled=false", "eval.before=false", "log.plot=false",
-             "log.progress=false", "data.synthetic_eval_size=16", "checkpoint.resume=never"]
+OVERRIDES = [
+    f"train.steps={STEPS}",
+    "warmup.enabled=false",
+    "eval.before=false",
+    "log.plot=false",
+    "log.progress=false",
+    "data.synthetic_eval_size=16",
+    "checkpoint.resume=never",
+]
 
 
 GRPO_SHAPE = {"prompts": 4, "group": 8, "max_new": 32, "steps": 6}
-GRPO_OVERRIDES = ["algorithm.mode=grpo", f"train.steps={GRPO_SHAPE['steps']}",
-                  f"train.prompts_per_step={GRPO_SHAPE['prompts']}", f"rollout.n={GRPO_SHAPE['group']}",
-                  f"rollout.max_new_tokens={GRPO_SHAPE['max_new']}", "algorithm.dynamic_sampling=false",
-                  *OVERRIDES[1:]]
+GRPO_OVERRIDES = [
+    "algorithm.mode=grpo",
+    f"train.steps={GRPO_SHAPE['steps']}",
+    f"train.prompts_per_step={GRPO_SHAPE['prompts']}",
+    f"rollout.n={GRPO_SHAPE['group']}",
+    f"rollout.max_new_tokens={GRPO_SHAPE['max_new']}",
+    "algorithm.dynamic_sampling=false",
+    *OVERRIDES[1:],
+]
 
 
 def phase_summary(metrics: list[dict], mode: str = "red") -> dict:
     """Median seconds per phase and tokens/s over the `mode` update steps after the first."""
-    steps = [m for m in metrics if m.get("mode", mode) == mode and "time_step" in m and not m.get("skipped_update")]
+    steps = [
+        m for m in metrics if m.get("mode", mode) == mode and "time_step" in m and not m.get("skipped_update")
+    ]
     if len(steps) < 2:
         raise AssertionError(f"expected at least 2 {mode} update steps in metrics.jsonl, got {len(steps)}")
     later = steps[1:]
@@ -63,9 +78,19 @@ def test_trainer_red_step(benchmark, bench_rows, tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     phases = phase_summary([json.loads(ln) for ln in lines if ln.strip()])
     benchmark.extra_info.update(phases)
-    bench_rows.append({"id": "trainer-red-default", "op": "trainer", "mode": "red", "device": "cpu",
-                       "impl": "red.train", "command": "python -m red.train " + " ".join(OVERRIDES),
-                       "process_s": benchmark.stats.stats.median, "phases": phases, "error": None})
+    bench_rows.append(
+        {
+            "id": "trainer-red-default",
+            "op": "trainer",
+            "mode": "red",
+            "device": "cpu",
+            "impl": "red.train",
+            "command": "python -m red.train " + " ".join(OVERRIDES),
+            "process_s": benchmark.stats.stats.median,
+            "phases": phases,
+            "error": None,
+        }
+    )
 
 
 def run_measured(cmd, cwd, logs: Path) -> tuple[str, float, float]:
@@ -85,27 +110,54 @@ def test_trainer_grpo_step_vs_trl(benchmark, bench_rows, tmp_path, impl):
     if impl == "red.train":
         cmd = [sys.executable, "-m", "red.train", f"output_dir={tmp_path / 'run'}", *GRPO_OVERRIDES]
     else:
-        cmd = [sys.executable, "-m", "bench.trl_step", "--trainer", "stock" if impl == "trl" else "red_kernels",
-               "--out", str(tmp_path / "trl"), "--steps", str(GRPO_SHAPE["steps"]), "--prompts",
-               str(GRPO_SHAPE["prompts"]), "--group", str(GRPO_SHAPE["group"]), "--max-new", str(GRPO_SHAPE["max_new"])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.trl_step",
+            "--trainer",
+            "stock" if impl == "trl" else "red_kernels",
+            "--out",
+            str(tmp_path / "trl"),
+            "--steps",
+            str(GRPO_SHAPE["steps"]),
+            "--prompts",
+            str(GRPO_SHAPE["prompts"]),
+            "--group",
+            str(GRPO_SHAPE["group"]),
+            "--max-new",
+            str(GRPO_SHAPE["max_new"]),
+        ]
     result = {}
 
     def run():
         result["out"], result["wall"], result["rss"] = run_measured(cmd, repo, tmp_path)
 
-    benchmark.group = "trainer: GRPO step against TRL ({prompts} prompts x {group}, <= {max_new} new tokens)".format(
-        **GRPO_SHAPE)
+    benchmark.group = (
+        "trainer: GRPO step against TRL ({prompts} prompts x {group}, <= {max_new} new tokens)".format(
+            **GRPO_SHAPE
+        )
+    )
     benchmark.name = impl
     benchmark.pedantic(run, rounds=1, iterations=1)
     if impl == "red.train":
         lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
         phases = phase_summary([json.loads(ln) for ln in lines if ln.strip()], mode="grpo")
     else:
-        steps = json.loads(result["out"].strip().splitlines()[-1])["steps"][1:]   # first step excluded
+        steps = json.loads(result["out"].strip().splitlines()[-1])["steps"][1:]  # first step excluded
         phases = {p: statistics.median(s[p] for s in steps) for p in PHASES}
         phases["first_step_s"], phases["steps"] = None, len(steps)
     phases["peak_rss_mib"] = result["rss"]
     benchmark.extra_info.update(phases)
-    bench_rows.append({"id": f"trainer-grpo-{impl}", "op": "trainer", "mode": "grpo", "device": "cpu",
-                       "impl": impl, "command": " ".join(cmd[1:]).replace(str(tmp_path), "$TMP"),
-                       "process_s": result["wall"], "phases": phases, "error": None})
+    bench_rows.append(
+        {
+            "id": f"trainer-grpo-{impl}",
+            "op": "trainer",
+            "mode": "grpo",
+            "device": "cpu",
+            "impl": impl,
+            "command": " ".join(cmd[1:]).replace(str(tmp_path), "$TMP"),
+            "process_s": result["wall"],
+            "phases": phases,
+            "error": None,
+        }
+    )

@@ -10,6 +10,7 @@ Bytes are those of the tensors each rank hands to collectives per call (counted 
 time is the median of a few calls measured inside rank 0. Results go to benchmark.extra_info (not the kernel
 tables: this is a 2-process case).
 """
+
 import json
 import statistics
 import time
@@ -33,18 +34,20 @@ def _count_bytes(counter):
     def all_gather(out, t, *a, **k):
         counter[0] += sum(o.numel() * o.element_size() for o in out)
         return real_gather(out, t, *a, **k)
+
     dist.all_reduce, dist.all_gather = all_reduce, all_gather
 
 
 def _worker(rank, init_file, out_file):
     from red_kernels import linear_logprobs
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.05
     y, a, c = torch.randint(0, V, (N,), generator=g), torch.randn(N, generator=g), torch.randn(N, generator=g)
     rows = torch.tensor_split(torch.arange(V), WORLD)[rank]
-    shard = w[int(rows[0]):int(rows[-1]) + 1].clone()
+    shard = w[int(rows[0]) : int(rows[-1]) + 1].clone()
     counter = [0]
     _count_bytes(counter)
 
@@ -62,7 +65,7 @@ def _worker(rank, init_file, out_file):
 
     result = {}
     for name, fn in (("vocab_parallel", vocab_parallel), ("gather_weight", gather_weight)):
-        fn()                                             # warm-up
+        fn()  # warm-up
         counter[0] = 0
         times = []
         for _ in range(REPS):

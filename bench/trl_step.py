@@ -10,6 +10,7 @@ measured by wrapping the trainer's own methods: time_rollout (`_generate`), time
 time_old_pass (log-prob passes without grad), time_update (the rest of the optimizer step: policy log-probs,
 loss, backward, optimizer) and time_step (the whole step). Prints one JSON line: per-step phases and the peak RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def _timed(trainer, name, bucket, timers, when=lambda: True):
         finally:
             if when():
                 timers[bucket] += time.perf_counter() - t
+
     setattr(trainer, name, wrapper)
 
 
@@ -46,31 +48,58 @@ def build(trainer_name: str, prompts: int, group: int, max_new: int, steps: int,
 
     from red import synthetic
     from red_kernels.integrations.trl import REDKernelsGRPOTrainer
+
     cfg = OmegaConf.load(REPO / "red" / "configs" / "default.yaml")
     tok = synthetic.build_tokenizer()
     model = synthetic.build_model(tok, OmegaConf.to_container(cfg.model.tiny), seed=seed)
     task = str(cfg.data.train).split(":", 1)[1]
     examples = synthetic.generate(task, prompts * steps, seed=seed)
-    data = datasets.Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": ex["problem"]}] for ex in examples],
-        "answer": [ex["answer"] for ex in examples]})
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": ex["problem"]}] for ex in examples],
+            "answer": [ex["answer"] for ex in examples],
+        }
+    )
 
     def reward_answer(completions, answer, **kwargs):
         return [float(f"\\boxed{{{a}}}" in c[0]["content"]) for c, a in zip(completions, answer)]
 
     args = GRPOConfig(
-        output_dir=str(out), num_generations=group, per_device_train_batch_size=prompts * group,
-        steps_per_generation=1, max_completion_length=max_new, temperature=1.0, beta=0.0, loss_type="dapo",
-        max_steps=steps, learning_rate=float(cfg.optim.lr), logging_steps=1, seed=seed, report_to="none",
-        save_strategy="no", use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True,
-        shuffle_dataset=False)
+        output_dir=str(out),
+        num_generations=group,
+        per_device_train_batch_size=prompts * group,
+        steps_per_generation=1,
+        max_completion_length=max_new,
+        temperature=1.0,
+        beta=0.0,
+        loss_type="dapo",
+        max_steps=steps,
+        learning_rate=float(cfg.optim.lr),
+        logging_steps=1,
+        seed=seed,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        shuffle_dataset=False,
+    )
     cls = REDKernelsGRPOTrainer if trainer_name == "red_kernels" else GRPOTrainer
-    trainer = cls(model=model, reward_funcs=reward_answer, args=args, train_dataset=data, processing_class=tok)
+    trainer = cls(
+        model=model, reward_funcs=reward_answer, args=args, train_dataset=data, processing_class=tok
+    )
 
     steps_out, timers = [], dict.fromkeys(PHASES, 0.0)
     _timed(trainer, "_generate", "time_rollout", timers)
     _timed(trainer, "_calculate_rewards", "time_reward", timers)
-    _timed(trainer, "_get_per_token_logps_and_entropies", "time_old_pass", timers, lambda: not torch.is_grad_enabled())
+    _timed(
+        trainer,
+        "_get_per_token_logps_and_entropies",
+        "time_old_pass",
+        timers,
+        lambda: not torch.is_grad_enabled(),
+    )
     _timed(trainer, "_generate_and_score_completions", "_scoring", timers)
 
     class StepTimer(TrainerCallback):
@@ -83,6 +112,7 @@ def build(trainer_name: str, prompts: int, group: int, max_new: int, steps: int,
             step["time_step"] = time.perf_counter() - self.t
             step["time_update"] = step["time_step"] - timers["_scoring"]
             steps_out.append(step)
+
     timers["_scoring"] = 0.0
     trainer.add_callback(StepTimer())
     return trainer, steps_out
@@ -101,8 +131,16 @@ def main(argv=None):
     trainer, steps = build(a.trainer, a.prompts, a.group, a.max_new, a.steps, a.out)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(json.dumps({"trainer": a.trainer, "steps": steps, "loss": losses,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "trainer": a.trainer,
+                "steps": steps,
+                "loss": losses,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ by red/records.py, the reward formula by red/rewards.py. See shared/spec/red-alg
 Shapes: G groups of n members each; tensors shaped [G, n] hold one value per group member, [B] = [G·n]
 flattened group-major.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,14 @@ from dataclasses import dataclass
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, is_offline: torch.Tensor, *, adv_std: bool = True,
-                     adv_stats: str = "group", eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor,
+    is_offline: torch.Tensor,
+    *,
+    adv_std: bool = True,
+    adv_stats: str = "group",
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """A_i = (R_i - mean_G R) / (std_G R + eps) for every member of each group ([G, n] -> [G, n]).
 
     adv_stats='group' takes mean/std over the whole group (offline members included); 'online' over the
@@ -76,7 +83,7 @@ def refill(draw, target: int, max_refill: int, enabled: bool = True, need_more=N
         mask, why = keep_groups(acc)
         stats["dropped_all_correct"] += why["all_correct"]
         stats["dropped_all_wrong"] += why["all_wrong"]
-        mask &= mask.cumsum(0) <= target - kept          # at most target groups in total
+        mask &= mask.cumsum(0) <= target - kept  # at most target groups in total
         parts.append((groups, mask))
         kept += int(mask.sum())
         if not (need_more(target - kept) if need_more is not None else kept < target):
@@ -102,6 +109,7 @@ class EntropyRatioWeight:
     reported as inf / nan). With ema = alpha the entropies are smoothed first: H~^k = alpha H~^{k-1} +
     (1 - alpha) H^k (H~^1 = H^1), and the ratio uses the smoothed values. fixed=True always gives w = 1.
     """
+
     w_min: float = 1.0
     w_max: float = 7.0
     eps: float = 1e-8

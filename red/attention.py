@@ -14,6 +14,7 @@
 run varlen_attn with cu_seqlens from position_ids; everything else (generate with a KV cache, padded
 batches) goes to transformers' sdpa_attention_forward with the usual sdpa mask.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,8 +26,8 @@ import torch
 
 log = logging.getLogger("red.attention")
 VARLEN = "torch_varlen"
-FLAT = ("flash_attention_2", "flash_attention_3", VARLEN)     # padding-free through cu_seqlens: one row
-MASKED = ("sdpa", "eager")                                    # block-diagonal masks from position_ids
+FLAT = ("flash_attention_2", "flash_attention_3", VARLEN)  # padding-free through cu_seqlens: one row
+MASKED = ("sdpa", "eager")  # block-diagonal masks from position_ids
 
 
 def _varlen_fn():
@@ -40,6 +41,7 @@ def _varlen_fn():
 
 def has_flash_attn() -> bool:
     from transformers.utils import is_flash_attn_2_available
+
     return importlib.util.find_spec("flash_attn") is not None and is_flash_attn_2_available()
 
 
@@ -68,16 +70,30 @@ def packing_layout(attn: str, device, enabled: bool = True) -> str:
         return "flat"
     if attn in MASKED and torch.device(device).type == "cpu":
         return "rows"
-    warnings.warn(f"train.packing: attention {attn!r} on {torch.device(device).type} has no packed-sequence "
-                  "path here (on CUDA: model.dtype bfloat16/float16 and model.attn_implementation auto, with the "
-                  "[gpu] extra for flash_attention_2 or a torch with torch.nn.attention.varlen); using padded "
-                  "micro-batches", stacklevel=2)
+    warnings.warn(
+        f"train.packing: attention {attn!r} on {torch.device(device).type} has no packed-sequence "
+        "path here (on CUDA: model.dtype bfloat16/float16 and model.attn_implementation auto, with the "
+        "[gpu] extra for flash_attention_2 or a torch with torch.nn.attention.varlen); using padded "
+        "micro-batches",
+        stacklevel=2,
+    )
     return "off"
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, sliding_window: int | None = None, *,
-                             varlen=None, position_ids=None, **kwargs):
+def varlen_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    *,
+    varlen=None,
+    position_ids=None,
+    **kwargs,
+):
     """transformers attention function (AttentionInterface): query [B, Hq, T, D], key/value [B, Hkv, Tk, D] ->
     ([B, T, Hq, D], None). A packed forward (attention_mask None, Tk == T) runs varlen_attn on the flattened
     tokens with one causal block per sequence (cu_seqlens from position_ids, restarting at 0); anything else
@@ -88,14 +104,24 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     b, hq, t, d = query.shape
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     if attention_mask is not None or key.shape[2] != t or position_ids is None or not causal:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, position_ids=position_ids, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            position_ids=position_ids,
+            **kwargs,
+        )
     if dropout:
         raise ValueError(f"attention {VARLEN!r}: attention dropout is not supported (got {dropout})")
     varlen = varlen or _varlen_fn()
     (cu, _), (mx, _) = prepare_fa_kwargs_from_position_ids(position_ids.expand(b, t))
     q, k, v = (x.transpose(1, 2).reshape(b * x.shape[2], x.shape[1], d) for x in (query, key, value))
-    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):   # RoPE promoted q, k to float32
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):  # RoPE promoted q, k to float32
         q, k, v = (x.to(torch.get_autocast_dtype(q.device.type)) for x in (q, k, v))
     params = inspect.signature(varlen).parameters
     kw = {"scale": scaling} if "scale" in params else {}
@@ -118,6 +144,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 def _varlen_mask(*args, attention_mask=None, **kwargs):
     """Mask for torch_varlen: none for packed forwards (the varlen call has the blocks), else sdpa's."""
     from transformers.masking_utils import sdpa_mask
+
     return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
@@ -125,5 +152,6 @@ def register() -> None:
     """Make `torch_varlen` a transformers attention implementation (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
+
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, _varlen_mask)

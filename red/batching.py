@@ -6,6 +6,7 @@ layout: b rows, L = longest prompt + response of the micro-batch, right-padded w
 are [b, L - 1] aligned with targets = input_ids[:, 1:] (position t predicts token t + 1); per-sequence tensors
 are [S] with S = b (row k = sequence k) when padded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,26 +21,28 @@ IGNORE = -100
 
 @dataclass
 class MicroBatch:
-    rows: Tensor                   # [S] the RolloutBatch row of each sequence ([0] for a dummy)
-    input_ids: Tensor              # [b, L]
+    rows: Tensor  # [S] the RolloutBatch row of each sequence ([0] for a dummy)
+    input_ids: Tensor  # [b, L]
     attention_mask: Tensor | None  # [b, L] 1 on real tokens; None when packed (masks come from position_ids)
-    position_ids: Tensor           # [b, L]
-    targets: Tensor                # [b, L-1] next token on response positions, IGNORE elsewhere
-    offline_mask: Tensor           # [b, L-1] bool, teacher-trace tokens
-    response_start: Tensor         # [S] column of the first response target in its row
-    advantages: Tensor | None = None       # [S]
-    group_accuracy: Tensor | None = None   # [S]
-    offline_weight: Tensor | None = None   # [S]
-    old_logprobs: Tensor | None = None     # [b, L-1]
-    is_weights: Tensor | None = None       # [b, L-1]
-    sequence_ids: Tensor | None = None     # [b, L-1] packed: sequence k's positions = k, −1 tail; None: row = seq
-    seq_row: Tensor | None = None          # [S] packed: the row holding each sequence; None: arange(b)
+    position_ids: Tensor  # [b, L]
+    targets: Tensor  # [b, L-1] next token on response positions, IGNORE elsewhere
+    offline_mask: Tensor  # [b, L-1] bool, teacher-trace tokens
+    response_start: Tensor  # [S] column of the first response target in its row
+    advantages: Tensor | None = None  # [S]
+    group_accuracy: Tensor | None = None  # [S]
+    offline_weight: Tensor | None = None  # [S]
+    old_logprobs: Tensor | None = None  # [b, L-1]
+    is_weights: Tensor | None = None  # [b, L-1]
+    sequence_ids: Tensor | None = (
+        None  # [b, L-1] packed: sequence k's positions = k, −1 tail; None: row = seq
+    )
+    seq_row: Tensor | None = None  # [S] packed: the row holding each sequence; None: arange(b)
 
     @property
     def loss_mask(self) -> Tensor:
         return self.targets != IGNORE
 
-    def to(self, device) -> "MicroBatch":
+    def to(self, device) -> MicroBatch:
         return MicroBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
 
     def to_response(self, per_token: Tensor, width: int) -> Tensor:
@@ -50,7 +53,7 @@ class MicroBatch:
         cols = self.response_start.to(dev)[:, None] + torch.arange(width, device=dev)
         c = cols.clamp(max=per_token.shape[1] - 1)
         ok = self.loss_mask.to(dev)[row, c] & (cols < per_token.shape[1])
-        if self.sequence_ids is not None:                  # stop at the sequence's end, not the next one's targets
+        if self.sequence_ids is not None:  # stop at the sequence's end, not the next one's targets
             ok &= self.sequence_ids.to(dev)[row, c] == s[:, None]
         return torch.where(ok, per_token[row, c], torch.zeros((), dtype=per_token.dtype, device=dev))
 
@@ -91,29 +94,55 @@ def collate(batch: RolloutBatch, rows: list[int], pad_id: int) -> MicroBatch:
     width = int((p + r).max())
     pos = torch.arange(width)[None].expand(len(rows), width)
     prompt, response = batch.prompt[idx], batch.response[idx]
-    ids = torch.where(pos < p[:, None], prompt.gather(1, pos.clamp(max=prompt.shape[1] - 1)),
-                      response.gather(1, (pos - p[:, None]).clamp(0, response.shape[1] - 1)))
+    ids = torch.where(
+        pos < p[:, None],
+        prompt.gather(1, pos.clamp(max=prompt.shape[1] - 1)),
+        response.gather(1, (pos - p[:, None]).clamp(0, response.shape[1] - 1)),
+    )
     real = pos < (p + r)[:, None]
     ids = torch.where(real, ids, torch.full_like(ids, pad_id))
     t = pos[:, :-1]
     is_target = (t >= (p - 1)[:, None]) & (t < (p + r - 1)[:, None])
     targets = torch.where(is_target, ids[:, 1:], torch.full_like(t, IGNORE))
     start = p - 1
-    per_tok = lambda v, fill: None if v is None else _from_response(v[idx], start, width - 1, fill)
-    per_seq = lambda v: None if v is None else v[idx].float()
-    return MicroBatch(idx, ids, real.long(), pos.clone(), targets, is_target & batch.is_offline[idx][:, None], start,
-                      per_seq(batch.advantage), per_seq(batch.group_accuracy), per_seq(batch.offline_weight),
-                      per_tok(batch.old_logprobs, 0.0), per_tok(batch.is_weights, 1.0))
+
+    def per_tok(v, fill):
+        return None if v is None else _from_response(v[idx], start, width - 1, fill)
+
+    def per_seq(v):
+        return None if v is None else v[idx].float()
+
+    return MicroBatch(
+        idx,
+        ids,
+        real.long(),
+        pos.clone(),
+        targets,
+        is_target & batch.is_offline[idx][:, None],
+        start,
+        per_seq(batch.advantage),
+        per_seq(batch.group_accuracy),
+        per_seq(batch.offline_weight),
+        per_tok(batch.old_logprobs, 0.0),
+        per_tok(batch.is_weights, 1.0),
+    )
 
 
-def micro_batches(batch: RolloutBatch, token_budget: int, pad_id: int, packing: str = "off") -> list[MicroBatch]:
+def micro_batches(
+    batch: RolloutBatch, token_budget: int, pad_id: int, packing: str = "off"
+) -> list[MicroBatch]:
     """The whole batch as token-budgeted micro-batches (longest first): padded (packing "off") or packed
     (packing "flat" / "rows", see red/packing.py)."""
     from .packing import collate_packed, packed_groups
+
     if packing == "off":
-        return [collate(batch, rows, pad_id) for rows in token_budget_groups(batch.lengths.tolist(), token_budget)]
-    return [collate_packed(batch, rows, pad_id) for rows in packed_groups(batch.lengths.tolist(), token_budget,
-                                                                          packing)]
+        return [
+            collate(batch, rows, pad_id) for rows in token_budget_groups(batch.lengths.tolist(), token_budget)
+        ]
+    return [
+        collate_packed(batch, rows, pad_id)
+        for rows in packed_groups(batch.lengths.tolist(), token_budget, packing)
+    ]
 
 
 def dummy_micro_batch(pad_id: int) -> MicroBatch:
@@ -121,6 +150,17 @@ def dummy_micro_batch(pad_id: int) -> MicroBatch:
     train on take part in the collectives of a step (DDP gradient sync, FSDP2 all-gathers). `rows` is empty:
     it stands for no row of the batch."""
     z = torch.zeros(1, dtype=torch.long)
-    return MicroBatch(torch.zeros(0, dtype=torch.long), torch.full((1, 2), pad_id), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None],
-                      torch.full((1, 1), IGNORE), torch.zeros(1, 1, dtype=torch.bool), z,
-                      torch.zeros(1), torch.full((1,), 0.5), torch.ones(1), torch.zeros(1, 1), torch.ones(1, 1))
+    return MicroBatch(
+        torch.zeros(0, dtype=torch.long),
+        torch.full((1, 2), pad_id),
+        torch.ones(1, 2, dtype=torch.long),
+        torch.arange(2)[None],
+        torch.full((1, 1), IGNORE),
+        torch.zeros(1, 1, dtype=torch.bool),
+        z,
+        torch.zeros(1),
+        torch.full((1,), 0.5),
+        torch.ones(1),
+        torch.zeros(1, 1),
+        torch.ones(1, 1),
+    )

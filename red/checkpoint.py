@@ -7,6 +7,7 @@ under a temporary name and renamed, then the `latest` pointer is replaced (writt
 `keep` step directories are kept. `resume: auto` continues from `latest` and refuses a resume that would run
 zero steps.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,12 @@ import shutil
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from . import parallel
 from .run_dir import RunDir, atomic, commit, temporary, write_text
@@ -55,7 +60,7 @@ def save_pretrained(model, out: str, state: dict, dtype: torch.dtype) -> None:
     drop = set(tied) if getattr(model.config, "tie_word_embeddings", False) else set()
     weights = {k: v.to(dtype) for k, v in state.items() if k not in drop}
     model.save_pretrained(out, state_dict=weights, safe_serialization=True)
-    saved, model.config.dtype = model.config.dtype, dtype     # save_pretrained wrote the parameters' dtype
+    saved, model.config.dtype = model.config.dtype, dtype  # save_pretrained wrote the parameters' dtype
     try:
         model.config.save_pretrained(out)
     finally:
@@ -72,13 +77,15 @@ def save_model(model, tokenizer, out: str, dtype: torch.dtype) -> None:
     parallel.barrier()
 
 
-def save(run: RunDir, step: int, model, tokenizer, dtype: torch.dtype, opt, trainer_state: dict, keep: int) -> str:
+def save(
+    run: RunDir, step: int, model, tokenizer, dtype: torch.dtype, opt, trainer_state: dict, keep: int
+) -> str:
     """Write step_N (all ranks call: rank 0 writes the model and state, each rank its RNG state)."""
     final = run.step(step)
     weights = full_state(model)
     optim = get_optimizer_state_dict(model, opt, options=FULL)
     state = {**trainer_state, "optimizer": optim, "master": weights if dtype != torch.float32 else None}
-    tmp = temporary(final)          # every rank writes into it; rank 0 commits it
+    tmp = temporary(final)  # every rank writes into it; rank 0 commits it
     if parallel.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -87,7 +94,7 @@ def save(run: RunDir, step: int, model, tokenizer, dtype: torch.dtype, opt, trai
     if parallel.is_main():
         save_pretrained(model, tmp, weights, dtype)
         tokenizer.save_pretrained(tmp)
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))     # tmp/ is renamed into place below
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))  # tmp/ is renamed into place below
     parallel.barrier()
     if parallel.is_main():
         commit(tmp, final)
@@ -122,5 +129,6 @@ def find_resume(run: RunDir, mode: str, total_steps: int) -> str | None:
         raise ResumeError(
             f"{run.root} already holds a checkpoint at step {step} of train.steps={total_steps}: resuming would "
             f"run zero steps. Raise train.steps, choose another output_dir, or set checkpoint.resume=never "
-            f"to start over (this deletes its checkpoints).")
+            f"to start over (this deletes its checkpoints)."
+        )
     return d

@@ -15,6 +15,7 @@ steps per mode, mean with a min-max band over seeds; response length; H_on / H_o
 wall_s, output_dir, heldout_acc_per_source}], "heldout_acc": {mean, ci95, n}, "len_mean": {mean, ci95, n}}},
 "paired_vs_baseline": {M: {diff_mean, ci95, n}}} — Student-t 95% intervals over seeds, differences paired by seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ from .run_dir import json_ready, write_text
 from .stats import mean_ci95, paired_diff
 
 MODES = ("sft", "sft_then_grpo", "grpo", "luffy", "red")
-RESERVED = ("algorithm.mode", "seed")     # set per run by the harness
+RESERVED = ("algorithm.mode", "seed")  # set per run by the harness
 
 
 def parse_overrides(items: list[str]) -> tuple[str, list[str]]:
@@ -51,8 +52,12 @@ def parse_overrides(items: list[str]) -> tuple[str, list[str]]:
 
 
 def train_argv(config: str | None, overrides: list[str], mode: str, seed: int, out: str) -> list[str]:
-    return ([sys.executable, "-m", "red.train"] + (["--config", config] if config else []) + overrides
-            + [f"algorithm.mode={mode}", f"seed={seed}", f"output_dir={out}"])
+    return (
+        [sys.executable, "-m", "red.train"]
+        + (["--config", config] if config else [])
+        + overrides
+        + [f"algorithm.mode={mode}", f"seed={seed}", f"output_dir={out}"]
+    )
 
 
 def subprocess_runner(argv: list[str], out: str) -> int:
@@ -70,8 +75,10 @@ def check_same_run(out: str, argv: list[str]) -> None:
         with open(path) as fh:
             old = json.load(fh)["argv"]
         if old != argv:
-            raise SystemExit(f"error: {out} was run with other settings ({' '.join(old[2:])}); use another "
-                             f"output_dir or delete that directory")
+            raise SystemExit(
+                f"error: {out} was run with other settings ({' '.join(old[2:])}); use another "
+                f"output_dir or delete that directory"
+            )
         return
     os.makedirs(out, exist_ok=True)
     write_text(path, json.dumps({"argv": argv}))
@@ -95,7 +102,7 @@ def read_metrics(out: str) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
-                    pass          # a line cut by a kill
+                    pass  # a line cut by a kill
     except OSError:
         pass
     return rows
@@ -105,22 +112,33 @@ def run_record(seed: int, out: str, summary: dict) -> dict:
     ev = summary["eval_after"]
     allp = ev["per_source"]["all"]
     n = ev.get("n", 1)
-    return {"seed": seed, "heldout_acc": ev["accuracy"], "len_mean": allp.get("mean_length"),
-            "len_correct_mean": allp.get("mean_length_correct"), "len_wrong_mean": allp.get("mean_length_wrong"),
-            "wall_s": summary.get("wall_time_s"), "output_dir": out,
-            "heldout_acc_per_source": {k: v.get(f"avg@{n}") for k, v in ev["per_source"].items() if k != "all"}}
+    return {
+        "seed": seed,
+        "heldout_acc": ev["accuracy"],
+        "len_mean": allp.get("mean_length"),
+        "len_correct_mean": allp.get("mean_length_correct"),
+        "len_wrong_mean": allp.get("mean_length_wrong"),
+        "wall_s": summary.get("wall_time_s"),
+        "output_dir": out,
+        "heldout_acc_per_source": {k: v.get(f"avg@{n}") for k, v in ev["per_source"].items() if k != "all"},
+    }
 
 
 def versions() -> dict:
     """Package versions (as red.train records them) plus the git commit of this checkout and whether it is dirty."""
     from .eval import package_versions
+
     out = package_versions()
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        out["git_commit"] = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        out["git_commit"] = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         out["git_dirty"] = bool(dirty)
     except (OSError, subprocess.CalledProcessError):
         pass
@@ -139,13 +157,21 @@ def budget_of(config: str | None, overrides: list[str], sft_steps: dict) -> dict
     the same for every mode of `sft_steps`, the mode -> SFT steps taken)."""
     c = load_config(config, overrides + [f"algorithm.mode={next(iter(sft_steps))}"])
     steps, prompts, n = c.train.steps, c.train.prompts_per_step, c.rollout.n
-    return {"train_steps": steps, "prompts_per_step": prompts, "group_size": n, "samples": steps * prompts * n,
-            "max_new_tokens": c.rollout.max_new_tokens, "config": str(config or "default.yaml"),
-            "overrides": overrides, "sft_steps": sft_steps}
+    return {
+        "train_steps": steps,
+        "prompts_per_step": prompts,
+        "group_size": n,
+        "samples": steps * prompts * n,
+        "max_new_tokens": c.rollout.max_new_tokens,
+        "config": str(config or "default.yaml"),
+        "overrides": overrides,
+        "sft_steps": sft_steps,
+    }
 
 
-def compare(config, modes, seeds, baseline, jobs, overrides, out_root, runner=subprocess_runner,
-            command: str = "") -> dict:
+def compare(
+    config, modes, seeds, baseline, jobs, overrides, out_root, runner=subprocess_runner, command: str = ""
+) -> dict:
     """Run what is missing, then aggregate. `runner(argv, out) -> exit code` (injectable for tests). Raises
     ConfigError, before any run, when a mode's configuration is invalid."""
     check_configs(config, overrides, modes)
@@ -155,28 +181,46 @@ def compare(config, modes, seeds, baseline, jobs, overrides, out_root, runner=su
         check_same_run(dirs[(m, s)], train_argv(config, overrides, m, s, dirs[(m, s)])[1:])
     pending = [k for k in todo if read_summary(dirs[k]) is None]
     skipped = len(todo) - len(pending)
-    print(f"[compare] {len(todo)} runs ({len(modes)} modes x {seeds} seeds) under {out_root}: "
-          f"{skipped} finished, {len(pending)} to run", flush=True)
+    print(
+        f"[compare] {len(todo)} runs ({len(modes)} modes x {seeds} seeds) under {out_root}: "
+        f"{skipped} finished, {len(pending)} to run",
+        flush=True,
+    )
 
     def one(key):
         m, s = key
         t = time.perf_counter()
         rc = runner(train_argv(config, overrides, m, s, dirs[key]), dirs[key])
-        print(f"[compare] {m} seed {s}: exit {rc} in {time.perf_counter() - t:.0f}s ({dirs[key]})", flush=True)
+        print(
+            f"[compare] {m} seed {s}: exit {rc} in {time.perf_counter() - t:.0f}s ({dirs[key]})", flush=True
+        )
         return rc
 
     with cf.ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
         codes = dict(zip(pending, pool.map(one, pending)))
     failed = [k for k, rc in codes.items() if rc != 0 or read_summary(dirs[k]) is None]
-    result = {"budget": None, "versions": versions(), "modes": {}, "paired_vs_baseline": {}, "failed": [
-        {"mode": m, "seed": s, "output_dir": dirs[(m, s)]} for m, s in failed]}
+    result = {
+        "budget": None,
+        "versions": versions(),
+        "modes": {},
+        "paired_vs_baseline": {},
+        "failed": [{"mode": m, "seed": s, "output_dir": dirs[(m, s)]} for m, s in failed],
+    }
     sft_steps = {}
     for m in modes:
         runs = [run_record(s, dirs[(m, s)], sm) for s in range(seeds) if (sm := read_summary(dirs[(m, s)]))]
-        sft_steps[m] = sorted({sum(1 for r in read_metrics(dirs[(m, s)]) if r.get("mode") == "sft")
-                               for s in range(seeds) if read_summary(dirs[(m, s)])})
-        result["modes"][m] = {"runs": runs, "heldout_acc": mean_ci95([r["heldout_acc"] for r in runs]),
-                              "len_mean": mean_ci95([r["len_mean"] for r in runs])}
+        sft_steps[m] = sorted(
+            {
+                sum(1 for r in read_metrics(dirs[(m, s)]) if r.get("mode") == "sft")
+                for s in range(seeds)
+                if read_summary(dirs[(m, s)])
+            }
+        )
+        result["modes"][m] = {
+            "runs": runs,
+            "heldout_acc": mean_ci95([r["heldout_acc"] for r in runs]),
+            "len_mean": mean_ci95([r["len_mean"] for r in runs]),
+        }
     result["budget"] = budget_of(config, overrides, sft_steps)
     base = {r["seed"]: r["heldout_acc"] for r in result["modes"].get(baseline, {}).get("runs", [])}
     for m in modes:
@@ -185,22 +229,31 @@ def compare(config, modes, seeds, baseline, jobs, overrides, out_root, runner=su
             result["paired_vs_baseline"][m] = paired_diff(mine, base)
     result["baseline"] = baseline
     os.makedirs(out_root, exist_ok=True)
-    write_text(os.path.join(out_root, "compare.json"), json.dumps(json_ready(result), indent=2, allow_nan=False))
+    write_text(
+        os.path.join(out_root, "compare.json"), json.dumps(json_ready(result), indent=2, allow_nan=False)
+    )
     from .compare_report import write_markdown, write_plot
+
     write_markdown(result, os.path.join(out_root, "compare.md"), command)
-    write_plot({m: [read_metrics(dirs[(m, s)]) for s in range(seeds)] for m in modes},
-               os.path.join(out_root, "compare.png"))
+    write_plot(
+        {m: [read_metrics(dirs[(m, s)]) for s in range(seeds)] for m in modes},
+        os.path.join(out_root, "compare.png"),
+    )
     return result
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m red.compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=None, help="YAML file or packaged config name (default: default.yaml)")
+    ap.add_argument(
+        "--config", default=None, help="YAML file or packaged config name (default: default.yaml)"
+    )
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per mode")
     ap.add_argument("--baseline", default="grpo", help="mode the paired differences are taken against")
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value, passed to every run (output_dir = compare root)")
+    ap.add_argument(
+        "overrides", nargs="*", help="key.sub=value, passed to every run (output_dir = compare root)"
+    )
     a = ap.parse_args(argv)
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -212,9 +265,17 @@ def main(argv=None) -> int:
         ap.error("--seeds and --jobs must be >= 1")
     out_root, overrides = parse_overrides(a.overrides)
     try:
-        res = compare(a.config, modes, a.seeds, a.baseline, a.jobs, overrides, out_root,
-                      command="python -m red.compare " + " ".join(sys.argv[1:] if argv is None else argv))
-    except ConfigError as e:           # a bad --config or key: before any run
+        res = compare(
+            a.config,
+            modes,
+            a.seeds,
+            a.baseline,
+            a.jobs,
+            overrides,
+            out_root,
+            command="python -m red.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+        )
+    except ConfigError as e:  # a bad --config or key: before any run
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(open(os.path.join(out_root, "compare.md")).read())

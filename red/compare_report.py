@@ -1,4 +1,5 @@
 """The human-readable side of `red.compare`: compare.md (the table a paper prints) and compare.png (curves)."""
+
 from __future__ import annotations
 
 import math
@@ -28,42 +29,79 @@ def _mean(xs):
 
 def write_markdown(res: dict, path: str, command: str) -> None:
     b, base = res["budget"], res["baseline"]
-    lines = [f"# red.compare: {', '.join(res['modes'])} ({b['config']})", "",
-             f"Budget per run (every mode): {b['train_steps']} steps x {b['prompts_per_step']} prompts x "
-             f"group {b['group_size']} ({b['samples']} samples), response budget {b['max_new_tokens']} tokens; "
-             f"SFT steps by mode: {b['sft_steps']}. Overrides: `{' '.join(b['overrides']) or '-'}`.", "",
-             "Held-out accuracy (greedy unless eval.n/temperature say otherwise) after training; mean over seeds "
-             f"with a Student-t 95% interval; the difference to `{base}` is paired by seed.", "",
-             "| mode | seeds | held-out acc % | 95% CI | Δ vs " + base + " (pts) | 95% CI | len mean | len correct "
-             "| len wrong | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# red.compare: {', '.join(res['modes'])} ({b['config']})",
+        "",
+        f"Budget per run (every mode): {b['train_steps']} steps x {b['prompts_per_step']} prompts x "
+        f"group {b['group_size']} ({b['samples']} samples), response budget {b['max_new_tokens']} tokens; "
+        f"SFT steps by mode: {b['sft_steps']}. Overrides: `{' '.join(b['overrides']) or '-'}`.",
+        "",
+        "Held-out accuracy (greedy unless eval.n/temperature say otherwise) after training; mean over seeds "
+        f"with a Student-t 95% interval; the difference to `{base}` is paired by seed.",
+        "",
+        "| mode | seeds | held-out acc % | 95% CI | Δ vs "
+        + base
+        + " (pts) | 95% CI | len mean | len correct "
+        "| len wrong | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m, d in res["modes"].items():
         runs, acc = d["runs"], d["heldout_acc"]
         p = res["paired_vs_baseline"].get(m)
         delta = ("—", "—") if p is None else (_num(100 * p["diff_mean"]) if p["n"] else "n/a", _ci(p))
-        lines.append(f"| {m} | {acc['n']} | {_pct(acc['mean'])} | {_ci(acc)} | {delta[0]} | {delta[1]} | "
-                     f"{_num(d['len_mean']['mean'])} | {_num(_mean([r['len_correct_mean'] for r in runs]))} | "
-                     f"{_num(_mean([r['len_wrong_mean'] for r in runs]))} | "
-                     f"{_num(_mean([r['wall_s'] for r in runs]), '{:.0f}')} |")
-    sources = sorted({s for d in res["modes"].values() for r in d["runs"] for s in r.get("heldout_acc_per_source", {})})
+        lines.append(
+            f"| {m} | {acc['n']} | {_pct(acc['mean'])} | {_ci(acc)} | {delta[0]} | {delta[1]} | "
+            f"{_num(d['len_mean']['mean'])} | {_num(_mean([r['len_correct_mean'] for r in runs]))} | "
+            f"{_num(_mean([r['len_wrong_mean'] for r in runs]))} | "
+            f"{_num(_mean([r['wall_s'] for r in runs]), '{:.0f}')} |"
+        )
+    sources = sorted(
+        {s for d in res["modes"].values() for r in d["runs"] for s in r.get("heldout_acc_per_source", {})}
+    )
     if len(sources) > 1:
-        lines += ["", "Held-out accuracy % by source (mean over seeds):", "",
-                  "| mode | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+        lines += [
+            "",
+            "Held-out accuracy % by source (mean over seeds):",
+            "",
+            "| mode | " + " | ".join(sources) + " |",
+            "|---|" + "---|" * len(sources),
+        ]
         for m, d in res["modes"].items():
-            lines.append(f"| {m} | " + " | ".join(
-                _pct(_mean([r["heldout_acc_per_source"].get(s) for r in d["runs"]])) for s in sources) + " |")
-    lines += ["", "Per run:", "", "| mode | seed | held-out acc % | len mean | wall s | output |", "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {m} | "
+                + " | ".join(
+                    _pct(_mean([r["heldout_acc_per_source"].get(s) for r in d["runs"]])) for s in sources
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "Per run:",
+        "",
+        "| mode | seed | held-out acc % | len mean | wall s | output |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, d in res["modes"].items():
         for r in d["runs"]:
-            lines.append(f"| {m} | {r['seed']} | {_pct(r['heldout_acc'])} | {_num(r['len_mean'])} | "
-                         f"{_num(r['wall_s'], '{:.0f}')} | `{r['output_dir']}` |")
+            lines.append(
+                f"| {m} | {r['seed']} | {_pct(r['heldout_acc'])} | {_num(r['len_mean'])} | "
+                f"{_num(r['wall_s'], '{:.0f}')} | `{r['output_dir']}` |"
+            )
     if res.get("failed"):
-        lines += ["", "FAILED runs (see their train.log): " + ", ".join(f"{f['mode']} seed {f['seed']}"
-                                                                        for f in res["failed"])]
+        lines += [
+            "",
+            "FAILED runs (see their train.log): "
+            + ", ".join(f"{f['mode']} seed {f['seed']}" for f in res["failed"]),
+        ]
     v = res["versions"]
-    lines += ["", f"Command: `{command}`", "",
-              f"Code: commit {v.get('git_commit', 'unknown')}{' (dirty)' if v.get('git_dirty') else ''}; "
-              + ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("git_commit", "git_dirty")), ""]
+    lines += [
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Code: commit {v.get('git_commit', 'unknown')}{' (dirty)' if v.get('git_dirty') else ''}; "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("git_commit", "git_dirty")),
+        "",
+    ]
     write_text(path, "\n".join(lines))
 
 
@@ -76,19 +114,26 @@ def _curve(runs: list[list[dict]], key: str):
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 by_step.setdefault(r["step"], []).append(v)
     steps = sorted(by_step)
-    return (steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
-            [max(by_step[s]) for s in steps])
+    return (
+        steps,
+        [sum(by_step[s]) / len(by_step[s]) for s in steps],
+        [min(by_step[s]) for s in steps],
+        [max(by_step[s]) for s in steps],
+    )
 
 
 def write_plot(metrics: dict[str, list[list[dict]]], path: str) -> None:
     """metrics: mode -> one metrics.jsonl row list per seed. Mean line, min-max band over seeds."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("held-out accuracy", [("eval/acc", "-")]),
-              ("response length (tokens)", [("eval/len_mean", "-"), ("len_online_mean", ":")]),
-              ("entropy (nats)", [("H_on", "-"), ("H_off", "--")])]
+    panels = [
+        ("held-out accuracy", [("eval/acc", "-")]),
+        ("response length (tokens)", [("eval/len_mean", "-"), ("len_online_mean", ":")]),
+        ("entropy (nats)", [("H_on", "-"), ("H_off", "--")]),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, (title, keys) in zip(axes, panels):
         for i, (mode, runs) in enumerate(metrics.items()):
@@ -97,8 +142,15 @@ def write_plot(metrics: dict[str, list[list[dict]]], path: str) -> None:
                 steps, mean, lo, hi = _curve(runs, key)
                 if not steps:
                     continue
-                ax.plot(steps, mean, style, color=color, marker="o" if key.startswith("eval/") else None, ms=3,
-                        label=f"{mode} {key}" if len(keys) > 1 else mode)
+                ax.plot(
+                    steps,
+                    mean,
+                    style,
+                    color=color,
+                    marker="o" if key.startswith("eval/") else None,
+                    ms=3,
+                    label=f"{mode} {key}" if len(keys) > 1 else mode,
+                )
                 ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("step")

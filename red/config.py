@@ -5,13 +5,14 @@ Every error names the full key and, for choices, the allowed values
 (e.g. `config key 'rollout.engine': must be one of hf, vllm, auto, got 'tgi'`).
 `red.eval` reuses `DataConfig`; `red.compare` runs `python -m red.train` with dotted overrides.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib.resources
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -27,92 +28,94 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None         # HF directory or hub id; None -> build the tiny synthetic model
-    dtype: str = "float32"             # compute dtype: float32 | bfloat16 | float16 (master weights stay fp32)
-    config_overrides: Dict[str, Any] = field(default_factory=dict)   # e.g. {rope_theta: 40000}
+    path: str | None = None  # HF directory or hub id; None -> build the tiny synthetic model
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (master weights stay fp32)
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {rope_theta: 40000}
     gradient_checkpointing: bool = False
-    tiny: Dict[str, Any] = field(default_factory=dict)   # Qwen2Config kwargs for the synthetic model
+    tiny: dict[str, Any] = field(default_factory=dict)  # Qwen2Config kwargs for the synthetic model
     attn_implementation: str = "auto"  # auto: red/attention.py picks by device; or any HF name
 
 
 @dataclass
 class DataConfig:
-    train: str = "synthetic:chains"    # file (.jsonl/.parquet) or synthetic:<task>
-    eval: List[str] = field(default_factory=lambda: ["synthetic:chains"])
-    columns: str = "auto"              # auto | plain | openr1 | luffy
-    problem_key: Optional[str] = None  # explicit column names override the preset
-    answer_key: Optional[str] = None
-    trace_key: Optional[str] = None
-    system_prompt: Optional[str] = None
-    eos_token: Optional[str] = None    # token ending teacher traces; None: <|im_end|> for ChatML, else EOS
+    train: str = "synthetic:chains"  # file (.jsonl/.parquet) or synthetic:<task>
+    eval: list[str] = field(default_factory=lambda: ["synthetic:chains"])
+    columns: str = "auto"  # auto | plain | openr1 | luffy
+    problem_key: str | None = None  # explicit column names override the preset
+    answer_key: str | None = None
+    trace_key: str | None = None
+    system_prompt: str | None = None
+    eos_token: str | None = None  # token ending teacher traces; None: <|im_end|> for ChatML, else EOS
     prompt_template: str = "{problem}"
     max_prompt_len: int = 1024
-    overlong_prompt: str = "reject"    # reject | truncate (keep the last tokens)
-    overlong_trace: str = "reject"     # reject | truncate (keep the first tokens; loses EOS)
-    bad_rows: str = "error"            # error | skip (skipped rows are reported by row number)
+    overlong_prompt: str = "reject"  # reject | truncate (keep the last tokens)
+    overlong_trace: str = "reject"  # reject | truncate (keep the first tokens; loses EOS)
+    bad_rows: str = "error"  # error | skip (skipped rows are reported by row number)
     shuffle: bool = True
-    eval_limit: Optional[int] = None   # rows per eval file (None = all)
+    eval_limit: int | None = None  # rows per eval file (None = all)
     synthetic_train_size: int = 20000
     synthetic_eval_size: int = 200
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"                 # hf | vllm | auto
-    n: int = 8                         # group size (online + offline)
-    num_offline: int = 1               # k teacher traces per group
+    engine: str = "hf"  # hf | vllm | auto
+    n: int = 8  # group size (online + offline)
+    num_offline: int = 1  # k teacher traces per group
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1024
-    batch_size: int = 256              # max sequences per generate call
-    is_correction: str = "none"        # none | tis (truncated importance sampling on online tokens)
+    batch_size: int = 256  # max sequences per generate call
+    is_correction: str = "none"  # none | tis (truncated importance sampling on online tokens)
     is_cap: float = 2.0
-    vllm: Dict[str, Any] = field(default_factory=dict)   # passed to the vLLM engine
+    vllm: dict[str, Any] = field(default_factory=dict)  # passed to the vLLM engine
 
 
 @dataclass
 class RewardConfig:
-    format_reward: float = 0.0         # added when a \boxed{} answer is present
+    format_reward: float = 0.0  # added when a \boxed{} answer is present
     overlong_penalty: bool = False
-    overlong_buffer: int = 256         # B of the soft overlong penalty; L_max = rollout.max_new_tokens
+    overlong_buffer: int = 256  # B of the soft overlong penalty; L_max = rollout.max_new_tokens
     workers: int = 2
     timeout_s: float = 10.0
 
 
 @dataclass
 class AlgorithmConfig:
-    mode: str = "red"                  # see red/modes.py
+    mode: str = "red"  # see red/modes.py
     adv_std: bool = True
-    adv_stats: str = "group"           # group | online
+    adv_stats: str = "group"  # group | online
     dynamic_sampling: bool = True
     max_refill: int = 3
-    offline_weight: str = "entropy_ratio"   # entropy_ratio | fixed
+    offline_weight: str = "entropy_ratio"  # entropy_ratio | fixed
     w_min: float = 1.0
-    w_max: Optional[float] = None      # None -> n - k
+    w_max: float | None = None  # None -> n - k
     w_eps: float = 1e-8
-    entropy_ema: Optional[float] = None   # None: off; alpha in [0, 1): H~ = alpha H~_prev + (1-alpha) H
-    sft_steps: Optional[int] = None    # sft_then_grpo: SFT steps before GRPO (None -> train.steps // 2)
+    entropy_ema: float | None = None  # None: off; alpha in [0, 1): H~ = alpha H~_prev + (1-alpha) H
+    sft_steps: int | None = None  # sft_then_grpo: SFT steps before GRPO (None -> train.steps // 2)
 
 
 @dataclass
 class LossConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
-    dual_clip: Optional[float] = None
-    offline_shaping: str = "accuracy_shift"   # accuracy_shift (RED's) | luffy | none; old name 'red' deprecated
+    dual_clip: float | None = None
+    offline_shaping: str = (
+        "accuracy_shift"  # accuracy_shift (RED's) | luffy | none; old name 'red' deprecated
+    )
     shaping_gamma: float = 0.1
-    r_min: Optional[float] = None      # None -> 1 / (2n)
+    r_min: float | None = None  # None -> 1 / (2n)
     sft_coef: float = 0.0
-    entropy_coef: Optional[float] = None   # None -> mode default (luffy 0.001, else 0)
+    entropy_coef: float | None = None  # None -> mode default (luffy 0.001, else 0)
     kl_coef: float = 0.0
-    loss_agg: str = "seq_sum_const"    # seq_sum_const | token_mean | seq_mean
-    loss_const: Optional[float] = None   # None -> rollout.max_new_tokens
+    loss_agg: str = "seq_sum_const"  # seq_sum_const | token_mean | seq_mean
+    loss_const: float | None = None  # None -> rollout.max_new_tokens
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-6
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
@@ -122,16 +125,17 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100
-    prompts_per_step: int = 64         # groups per optimizer step (whole batch, all ranks)
-    micro_batch_tokens: int = 16384    # tokens (padding included) per forward/backward
-    packing: bool = True               # pack sequences into rows (no padding) where the attention supports it
+    prompts_per_step: int = 64  # groups per optimizer step (whole batch, all ranks)
+    micro_batch_tokens: int = 16384  # tokens (padding included) per forward/backward
+    packing: bool = True  # pack sequences into rows (no padding) where the attention supports it
     ppo_epochs: int = 1
-    parallel: str = "ddp"              # ddp | fsdp2 (world size 1: no wrapper)
+    parallel: str = "ddp"  # ddp | fsdp2 (world size 1: no wrapper)
 
 
 @dataclass
 class WarmupConfig:
     """Optional SFT stage that turns a random model into a 'pretrained base' (synthetic default only)."""
+
     enabled: bool = False
     data: str = "synthetic:chains_warmup"
     steps: int = 0
@@ -142,10 +146,10 @@ class WarmupConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0                     # 0: only before and after training
-    n: int = 1                         # samples per problem (avg@n, pass@k)
-    temperature: float = 0.0           # 0 = greedy
-    max_new_tokens: Optional[int] = None   # None -> rollout.max_new_tokens
+    every: int = 0  # 0: only before and after training
+    n: int = 1  # samples per problem (avg@n, pass@k)
+    temperature: float = 0.0  # 0 = greedy
+    max_new_tokens: int | None = None  # None -> rollout.max_new_tokens
     before: bool = True
 
 
@@ -156,22 +160,22 @@ class LogConfig:
     samples_every: int = 10
     samples_max: int = 4
     plot: bool = True
-    truncation_warn: float = 0.2       # warn when this fraction of online samples hits max_new_tokens
+    truncation_warn: float = 0.2  # warn when this fraction of online samples hits max_new_tokens
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0                     # 0: only at the end
+    every: int = 0  # 0: only at the end
     keep: int = 2
-    resume: str = "auto"               # auto | never
+    resume: str = "auto"  # auto | never
 
 
 @dataclass
 class Config:
     seed: int = 0
     output_dir: str = "runs/red"
-    device: str = "auto"               # auto | cpu | cuda
-    threads: Optional[int] = None      # torch CPU threads (None: torch default)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch CPU threads (None: torch default)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -211,7 +215,9 @@ def _as_lists(data: dict, cls=Config) -> dict:
         if f.name not in data:
             continue
         v = data[f.name]
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+        if dataclasses.is_dataclass(
+            f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        ):
             if isinstance(v, dict):
                 _as_lists(v, f.default_factory)
         elif str(f.type).startswith("List") and v is not None and not isinstance(v, list):
@@ -229,7 +235,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         key = key.strip().removeprefix("--")
         try:
             out = OmegaConf.merge(out, OmegaConf.from_dotlist([f"{key}={value}"]))
-        except Exception:   # not YAML, e.g. a prompt template with braces: the text itself
+        except Exception:  # not YAML, e.g. a prompt template with braces: the text itself
             OmegaConf.update(out, key, value, merge=True)
     return OmegaConf.to_container(out)
 
@@ -279,21 +285,45 @@ def _check(cond, key, msg):
 
 
 CHOICES = {
-    "algorithm.mode": tuple(MODES), "model.dtype": ("float32", "bfloat16", "float16"),
-    "device": ("auto", "cpu", "cuda"), "rollout.engine": ("hf", "vllm", "auto"),
-    "rollout.is_correction": ("none", "tis"), "algorithm.adv_stats": ("group", "online"),
-    "algorithm.offline_weight": ("entropy_ratio", "fixed"), "loss.offline_shaping": ("accuracy_shift", "luffy", "none"),
-    "loss.loss_agg": ("seq_sum_const", "token_mean", "seq_mean"), "data.columns": ("auto", "plain", "openr1", "luffy"),
-    "data.overlong_prompt": ("reject", "truncate"), "data.overlong_trace": ("reject", "truncate"),
-    "data.bad_rows": ("error", "skip"), "checkpoint.resume": ("auto", "never"), "train.parallel": ("ddp", "fsdp2"),
+    "algorithm.mode": tuple(MODES),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "device": ("auto", "cpu", "cuda"),
+    "rollout.engine": ("hf", "vllm", "auto"),
+    "rollout.is_correction": ("none", "tis"),
+    "algorithm.adv_stats": ("group", "online"),
+    "algorithm.offline_weight": ("entropy_ratio", "fixed"),
+    "loss.offline_shaping": ("accuracy_shift", "luffy", "none"),
+    "loss.loss_agg": ("seq_sum_const", "token_mean", "seq_mean"),
+    "data.columns": ("auto", "plain", "openr1", "luffy"),
+    "data.overlong_prompt": ("reject", "truncate"),
+    "data.overlong_trace": ("reject", "truncate"),
+    "data.bad_rows": ("error", "skip"),
+    "checkpoint.resume": ("auto", "never"),
+    "train.parallel": ("ddp", "fsdp2"),
 }
 
 # key -> (lower bound, inclusive?) for plain numeric limits
-MINIMUM = {"rollout.n": 1, "rollout.temperature": 0, "rollout.max_new_tokens": 1, "rollout.batch_size": 1,
-           "rollout.is_cap": 1, "algorithm.max_refill": 0, "train.steps": 1, "train.prompts_per_step": 1,
-           "train.micro_batch_tokens": 1, "train.ppo_epochs": 1, "data.max_prompt_len": 1, "eval.n": 1,
-           "eval.every": 0, "checkpoint.keep": 1, "checkpoint.every": 0, "reward.workers": 1,
-           "reward.overlong_buffer": 1, "loss.clip_eps_low": 0, "loss.clip_eps_high": 0}
+MINIMUM = {
+    "rollout.n": 1,
+    "rollout.temperature": 0,
+    "rollout.max_new_tokens": 1,
+    "rollout.batch_size": 1,
+    "rollout.is_cap": 1,
+    "algorithm.max_refill": 0,
+    "train.steps": 1,
+    "train.prompts_per_step": 1,
+    "train.micro_batch_tokens": 1,
+    "train.ppo_epochs": 1,
+    "data.max_prompt_len": 1,
+    "eval.n": 1,
+    "eval.every": 0,
+    "checkpoint.keep": 1,
+    "checkpoint.every": 0,
+    "reward.workers": 1,
+    "reward.overlong_buffer": 1,
+    "loss.clip_eps_low": 0,
+    "loss.clip_eps_high": 0,
+}
 
 
 def _get(cfg, key):
@@ -303,32 +333,48 @@ def _get(cfg, key):
 
 
 def validate(cfg: Config) -> None:
-    cfg.loss.offline_shaping = canonical_shaping(cfg.loss.offline_shaping, "config key 'loss.offline_shaping'")
+    cfg.loss.offline_shaping = canonical_shaping(
+        cfg.loss.offline_shaping, "config key 'loss.offline_shaping'"
+    )
     for key, options in CHOICES.items():
         v = _get(cfg, key)
         _check(v in options, key, f"must be one of {', '.join(options)}, got {v!r}")
     for key, lo in MINIMUM.items():
         v = _get(cfg, key)
         _check(v >= lo, key, f"must be >= {lo}, got {v}")
-    a, r, t, o = cfg.algorithm, cfg.rollout, cfg.train, cfg.optim
-    _check(0 <= r.num_offline <= r.n, "rollout.num_offline", f"must be in [0, rollout.n={r.n}], got {r.num_offline}")
+    a, r, _t, o = cfg.algorithm, cfg.rollout, cfg.train, cfg.optim
+    _check(
+        0 <= r.num_offline <= r.n,
+        "rollout.num_offline",
+        f"must be in [0, rollout.n={r.n}], got {r.num_offline}",
+    )
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(a.w_min > 0, "algorithm.w_min", f"must be > 0, got {a.w_min}")
     if a.w_max is not None:
         _check(a.w_max >= a.w_min, "algorithm.w_max", f"must be >= algorithm.w_min={a.w_min}, got {a.w_max}")
     _check(a.w_eps > 0, "algorithm.w_eps", f"must be > 0, got {a.w_eps}")
     if a.entropy_ema is not None:
-        _check(0 <= a.entropy_ema < 1, "algorithm.entropy_ema", f"must be in [0, 1) or null, got {a.entropy_ema}")
+        _check(
+            0 <= a.entropy_ema < 1, "algorithm.entropy_ema", f"must be in [0, 1) or null, got {a.entropy_ema}"
+        )
     if cfg.loss.r_min is not None:
         _check(0 < cfg.loss.r_min < 0.5, "loss.r_min", f"must be in (0, 0.5), got {cfg.loss.r_min}")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
-           f"must be two numbers in [0, 1), got {o.betas}")
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        f"must be two numbers in [0, 1), got {o.betas}",
+    )
     _check(o.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {o.grad_clip}")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     if cfg.warmup.enabled:
-        _check(cfg.warmup.steps >= 1, "warmup.steps", f"must be >= 1 when warmup.enabled, got {cfg.warmup.steps}")
-        _check(cfg.warmup.data != cfg.data.train, "warmup.data",
-               "the warm-up must use a different task distribution than data.train")
+        _check(
+            cfg.warmup.steps >= 1, "warmup.steps", f"must be >= 1 when warmup.enabled, got {cfg.warmup.steps}"
+        )
+        _check(
+            cfg.warmup.data != cfg.data.train,
+            "warmup.data",
+            "the warm-up must use a different task distribution than data.train",
+        )
     _check("{problem}" in cfg.data.prompt_template, "data.prompt_template", "must contain '{problem}'")
     MODES[a.mode].check(cfg, _check)

@@ -12,6 +12,7 @@ Explicit data.problem_key / answer_key / trace_key override the preset. A row wi
 answer is a bad row: an error naming the file and row number (data.bad_rows=error) or skipped and reported
 (skip). Over-long prompts / traces are rejected or truncated per config, counted and reported, never silent.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ class Example:
     traces: list = field(default_factory=list)
     source: str = ""
     row: int = -1
-    messages: list | None = None       # chat messages of the prompt when the file gives them (luffy layout)
+    messages: list | None = None  # chat messages of the prompt when the file gives them (luffy layout)
 
 
 # ------------------------------------------------------------------------------------------ reading files
@@ -49,6 +50,7 @@ def read_rows(path: str):
         raise DataError(f"data file not found: {path}")
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
+
         yield from enumerate(pq.read_table(path).to_pylist(), 1)
         return
     with open(path, encoding="utf-8") as fh:
@@ -107,6 +109,7 @@ def _gold_from_solution(sol: str | None) -> str | None:
     if "####" in sol:
         return sol.rsplit("####", 1)[1].strip().replace(",", "") or None
     from .rewards import extract_boxed
+
     return extract_boxed(sol)
 
 
@@ -127,14 +130,22 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
         users = [m["content"] for m in messages if m.get("role") == "user"]
         problem = users[-1] if users else None
         rm = row.get("reward_model")
-        answer = _text(row.get(keys["answer"]) if keys.get("answer") else
-                       rm.get("ground_truth") if isinstance(rm, dict) else None)
+        answer = _text(
+            row.get(keys["answer"])
+            if keys.get("answer")
+            else rm.get("ground_truth")
+            if isinstance(rm, dict)
+            else None
+        )
         traces = _texts(row.get(keys.get("trace") or "target"))
         source = str(row.get("data_source") or os.path.basename(path))
     else:
         problem = _text(_pick(row, keys.get("problem"), ("problem", "question", "Problem", "query")))
-        answer = _text(_pick(row, keys.get("answer"),
-                             ("answer", "final_answer", "ground_truth", "gold", "expected_answer")))
+        answer = _text(
+            _pick(
+                row, keys.get("answer"), ("answer", "final_answer", "ground_truth", "gold", "expected_answer")
+            )
+        )
         if layout == "openr1" and not keys.get("trace"):
             gens = row.get("generations") or []
             ok = row.get("correctness_math_verify")
@@ -147,7 +158,10 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
             traces = _texts(_pick(row, keys.get("trace"), ("trace", "teacher", "target", "solution")))
         # gsm8k: the 'answer' is a worked solution ending in '#### n'
         if answer and "####" in answer:
-            traces = traces or [answer.rsplit("####", 1)[0].strip() + f"\nThe answer is \\boxed{{{_gold_from_solution(answer)}}}."]
+            traces = traces or [
+                answer.rsplit("####", 1)[0].strip()
+                + f"\nThe answer is \\boxed{{{_gold_from_solution(answer)}}}."
+            ]
             answer = _gold_from_solution(answer)
         if answer is None:
             answer = _gold_from_solution(_text(row.get("solution")))
@@ -155,14 +169,25 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
             answer = answer.strip("$").strip() or None
         source = str(row.get("data_source") or os.path.splitext(os.path.basename(path))[0])
     if not problem:
-        raise DataError(f"{where}: no problem text (looked for {keys.get('problem') or 'problem/question/prompt'})")
+        raise DataError(
+            f"{where}: no problem text (looked for {keys.get('problem') or 'problem/question/prompt'})"
+        )
     if not answer:
-        raise DataError(f"{where}: no gold answer (looked for {keys.get('answer') or 'answer/final_answer/ground_truth'})")
-    return Example(problem=problem, answer=answer, traces=traces, source=source, row=row_no, messages=messages)
+        raise DataError(
+            f"{where}: no gold answer (looked for {keys.get('answer') or 'answer/final_answer/ground_truth'})"
+        )
+    return Example(
+        problem=problem, answer=answer, traces=traces, source=source, row=row_no, messages=messages
+    )
 
 
-def load_examples(path: str, columns: str = "auto", keys: dict | None = None, bad_rows: str = "error",
-                  limit: int | None = None) -> tuple[list[Example], list[str]]:
+def load_examples(
+    path: str,
+    columns: str = "auto",
+    keys: dict | None = None,
+    bad_rows: str = "error",
+    limit: int | None = None,
+) -> tuple[list[Example], list[str]]:
     """Read a data file. Returns (examples, skipped-row reports). bad_rows='error' raises on the first bad row."""
     keys = {k: v for k, v in (keys or {}).items() if v}
     out, skipped, layout = [], [], None if columns == "auto" else columns
@@ -177,8 +202,13 @@ def load_examples(path: str, columns: str = "auto", keys: dict | None = None, ba
         if limit is not None and len(out) >= limit:
             break
     if skipped:
-        log.warning("%s: skipped %d bad rows: %s%s", path, len(skipped), "; ".join(skipped[:5]),
-                    " ..." if len(skipped) > 5 else "")
+        log.warning(
+            "%s: skipped %d bad rows: %s%s",
+            path,
+            len(skipped),
+            "; ".join(skipped[:5]),
+            " ..." if len(skipped) > 5 else "",
+        )
     if not out:
         raise DataError(f"{path}: no usable rows")
     return out, skipped
@@ -188,6 +218,7 @@ def load_source(spec: str, cfg, split: str = "train", seed: int = 0, limit: int 
     """A data spec (file path or synthetic:<task>) -> (examples, skipped reports)."""
     if spec.startswith("synthetic:"):
         from . import synthetic
+
         task = spec.split(":", 1)[1]
         n = cfg.synthetic_train_size if split == "train" else cfg.synthetic_eval_size
         if limit is not None:
@@ -196,8 +227,12 @@ def load_source(spec: str, cfg, split: str = "train", seed: int = 0, limit: int 
             rows = synthetic.generate(task, n, seed=seed if split == "train" else 0, split=split)
         except ValueError as e:
             raise DataError(f"data spec {spec!r}: {e}") from None
-        return [Example(problem=r["problem"], answer=r["answer"], traces=r["traces"], source=r["source"], row=i + 1)
-                for i, r in enumerate(rows)], []
+        return [
+            Example(
+                problem=r["problem"], answer=r["answer"], traces=r["traces"], source=r["source"], row=i + 1
+            )
+            for i, r in enumerate(rows)
+        ], []
     keys = {"problem": cfg.problem_key, "answer": cfg.answer_key, "trace": cfg.trace_key}
     return load_examples(spec, cfg.columns, keys, cfg.bad_rows, limit)
 
@@ -233,9 +268,16 @@ class TokenizeReport:
         return {k: len(v) for k, v in vars(self).items() if isinstance(v, list)}
 
 
-def tokenize_examples(examples: list[Example], tokenizer, dcfg, max_response_len: int, eos_id: int,
-                      need_traces: bool = False, name: str = "data",
-                      with_traces: bool = True) -> tuple[list[PromptItem], TokenizeReport]:
+def tokenize_examples(
+    examples: list[Example],
+    tokenizer,
+    dcfg,
+    max_response_len: int,
+    eos_id: int,
+    need_traces: bool = False,
+    name: str = "data",
+    with_traces: bool = True,
+) -> tuple[list[PromptItem], TokenizeReport]:
     """Chat-template and tokenise prompts and teacher traces (each trace + EOS, as an assistant response).
 
     Over-long prompts (> data.max_prompt_len) and traces (> max_response_len incl. EOS) are rejected or
@@ -253,11 +295,11 @@ def tokenize_examples(examples: list[Example], tokenizer, dcfg, max_response_len
                 rep.prompts_rejected.append(ex.row)
                 continue
             rep.prompts_truncated.append(ex.row)
-            ids = ids[-dcfg.max_prompt_len:]
+            ids = ids[-dcfg.max_prompt_len :]
         traces = []
-        for tr in (ex.traces if with_traces else []):
+        for tr in ex.traces if with_traces else []:
             if text.rstrip().endswith("<think>") and tr.lstrip().startswith("<think>"):
-                tr = tr.lstrip()[len("<think>"):].lstrip("\n")
+                tr = tr.lstrip()[len("<think>") :].lstrip("\n")
                 rep.think_stripped += 1
             t_ids = tokenizer(tr, add_special_tokens=False)["input_ids"] + [eos_id]
             if len(t_ids) > max_response_len:
@@ -271,14 +313,21 @@ def tokenize_examples(examples: list[Example], tokenizer, dcfg, max_response_len
             if not ex.traces:
                 rep.traces_rejected.append(ex.row)
             continue
-        items.append(PromptItem(prompt_ids=ids, answer=ex.answer, trace_ids=traces, source=ex.source,
-                                row=ex.row, uid=uid))
-    for what, rows in (("prompts rejected (too long)", rep.prompts_rejected),
-                       ("prompts truncated", rep.prompts_truncated),
-                       ("teacher traces rejected (too long or missing)", rep.traces_rejected),
-                       ("teacher traces truncated (no EOS, answer may be lost)", rep.traces_truncated)):
+        items.append(
+            PromptItem(
+                prompt_ids=ids, answer=ex.answer, trace_ids=traces, source=ex.source, row=ex.row, uid=uid
+            )
+        )
+    for what, rows in (
+        ("prompts rejected (too long)", rep.prompts_rejected),
+        ("prompts truncated", rep.prompts_truncated),
+        ("teacher traces rejected (too long or missing)", rep.traces_rejected),
+        ("teacher traces truncated (no EOS, answer may be lost)", rep.traces_truncated),
+    ):
         if rows:
-            log.warning("%s: %d %s, rows %s%s", name, len(rows), what, rows[:10], " ..." if len(rows) > 10 else "")
+            log.warning(
+                "%s: %d %s, rows %s%s", name, len(rows), what, rows[:10], " ..." if len(rows) > 10 else ""
+            )
     if not items:
         raise DataError(f"{name}: no usable problems after tokenisation ({rep.counts()})")
     return items, rep
@@ -311,4 +360,3 @@ class PromptStream:
     @property
     def epoch(self) -> float:
         return self.cursor / self.size
-

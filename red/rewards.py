@@ -9,6 +9,7 @@ math-verify in a pebble process pool, so SymPy hangs cannot stall or crash the t
 that runs past its timeout and starts a new one) and math-verify's SIGALRM timeouts run in each worker's main
 thread. Each worker parses a gold answer once and caches it.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -20,6 +21,7 @@ import pebble
 import torch
 
 from .records import STATUSES, RolloutBatch
+
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
@@ -35,7 +37,7 @@ def extract_boxed(text: str) -> str | None:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
-            last = text[m.end():i - 1]
+            last = text[m.end() : i - 1]
     return None if last is None else last.strip()
 
 
@@ -93,7 +95,7 @@ def _verify_in_worker(gold: str, pred: str, timeout_s: int) -> str:
 class Verifier:
     """Grades responses. `grade(golds, responses) -> list[status]`. The process pool starts on first need."""
 
-    task = staticmethod(_verify_in_worker)   # (gold, pred, timeout_s) -> status, run in a worker process
+    task = staticmethod(_verify_in_worker)  # (gold, pred, timeout_s) -> status, run in a worker process
 
     def __init__(self, workers: int = 2, timeout_s: float = 10.0, outer_timeout_s: float | None = None):
         """timeout_s: math-verify's own limit in the worker; outer_timeout_s: how long a task may run in its
@@ -125,9 +127,13 @@ class Verifier:
                 todo.setdefault((g, p), []).append(i)
         if todo:
             if self._pool is None:
-                self._pool = pebble.ProcessPool(self.workers, initializer=_worker_init, context=mp.get_context("spawn"))
+                self._pool = pebble.ProcessPool(
+                    self.workers, initializer=_worker_init, context=mp.get_context("spawn")
+                )
             t = max(1, int(self.timeout_s))
-            futures = [self._pool.schedule(self.task, args=(*key, t), timeout=self.outer_timeout_s) for key in todo]
+            futures = [
+                self._pool.schedule(self.task, args=(*key, t), timeout=self.outer_timeout_s) for key in todo
+            ]
             for key, fut in zip(todo, futures):
                 try:
                     status = fut.result()

@@ -1,10 +1,11 @@
 """Every output path of a run (`output_dir/...`) and the one atomic-write helper.
 
-    metrics.jsonl  samples.jsonl  warmup_metrics.jsonl  summary.json  dynamics.png  tb/
-    warmup/        (HF model after the warm-up stage)
-    step_N/        (checkpoint: HF model + tokenizer, trainer_state.pt, rng_rank{r}.pt)
-    latest         (name of the newest complete step_N, written last)
+metrics.jsonl  samples.jsonl  warmup_metrics.jsonl  summary.json  dynamics.png  tb/
+warmup/        (HF model after the warm-up stage)
+step_N/        (checkpoint: HF model + tokenizer, trainer_state.pt, rng_rank{r}.pt)
+latest         (name of the newest complete step_N, written last)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,15 @@ def write_text(path: str, text: str) -> None:
 
 
 class RunDir:
-    NAMES = ("metrics.jsonl", "samples.jsonl", "warmup_metrics.jsonl", "summary.json", "dynamics.png", "latest",
-             "warmup")
+    NAMES = (
+        "metrics.jsonl",
+        "samples.jsonl",
+        "warmup_metrics.jsonl",
+        "summary.json",
+        "dynamics.png",
+        "latest",
+        "warmup",
+    )
 
     def __init__(self, root: str):
         self.root = root
@@ -79,8 +87,11 @@ class RunDir:
     def steps(self) -> list[tuple[int, str]]:
         if not os.path.isdir(self.root):
             return []
-        return sorted((int(m.group(1)), os.path.join(self.root, d)) for d in os.listdir(self.root)
-                      if (m := _STEP.match(d)) and os.path.isdir(os.path.join(self.root, d)))
+        return sorted(
+            (int(m.group(1)), os.path.join(self.root, d))
+            for d in os.listdir(self.root)
+            if (m := _STEP.match(d)) and os.path.isdir(os.path.join(self.root, d))
+        )
 
     def latest(self) -> str | None:
         """The checkpoint the `latest` pointer names (None if there is none or it is dangling)."""

@@ -6,6 +6,7 @@ RL:  draw prompts -> engine.generate (n - k online) + k teacher traces -> reward
 SFT: k teacher traces per prompt -> update.policy_update (NLL) -> one metrics reduction.
 `tr` is the loop's Trainer (red/loop.py): config, policy, engine (synced lazily), verifier, stage state.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,27 +30,48 @@ def _prepare(tr, batch: RolloutBatch, loss_cfg) -> dict:
     """Global normaliser (sequences, or tokens for token_mean), tokens, kept groups and the most micro-batches
     any rank has, in one reduction."""
     from .packing import micro_batch_count
+
     micro = micro_batch_count(batch.lengths.tolist(), tr.cfg.train.micro_batch_tokens, tr.policy.packing)
-    sums, mx = parallel.reduce({"norm": batch.B if loss_cfg.loss_agg != "token_mean" else int(batch.response_len.sum()),
-                                "tokens": int(batch.lengths.sum()), "groups_kept": batch.G}, {"micro": micro})
+    sums, mx = parallel.reduce(
+        {
+            "norm": batch.B if loss_cfg.loss_agg != "token_mean" else int(batch.response_len.sum()),
+            "tokens": int(batch.lengths.sum()),
+            "groups_kept": batch.G,
+        },
+        {"micro": micro},
+    )
     return {**sums, "micro": int(mx["micro"])}
 
 
 def _update(tr, batch, loss_cfg, pre: dict, use_old: bool) -> dict:
     upd = {}
     for _ in range(tr.cfg.train.ppo_epochs):
-        upd = policy_update(tr.policy, batch, loss_cfg, tr.cfg.train.micro_batch_tokens, tr.opt,
-                            tr.cfg.optim.grad_clip, pre["norm"], pre["micro"], use_old=use_old)
-    tr.engine_stale = True                   # synced lazily, right before the next generate
+        upd = policy_update(
+            tr.policy,
+            batch,
+            loss_cfg,
+            tr.cfg.train.micro_batch_tokens,
+            tr.opt,
+            tr.cfg.optim.grad_clip,
+            pre["norm"],
+            pre["micro"],
+            use_old=use_old,
+        )
+    tr.engine_stale = True  # synced lazily, right before the next generate
     return upd
 
 
 def sft_step(tr, phase) -> dict:
     batch = RolloutBatch.teacher_only(tr.take_items(tr.per_rank), phase.k)
-    batch = batch.replace(advantage=torch.zeros(batch.B), group_accuracy=torch.full((batch.B,), 0.5),
-                          offline_weight=torch.ones(batch.B))
+    batch = batch.replace(
+        advantage=torch.zeros(batch.B),
+        group_accuracy=torch.full((batch.B,), 0.5),
+        offline_weight=torch.ones(batch.B),
+    )
     t = time.perf_counter()
-    upd = _update(tr, batch, tr.loss_cfg[phase.mode], _prepare(tr, batch, tr.loss_cfg[phase.mode]), use_old=False)
+    upd = _update(
+        tr, batch, tr.loss_cfg[phase.mode], _prepare(tr, batch, tr.loss_cfg[phase.mode]), use_old=False
+    )
     grad_norm = upd.pop("grad_norm")
     sums, _ = parallel.reduce({**upd, "tokens": int(batch.response_len.sum())})
     m = finish_metrics(sums)
@@ -61,7 +83,7 @@ def rl_step(tr, phase) -> dict:
     cfg, k = tr.cfg, phase.k
     sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
     timers = {"time_rollout": 0.0, "time_reward": 0.0}
-    need = [tr.per_rank]                      # what the most-short rank still needs: every rank draws as many
+    need = [tr.per_rank]  # what the most-short rank still needs: every rank draws as many
 
     def draw(attempt, _):
         items = tr.take_items(need[0])
@@ -70,8 +92,13 @@ def rl_step(tr, phase) -> dict:
         rollouts = tr.generate([it.prompt_ids for it in items], cfg.rollout.n - k, sampling)
         timers["time_rollout"] += time.perf_counter() - t
         t = time.perf_counter()
-        batch = rewards.score(RolloutBatch.from_rollouts(items, rollouts, k), tr.tok, tr.verifier, cfg.reward,
-                              cfg.rollout.max_new_tokens)
+        batch = rewards.score(
+            RolloutBatch.from_rollouts(items, rollouts, k),
+            tr.tok,
+            tr.verifier,
+            cfg.reward,
+            cfg.rollout.max_new_tokens,
+        )
         timers["time_reward"] += time.perf_counter() - t
         return batch, batch.grouped(batch.correct.float()) if batch.G else torch.zeros(0, cfg.rollout.n)
 
@@ -93,39 +120,73 @@ def rl_step(tr, phase) -> dict:
         sums, maxes = parallel.reduce(rsums, rmax)
         log.warning("step %d: every group was dropped by dynamic sampling; no update", tr.step + 1)
         return {**finish_rollout_metrics(sums, maxes, tr), **timers, "skipped_update": 1}
-    batch = old_policy_pass(tr.policy, batch, cfg.train.micro_batch_tokens, loss_cfg.temperature, pre["micro"])
+    batch = old_policy_pass(
+        tr.policy, batch, cfg.train.micro_batch_tokens, loss_cfg.temperature, pre["micro"]
+    )
     timers["time_old_pass"] = time.perf_counter() - t
 
     h = sample_mean_entropy(batch.entropy.double(), batch.response_mask())
     off = batch.is_offline
-    hs, _ = parallel.reduce({"h_on": h[~off].sum(), "c_on": (~off).sum(), "h_off": h[off].sum(), "c_off": off.sum()})
+    hs, _ = parallel.reduce(
+        {"h_on": h[~off].sum(), "c_on": (~off).sum(), "h_off": h[off].sum(), "c_off": off.sum()}
+    )
     h_on = hs["h_on"] / hs["c_on"] if hs["c_on"] else None
     h_off = hs["h_off"] / hs["c_off"] if hs["c_off"] else None
     w, w_raw = tr.weight.update(h_on, h_off)
     acc, grouped_off = batch.grouped(batch.correct.float()), batch.grouped(off)
-    adv = group_advantages(batch.grouped(batch.reward), grouped_off, adv_std=cfg.algorithm.adv_std,
-                           adv_stats=cfg.algorithm.adv_stats if k else "group")
+    adv = group_advantages(
+        batch.grouped(batch.reward),
+        grouped_off,
+        adv_std=cfg.algorithm.adv_std,
+        adv_stats=cfg.algorithm.adv_stats if k else "group",
+    )
     rbar = group_accuracy(acc)
-    batch = batch.replace(advantage=adv.reshape(-1), group_accuracy=rbar.repeat_interleave(batch.n),
-                          offline_weight=torch.full((batch.B,), float(w)))
+    batch = batch.replace(
+        advantage=adv.reshape(-1),
+        group_accuracy=rbar.repeat_interleave(batch.n),
+        offline_weight=torch.full((batch.B,), float(w)),
+    )
     batch, mismatch = _is_weights(batch, cfg)
 
     t = time.perf_counter()
     upd = _update(tr, batch, loss_cfg, pre, use_old=True)
     timers["time_update"] = time.perf_counter() - t
     grad_norm = upd.pop("grad_norm")
-    sums, maxes = parallel.reduce({**rsums, **upd, "rbar_sum": rbar.sum(), "adv_off_sum": adv[grouped_off].sum(),
-                                   "n_off_kept": grouped_off.sum()},
-                                  {**rmax, "rbar_max": float(rbar.max()) if batch.G else None,
-                                   "rbar_negmin": -float(rbar.min()) if batch.G else None})
-    m = {**finish_rollout_metrics(sums, maxes, tr), **timers, **mismatch, **finish_metrics(
-        {k: v for k, v in sums.items() if k in upd})}
+    sums, maxes = parallel.reduce(
+        {
+            **rsums,
+            **upd,
+            "rbar_sum": rbar.sum(),
+            "adv_off_sum": adv[grouped_off].sum(),
+            "n_off_kept": grouped_off.sum(),
+        },
+        {
+            **rmax,
+            "rbar_max": float(rbar.max()) if batch.G else None,
+            "rbar_negmin": -float(rbar.min()) if batch.G else None,
+        },
+    )
+    m = {
+        **finish_rollout_metrics(sums, maxes, tr),
+        **timers,
+        **mismatch,
+        **finish_metrics({k: v for k, v in sums.items() if k in upd}),
+    }
     g = pre["groups_kept"]
-    m.update(grad_norm=grad_norm, H_on=h_on, H_off=h_off, w=w, w_raw=w_raw,
-             w_raw_abs=abs(w_raw) if math.isfinite(w_raw) else None, rbar_mean=sums["rbar_sum"] / g,
-             rbar_min=-maxes["rbar_negmin"], rbar_max=maxes["rbar_max"],
-             adv_offline_mean=sums["adv_off_sum"] / sums["n_off_kept"] if k and sums["n_off_kept"] else None,
-             groups_kept=g, tokens=pre["tokens"])
+    m.update(
+        grad_norm=grad_norm,
+        H_on=h_on,
+        H_off=h_off,
+        w=w,
+        w_raw=w_raw,
+        w_raw_abs=abs(w_raw) if math.isfinite(w_raw) else None,
+        rbar_mean=sums["rbar_sum"] / g,
+        rbar_min=-maxes["rbar_negmin"],
+        rbar_max=maxes["rbar_max"],
+        adv_offline_mean=sums["adv_off_sum"] / sums["n_off_kept"] if k and sums["n_off_kept"] else None,
+        groups_kept=g,
+        tokens=pre["tokens"],
+    )
     m["tokens_per_s"] = pre["tokens"] / max(sum(v for kk, v in m.items() if kk.startswith("time_")), 1e-9)
     tr.last_samples = tr.samples(batch)
     return m

@@ -25,6 +25,7 @@ synthetic/smallest, so evaluation reports recall and extension separately.
 The tokenizer is a byte-level BPE trained in-process (digits split individually, as Qwen2 does) wrapped in a
 `PreTrainedTokenizerFast` with a ChatML template; the model is a small random Qwen2.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,14 +38,21 @@ TASKS = {
     "chains": (("largest", "smallest"), (5, 6, 7, 8), "verbose"),
     "chains_concise": (("largest", "smallest"), (5, 6, 7, 8), "concise"),
 }
-CHECKS = (1, 2)                      # redundant re-checks in a verbose trace, drawn uniformly
+CHECKS = (1, 2)  # redundant re-checks in a verbose trace, drawn uniformly
 CHECK_PHRASES = ("Wait, let me check: {a}.", "Hmm, check again: {a}.", "Wait, is it {a}? Yes.")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_MODEL = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def is_heldout(numbers) -> bool:
@@ -53,7 +61,9 @@ def is_heldout(numbers) -> bool:
     return h[0] % 8 == 0
 
 
-def make_example(kind: str, numbers: list[int], style: str = "concise", rng: random.Random | None = None) -> dict:
+def make_example(
+    kind: str, numbers: list[int], style: str = "concise", rng: random.Random | None = None
+) -> dict:
     """kind 'largest' | 'smallest' over one-digit numbers -> problem, answer, step-by-step trace.
 
     style 'verbose' adds 1-2 redundant re-checks (drawn from `rng`) before the answer sentence."""
@@ -101,7 +111,10 @@ def word_problem(rng: random.Random) -> dict:
     a, b, c = rng.randint(3, 40), rng.randint(2, 25), rng.randint(2, 9)
     if kind == 0:
         q = f"{who} has {a} {what}. {who} buys {b} more. How many {what} does {who} have now?"
-        steps, ans = [f"{who} has {a} {what} and buys {b} more, so {who} has {a} + {b} = {a + b} {what}."], a + b
+        steps, ans = (
+            [f"{who} has {a} {what} and buys {b} more, so {who} has {a} + {b} = {a + b} {what}."],
+            a + b,
+        )
     elif kind == 1:
         a = a + b
         q = f"{who} had {a} {what} and gave {b} of them to a friend. How many {what} does {who} have left?"
@@ -113,11 +126,15 @@ def word_problem(rng: random.Random) -> dict:
         q = f"{who} shares {c * b} {what} equally among {c} friends. How many {what} does each friend get?"
         steps, ans = [f"{c * b} {what} shared among {c} friends is {c * b} / {c} = {b} {what} each."], b
     else:
-        q = (f"{who} has {a} {what}, buys {c} packs of {b} {what}, and then gives {c} {what} away. "
-             f"How many {what} does {who} have now?")
-        steps = [f"The packs hold {c} * {b} = {c * b} {what}.",
-                 f"{who} then has {a} + {c * b} = {a + c * b} {what}.",
-                 f"After giving {c} away, {a + c * b} - {c} = {a + c * b - c} {what} are left."]
+        q = (
+            f"{who} has {a} {what}, buys {c} packs of {b} {what}, and then gives {c} {what} away. "
+            f"How many {what} does {who} have now?"
+        )
+        steps = [
+            f"The packs hold {c} * {b} = {c * b} {what}.",
+            f"{who} then has {a} + {c * b} = {a + c * b} {what}.",
+            f"After giving {c} away, {a + c * b} - {c} = {a + c * b - c} {what} are left.",
+        ]
         ans = a + c * b - c
     trace = "\n".join(steps) + f"\nThe answer is \\boxed{{{ans}}}."
     return {"problem": q, "answer": str(ans), "traces": [trace], "source": "synthetic/wordproblems"}
@@ -138,17 +155,31 @@ def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [t for task in TASKS for ex in generate(task, 300, seed=12345) for t in (ex["problem"], ex["traces"][0])]
+    corpus = [
+        t
+        for task in TASKS
+        for ex in generate(task, 300, seed=12345)
+        for t in (ex["problem"], ex["traces"][0])
+    ]
     corpus += ["user", "assistant", "system", "You are a helpful assistant."]
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(corpus, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=["<|im_start|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -158,8 +189,14 @@ def build_model(tokenizer, overrides: dict | None = None, seed: int = 0):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **{**TINY_MODEL, **(overrides or {})})
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **{**TINY_MODEL, **(overrides or {})},
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(cfg)

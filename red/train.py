@@ -4,6 +4,7 @@ With no arguments it runs the embedded default (red/configs/default.yaml): a tin
 built in-process, a labelled warm-up SFT stage on an easier task, then RED on the synthetic task family, and
 ends with `held-out accuracy: X% -> Y%`. Outputs: see red/run_dir.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ log = logging.getLogger("red.train")
 
 def trace_eos_id(tokenizer, chat_eos: str | None) -> int:
     """The token that ends an assistant turn: `<|im_end|>` for ChatML templates, else the tokenizer's EOS."""
-    for tok in ([chat_eos] if chat_eos else []) + (["<|im_end|>"] if "<|im_end|>" in (tokenizer.chat_template or "")
-                                                     else []):
+    for tok in ([chat_eos] if chat_eos else []) + (
+        ["<|im_end|>"] if "<|im_end|>" in (tokenizer.chat_template or "") else []
+    ):
         tid = tokenizer.convert_tokens_to_ids(tok)
         if tid is not None and tid != tokenizer.unk_token_id:
             return tid
@@ -45,6 +47,7 @@ def trace_eos_id(tokenizer, chat_eos: str | None) -> int:
 def build_model(cfg, device, run: RunDir, resume_dir):
     """(model with float32 parameters, tokenizer, whether the warm-up is already done)."""
     from .models import load_pretrained
+
     attn = resolve(cfg.model.attn_implementation, device, cfg.model.dtype)
     warm = cfg.warmup.enabled and os.path.isfile(os.path.join(run.warmup, "config.json"))
     if resume_dir or warm:
@@ -63,21 +66,37 @@ def build_model(cfg, device, run: RunDir, resume_dir):
 
 
 def load_items(cfg, tok, eos_id, spec, split="train", seed=0, need_traces=False):
-    ex, skipped = load_source(spec, cfg.data, split=split, seed=seed, limit=None if split == "train" else
-                              cfg.data.eval_limit)
-    max_len = cfg.rollout.max_new_tokens if split == "train" else (cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
-    items, rep = tokenize_examples(ex, tok, cfg.data, max_len, eos_id, need_traces=need_traces,
-                                   name=f"{split} {spec}", with_traces=split == "train")
+    ex, skipped = load_source(
+        spec, cfg.data, split=split, seed=seed, limit=None if split == "train" else cfg.data.eval_limit
+    )
+    max_len = (
+        cfg.rollout.max_new_tokens
+        if split == "train"
+        else (cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    )
+    items, rep = tokenize_examples(
+        ex,
+        tok,
+        cfg.data,
+        max_len,
+        eos_id,
+        need_traces=need_traces,
+        name=f"{split} {spec}",
+        with_traces=split == "train",
+    )
     return items, skipped, rep
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m red.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=None, help="YAML file or a packaged config name (default: default.yaml)")
+    ap.add_argument(
+        "--config", default=None, help="YAML file or a packaged config name (default: default.yaml)"
+    )
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         return train(load_config(args.config, args.overrides))
     except (checkpoint.ResumeError, ConfigError, DataError) as e:
@@ -105,15 +124,23 @@ def train(cfg) -> int:
     if state and state.get("master") is not None:
         model.load_state_dict(state["master"])
     eos_id = trace_eos_id(tok, cfg.data.eos_token)
-    train_items, skipped, rep = load_items(cfg, tok, eos_id, cfg.data.train, seed=cfg.seed,
-                                           need_traces=modes.uses_traces(cfg))
-    eval_items = [it for spec in cfg.data.eval for it in load_items(cfg, tok, eos_id, spec, split="heldout")[0]]
+    train_items, skipped, rep = load_items(
+        cfg, tok, eos_id, cfg.data.train, seed=cfg.seed, need_traces=modes.uses_traces(cfg)
+    )
+    eval_items = [
+        it for spec in cfg.data.eval for it in load_items(cfg, tok, eos_id, spec, split="heldout")[0]
+    ]
     for uid, it in enumerate(eval_items):
         it.uid = uid
-    info = {"train_problems": len(train_items), "train_rows_skipped": len(skipped), "eval_problems": len(eval_items),
-            **{f"data/{k}": v for k, v in rep.counts().items()}}
+    info = {
+        "train_problems": len(train_items),
+        "train_rows_skipped": len(skipped),
+        "eval_problems": len(eval_items),
+        **{f"data/{k}": v for k, v in rep.counts().items()},
+    }
 
     from .rollout.factory import make_engine
+
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     policy = Policy(model, cfg.model.dtype, cfg.train.parallel, pad_id)
     policy.packing = packing_layout(model.config._attn_implementation, device, cfg.train.packing)
@@ -123,7 +150,10 @@ def train(cfg) -> int:
     summary = (state or {}).get("summary") or {"versions": package_versions(), **info}
     summary["precision"] = policy.precision()
     summary["attention"] = {"implementation": model.config._attn_implementation, "packing": policy.packing}
-    say = lambda text: parallel.is_main() and print(text, flush=True)
+
+    def say(text):
+        return parallel.is_main() and print(text, flush=True)
+
     try:
         for stage in modes.plan(cfg):
             if not stage.main:
@@ -131,14 +161,18 @@ def train(cfg) -> int:
                     continue
                 items = load_items(cfg, tok, eos_id, stage.data, seed=stage.seed, need_traces=True)[0]
                 tr.begin(stage, items)
-                say(f"[warm-up stage] SFT of the base model on {stage.data} (a different, easier task than "
-                    f"{cfg.data.train}; never the held-out problems): {stage.steps} steps x {stage.prompts_per_step} traces")
+                say(
+                    f"[warm-up stage] SFT of the base model on {stage.data} (a different, easier task than "
+                    f"{cfg.data.train}; never the held-out problems): {stage.steps} steps x {stage.prompts_per_step} traces"
+                )
                 t0 = time.perf_counter()
                 with MetricsLogger(run.warmup_metrics) as logger:
                     run_stage(tr, stage, logger)
                 m = tr.last_metrics
-                say(f"[warm-up stage] done in {time.perf_counter() - t0:.0f}s: final NLL {m['nll']:.3f}, "
-                    f"teacher-token prob {m.get('teacher_prob', float('nan')):.3f}")
+                say(
+                    f"[warm-up stage] done in {time.perf_counter() - t0:.0f}s: final NLL {m['nll']:.3f}, "
+                    f"teacher-token prob {m.get('teacher_prob', float('nan')):.3f}"
+                )
                 checkpoint.save_model(model, tok, run.warmup, policy.compute)
                 continue
             tr.begin(stage, train_items)
@@ -146,30 +180,43 @@ def train(cfg) -> int:
                 tr.load_state_dict(state)
                 if "rng" in state:
                     checkpoint.set_rng_state(state["rng"])
-            with MetricsLogger(run.metrics, run.tensorboard if cfg.log.tensorboard else None,
-                               resume_step=tr.step if state else None) as logger:
+            with MetricsLogger(
+                run.metrics,
+                run.tensorboard if cfg.log.tensorboard else None,
+                resume_step=tr.step if state else None,
+            ) as logger:
                 if not state:
                     before = tr.evaluate(eval_items) if cfg.eval.before else None
                     summary["eval_before"] = before
                     logger.log({"step": 0, "stage": stage.name, **info, **eval_row(before)})
                     if before is not None:
-                        say(f"held-out accuracy before {stage.name} (the base model): {100 * before['accuracy']:.1f}%")
-                say(f"[{stage.name} stage] steps {tr.step + 1}..{stage.steps}: {stage.prompts_per_step} prompts x "
-                    f"{cfg.rollout.n} ({stage.phases[-1].k} teacher) per step on {stage.data}")
+                        say(
+                            f"held-out accuracy before {stage.name} (the base model): {100 * before['accuracy']:.1f}%"
+                        )
+                say(
+                    f"[{stage.name} stage] steps {tr.step + 1}..{stage.steps}: {stage.prompts_per_step} prompts x "
+                    f"{cfg.rollout.n} ({stage.phases[-1].k} teacher) per step on {stage.data}"
+                )
                 run_stage(tr, stage, logger, eval_items, summary)
     finally:
         verifier.close()
-        if hasattr(engine, "close"):   # the vLLM engine: its temporary model directory and own process group
+        if hasattr(engine, "close"):  # the vLLM engine: its temporary model directory and own process group
             engine.close()
     after, before = summary.get("eval_after"), summary.get("eval_before")
     summary["wall_time_s"] = time.perf_counter() - t_start
     if parallel.is_main():
         if cfg.log.plot:
             from .plot import plot_run
+
             plot_run(run.metrics, run.plot, title=f"{cfg.algorithm.mode} — {cfg.output_dir}")
         write_text(run.summary, json.dumps(json_ready(summary), indent=2, default=str, allow_nan=False))
-        fmt = lambda e: "n/a" if e is None else f"{100 * e['accuracy']:.1f}%"
-        print(f"outputs: {cfg.output_dir} (metrics.jsonl, dynamics.png, {os.path.basename(run.latest() or '')})")
+
+        def fmt(e):
+            return "n/a" if e is None else f"{100 * e['accuracy']:.1f}%"
+
+        print(
+            f"outputs: {cfg.output_dir} (metrics.jsonl, dynamics.png, {os.path.basename(run.latest() or '')})"
+        )
         print(f"held-out accuracy: {fmt(before)} -> {fmt(after)}", flush=True)
     return 0
 

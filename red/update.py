@@ -11,6 +11,7 @@ Precision: parameters and AdamW state are float32 (the master copy); forward/bac
 MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=float32). red_kernels accumulates dW in float32 and
 keeps its own precision under autocast (it turns autocast off inside itself), so the kernels run inside it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,14 +24,16 @@ from .records import RolloutBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUM_KEYS = ("pg_online", "pg_offline", "sft", "entropy_bonus", "kl")
-OFFLINE_MEANS = ("teacher_prob", "phi_mean", "entropy_offline")   # token means over teacher tokens
+OFFLINE_MEANS = ("teacher_prob", "phi_mean", "entropy_offline")  # token means over teacher tokens
 
 
 class Policy:
     """The trained model as the passes see it: the HF model (float32 parameters), the module the passes call
     (itself, DDP or FSDP2), the compute dtype and, for float16, the GradScaler."""
 
-    packing = "off"      # micro-batch layout (red/packing.py): off | rows | flat; set from red.attention.packing_layout
+    packing = (
+        "off"  # micro-batch layout (red/packing.py): off | rows | flat; set from red.attention.packing_layout
+    )
 
     def __init__(self, model, dtype: str = "float32", parallel_kind: str = "ddp", pad_id: int = 0):
         self.model, self.pad_id, self.dtype_name = model, pad_id, dtype
@@ -42,9 +45,13 @@ class Policy:
 
     def precision(self) -> dict:
         c = str(self.compute).removeprefix("torch.")
-        return {"params": "float32", "compute": c, "optimizer_state": "float32",
-                "grad_reduce": "float32",
-                "loss_scaling": self.scaler is not None}
+        return {
+            "params": "float32",
+            "compute": c,
+            "optimizer_state": "float32",
+            "grad_reduce": "float32",
+            "loss_scaling": self.scaler is not None,
+        }
 
     def _autocast(self):
         if self.compute == torch.float32 or self.fsdp:
@@ -69,8 +76,12 @@ class Policy:
 
     def hidden_and_head(self, mb):
         """(hidden [b, L-1, H], lm_head weight, bias) in the compute dtype for a micro-batch; call inside `call`."""
-        out = self.model.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                    position_ids=mb.position_ids, use_cache=False)
+        out = self.model.base_model(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            position_ids=mb.position_ids,
+            use_cache=False,
+        )
         h = out.last_hidden_state[:, :-1]
         head = self.model.get_output_embeddings()
         bias = head.bias.to(h.dtype) if getattr(head, "bias", None) is not None else None
@@ -89,8 +100,9 @@ def padded_micro_batches(policy: Policy, batch: RolloutBatch, budget: int, count
 
 
 @torch.no_grad()
-def old_policy_pass(policy: Policy, batch: RolloutBatch, budget: int, temperature: float,
-                    count: int | None = None) -> RolloutBatch:
+def old_policy_pass(
+    policy: Policy, batch: RolloutBatch, budget: int, temperature: float, count: int | None = None
+) -> RolloutBatch:
     """The batch with old_logprobs and entropy [B, R] (float32, response-aligned) from
     red_kernels.linear_logprobs, micro-batched."""
     from red_kernels import linear_logprobs
@@ -101,9 +113,11 @@ def old_policy_pass(policy: Policy, batch: RolloutBatch, budget: int, temperatur
     policy.model.eval()
     try:
         for mb in padded_micro_batches(policy, batch, budget, count):
+
             def fn(mb=mb):
-                h, w, b = policy.hidden_and_head(mb)   # red_kernels turns autocast off inside itself
+                h, w, b = policy.hidden_and_head(mb)  # red_kernels turns autocast off inside itself
                 return linear_logprobs(h, w, mb.targets, bias=b, temperature=temperature)
+
             lp, e = policy.call(fn)
             if len(mb.rows):
                 rows = mb.rows.cpu()
@@ -114,8 +128,17 @@ def old_policy_pass(policy: Policy, batch: RolloutBatch, budget: int, temperatur
     return batch.replace(old_logprobs=logp, entropy=ent)
 
 
-def policy_update(policy: Policy, batch: RolloutBatch, loss_cfg, budget: int, opt, grad_clip: float,
-                  normalizer: float, count: int | None = None, use_old: bool = True) -> dict:
+def policy_update(
+    policy: Policy,
+    batch: RolloutBatch,
+    loss_cfg,
+    budget: int,
+    opt,
+    grad_clip: float,
+    normalizer: float,
+    count: int | None = None,
+    use_old: bool = True,
+) -> dict:
     """One optimizer step over this rank's part of the batch: red_loss per micro-batch with the global
     normaliser (sequences or tokens of the whole batch, all ranks), gradients reduced once (last micro-batch),
     clipped, AdamW, gradients freed. Returns this rank's metric sums (reduce them with `finish_metrics`)."""
@@ -126,20 +149,38 @@ def policy_update(policy: Policy, batch: RolloutBatch, loss_cfg, budget: int, op
     stats: dict = {}
     policy.model.train()
     for i, mb in enumerate(mbs):
+
         def fn(mb=mb):
             h, w, b = policy.hidden_and_head(mb)
-            return red_loss(h, w, mb.targets, mb.advantages, loss_mask=mb.loss_mask,
-                            old_logprobs=mb.old_logprobs if use_old else None, offline_mask=mb.offline_mask,
-                            group_accuracy=mb.group_accuracy, offline_weight=mb.offline_weight,
-                            is_weights=mb.is_weights, bias=b, config=loss_cfg, global_normalizer=max(normalizer, 1.0),
-                            sequence_ids=mb.sequence_ids)
+            return red_loss(
+                h,
+                w,
+                mb.targets,
+                mb.advantages,
+                loss_mask=mb.loss_mask,
+                old_logprobs=mb.old_logprobs if use_old else None,
+                offline_mask=mb.offline_mask,
+                group_accuracy=mb.group_accuracy,
+                offline_weight=mb.offline_weight,
+                is_weights=mb.is_weights,
+                bias=b,
+                config=loss_cfg,
+                global_normalizer=max(normalizer, 1.0),
+                sequence_ids=mb.sequence_ids,
+            )
+
         with parallel.gradient_sync(policy.wrapped, i == len(mbs) - 1):
             out = policy.call(fn)
-            loss = out.loss * parallel.world_size()   # the wrappers average gradients; the global normaliser wants a sum
+            loss = (
+                out.loss * parallel.world_size()
+            )  # the wrappers average gradients; the global normaliser wants a sum
             (policy.scaler.scale(loss) if policy.scaler else loss).backward()
         n_on = (mb.loss_mask & ~mb.offline_mask).sum().double()
         n_off = mb.offline_mask.sum().double()
-        add = lambda k, v: stats.__setitem__(k, stats.get(k, 0.0) + v)
+
+        def add(k, v):
+            return stats.__setitem__(k, stats.get(k, 0.0) + v)
+
         add("loss", out.loss.detach().double())
         for k, v in out.metrics.items():
             if k in SUM_KEYS:
@@ -158,7 +199,7 @@ def policy_update(policy: Policy, batch: RolloutBatch, loss_cfg, budget: int, op
         policy.scaler.update()
     else:
         opt.step()
-    opt.zero_grad(set_to_none=True)      # no gradient memory through the rollouts
+    opt.zero_grad(set_to_none=True)  # no gradient memory through the rollouts
     out = {k: float(v) for k, v in stats.items()}
     out["grad_norm"] = float(norm)
     return out
@@ -179,7 +220,11 @@ def make_optimizer(model, lr, betas, weight_decay, total, warmup, min_ratio):
     trainer's schedule before it used transformers' formula; values unchanged)."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(betas),
-                            weight_decay=weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=lr,
+        betas=tuple(betas),
+        weight_decay=weight_decay,
+    )
     f = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=min_ratio).lr_lambdas[0]
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: f(step + 1) if step < warmup else f(step))

@@ -3,6 +3,7 @@
 CUDA tensors run Triton kernels, CPU tensors an exact chunked PyTorch path; neither materialises the
 [tokens × vocab] logits.
 """
+
 from .logprobs import linear_logprobs
 from .policy_loss import REDLossConfig
 from .red_loss import FusedLinearREDLoss, REDLossOutput, red_loss

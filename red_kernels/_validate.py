@@ -1,4 +1,5 @@
 """Input checks shared by every public op. Each error names the argument and says how to fix it."""
+
 from __future__ import annotations
 
 import torch
@@ -17,13 +18,31 @@ def check_positive(name, value, allow_none=False):
     """A finite number > 0 (or None when allow_none), else ValueError naming `name`."""
     if value is None and allow_none:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value != float("inf")
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value > 0
+        and value != float("inf")
+    )
     if not ok:
-        raise ValueError(f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got {value!r}"
+        )
 
 
-def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_values, *, softcap=None,
-                        logit_scale=1.0, vocab=None):
+def check_linear_inputs(
+    hidden,
+    weight,
+    targets,
+    bias,
+    temperature,
+    ignore_index,
+    check_values,
+    *,
+    softcap=None,
+    logit_scale=1.0,
+    vocab=None,
+):
     """Validate the (hidden, weight, targets, bias, temperature, softcap, logit_scale) of a fused linear op.
     vocab: the global vocabulary size for the target range check (default weight.shape[0])."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
@@ -36,17 +55,20 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index
     if hidden.dtype != weight.dtype:
         raise TypeError(
             f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype: cast one of them, "
-            "e.g. hidden.to(weight.dtype)")
+            "e.g. hidden.to(weight.dtype)"
+        )
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, H] (the lm_head weight), got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"hidden must be [..., H] with H = weight.shape[1] = {weight.shape[1]}, got shape {tuple(hidden.shape)}")
+            f"hidden must be [..., H] with H = weight.shape[1] = {weight.shape[1]}, got shape {tuple(hidden.shape)}"
+        )
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
-            f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
+            f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
+        )
     devices = {hidden.device, weight.device, targets.device}
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
@@ -57,7 +79,9 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index
             raise TypeError(f"bias must be floating, got {bias.dtype}")
         devices.add(bias.device)
     if len(devices) > 1:
-        raise ValueError(f"hidden, weight, targets and bias must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"hidden, weight, targets and bias must be on one device, got {sorted(map(str, devices))}"
+        )
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if temperature != temperature or temperature == float("inf"):
@@ -72,12 +96,14 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index
             first = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(
                 f"targets must be in [0, {vocab}) or ignore_index={ignore_index}; targets{list(first)} = "
-                f"{int(targets[first])}. Check the tokenizer/vocab size against weight.shape[0].")
+                f"{int(targets[first])}. Check the tokenizer/vocab size against weight.shape[0]."
+            )
         for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
             if t is not None and t.numel() and not all_finite(t):
                 raise ValueError(
                     f"{name} contains NaN or inf values; the op would return NaN gradients. "
-                    "Find where they appear upstream (e.g. torch.autograd.set_detect_anomaly) or skip the batch.")
+                    "Find where they appear upstream (e.g. torch.autograd.set_detect_anomaly) or skip the batch."
+                )
 
 
 def check_same_shape(ref_name, ref, **tensors):
@@ -88,4 +114,6 @@ def check_same_shape(ref_name, ref, **tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != tuple(ref.shape):
-            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}"
+            )

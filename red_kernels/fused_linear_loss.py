@@ -8,6 +8,7 @@ log p and H are. So the hidden/weight gradients are computed eagerly in the forw
 * 'triton' backend: per row chunk, the forward kernel, then the recompute dZ kernel right away (1 forward + 1
   recompute vocabulary sweep, the same as linear_logprobs forward+backward).
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,10 @@ class _PrecomputedGrad(torch.autograd.Function):
         # In place: the saved gradients are used once (the loss is a scalar, its graph is not retained),
         # which saves allocating another V×H buffer.
         if getattr(ctx, "consumed", False):
-            raise RuntimeError("red_kernels losses support one backward pass per forward (their gradients are "
-                               "formed in the forward call); recompute the loss instead of retain_graph=True")
+            raise RuntimeError(
+                "red_kernels losses support one backward pass per forward (their gradients are "
+                "formed in the forward call); recompute the loss instead of retain_graph=True"
+            )
         ctx.consumed = True
         dx, dw, db = ctx.saved_tensors
         grads = [t if t is None else t.mul_(g.to(t.dtype)) for t in (dx, dw, db)]
@@ -79,6 +82,7 @@ def fused_linear_token_loss(x, w, b, y, zmap, token_loss, be, chunk_size=None, s
     else:
         with torch.no_grad():
             logp, ent, dx, dw, db = backends.forward_with_grad(be, xd, wd, bd, y, zmap, grads, chunk_size)
-    loss = _PrecomputedGrad.apply(total, x, w, b, dx.to(x.dtype), dw.to(w.dtype),
-                                  None if db is None else db.to(b.dtype))
+    loss = _PrecomputedGrad.apply(
+        total, x, w, b, dx.to(x.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype)
+    )
     return loss, logp, ent

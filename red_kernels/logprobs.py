@@ -1,4 +1,5 @@
 """`linear_logprobs`: per-token log p(target) and entropy straight from hidden states and the lm_head weight."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,15 +16,21 @@ def autocast_off(device):
     """A region where a caller's torch.autocast does not re-cast our ops on `device`'s type: they keep their own
     precision policy (fp32 logits/statistics, fp32 dX/dW accumulation) and output dtypes, as outside autocast."""
     kind = device.type
-    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
+    return (
+        torch.autocast(kind, enabled=False)
+        if torch.amp.is_autocast_available(kind)
+        else contextlib.nullcontext()
+    )
 
 
 def without_autocast(op):
     """Decorator: run a public op (first argument: hidden) with autocast off for the hidden states' device."""
+
     @functools.wraps(op)
     def run(hidden, *args, **kwargs):
         with autocast_off(hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")):
             return op(hidden, *args, **kwargs)
+
     return run
 
 
@@ -39,7 +46,9 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, w, b, y, zmap, be, chunk_size, shard):
         stats = backends.forward_stats(be, x, w, b, y, zmap, chunk_size)
-        if shard is not None:   # y: local ids (−1 off-shard); the merged stats are those of the full vocabulary
+        if (
+            shard is not None
+        ):  # y: local ids (−1 off-shard); the merged stats are those of the full vocabulary
             stats = vocab_parallel.merge_stats(stats, y, shard)
         m, logs, ezs, zy_s = stats
         ctx.save_for_backward(x, w, b, y, *stats)
@@ -54,8 +63,16 @@ class _LinearLogprobs(torch.autograd.Function):
             dx, dw, db = backends.backward(ctx.be, x, w, b, y, ctx.zmap, stats, g_lp, g_h, ctx.chunk_size)
             if ctx.shard is not None:
                 dx = vocab_parallel.reduce_hidden_grad(dx, ctx.shard)
-        return (dx.to(x.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
-                None, None, None, None, None)
+        return (
+            dx.to(x.dtype),
+            dw.to(w.dtype),
+            None if db is None else db.to(b.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def compact_rows(hidden, targets, ignore_index):
@@ -76,9 +93,24 @@ def scatter_rows(values, index, n, shape):
 
 
 @without_autocast
-def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=True, backend=None, chunk_size=None, check_inputs=True, softcap=None,
-                    logit_scale=1.0, process_group=None, vocab_start=None, reduce_hidden_grad=True):
+def linear_logprobs(
+    hidden,
+    weight,
+    targets,
+    *,
+    bias=None,
+    temperature=1.0,
+    ignore_index=-100,
+    return_entropy=True,
+    backend=None,
+    chunk_size=None,
+    check_inputs=True,
+    softcap=None,
+    logit_scale=1.0,
+    process_group=None,
+    vocab_start=None,
+    reduce_hidden_grad=True,
+):
     """Per-token log-probabilities of `targets` and full-vocabulary entropy, without materialising logits.
 
     With u = hidden·weightᵀ + bias, z = logit_scale·u / temperature — or, with a softcap,
@@ -117,15 +149,39 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
         and bias through both outputs. Under a caller's torch.autocast the op computes exactly as outside it
         (autocast is off inside it, forward and backward); hidden and weight must still share a dtype.
     """
-    name = backends.resolve(backend, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
+    name = backends.resolve(
+        backend, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    )
     shard = vocab_parallel.setup(process_group, weight, hidden, vocab_start, reduce_hidden_grad, name)
-    vocab_parallel.checked(shard, lambda: check_linear_inputs(
-        hidden, weight, targets, bias, temperature, ignore_index, check_inputs, softcap=softcap,
-        logit_scale=logit_scale, vocab=None if shard is None else shard.vocab))
-    zmap = backends.LogitMap(float(temperature), float(logit_scale), None if softcap is None else float(softcap))
+    vocab_parallel.checked(
+        shard,
+        lambda: check_linear_inputs(
+            hidden,
+            weight,
+            targets,
+            bias,
+            temperature,
+            ignore_index,
+            check_inputs,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            vocab=None if shard is None else shard.vocab,
+        ),
+    )
+    zmap = backends.LogitMap(
+        float(temperature), float(logit_scale), None if softcap is None else float(softcap)
+    )
     if name == "reference":
-        logp, ent = reference_logprobs(hidden, weight, targets, bias, zmap.temperature, ignore_index,
-                                       softcap=zmap.softcap, logit_scale=zmap.logit_scale)
+        logp, ent = reference_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias,
+            zmap.temperature,
+            ignore_index,
+            softcap=zmap.softcap,
+            logit_scale=zmap.logit_scale,
+        )
         return logp.float(), (ent.float() if return_entropy else None)
     x, y, index = compact_rows(hidden, targets, ignore_index)
     n = targets.numel()

@@ -8,6 +8,7 @@ Offline token:  ℓ = −φ(p)·w·A + sft_coef·w·(−log p),   p = exp(log p)
 Every token:    − entropy_coef·H + kl_coef·(exp(log p_ref − log p) − (log p_ref − log p) − 1)
 Aggregation:    loss = Σ_tokens a_t·ℓ_t with a_t from `loss_agg` (see aggregation_weights).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -16,32 +17,36 @@ from dataclasses import dataclass, fields
 import torch
 
 SHAPINGS = ("none", "luffy", "accuracy_shift")
-SHAPING_ALIASES = {"red": "accuracy_shift"}   # old name -> new name (deprecated)
+SHAPING_ALIASES = {"red": "accuracy_shift"}  # old name -> new name (deprecated)
 AGGREGATIONS = ("seq_sum_const", "token_mean", "seq_mean")
 
 
 @dataclass
 class REDLossConfig:
     """Configuration of the RED / LUFFY / GRPO / SFT policy loss. Defaults are the RED defaults."""
+
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
-    dual_clip: float | None = None          # c > 1 caps the loss of negative-advantage tokens at −c·A
-    offline_shaping: str = "accuracy_shift"  # 'none' | 'luffy' | 'accuracy_shift' (old name 'red': deprecated)
-    shaping_gamma: float = 0.1              # γ of LUFFY shaping
-    r_min: float = 1.0 / 16                 # clamp r̄ to [r_min, 1 − r_min]; the trainer passes 1/(2n)
-    sft_coef: float = 0.0                   # extra NLL on offline tokens, weighted by w
-    entropy_coef: float = 0.0               # entropy bonus (subtracted) on every loss token
-    kl_coef: float = 0.0                    # k3 KL to a reference policy on every loss token
-    temperature: float = 1.0                # logits are divided by it
-    softcap: float | None = None            # z = softcap·tanh(logit_scale·u/softcap)/temperature when set
-    logit_scale: float = 1.0                # s multiplying the logits u = x·Wᵀ + b (before the softcap)
-    loss_agg: str = "seq_sum_const"         # 'seq_sum_const' | 'token_mean' | 'seq_mean'
-    loss_const: float | None = None         # C of seq_sum_const; None → the sequence dimension T
+    dual_clip: float | None = None  # c > 1 caps the loss of negative-advantage tokens at −c·A
+    offline_shaping: str = (
+        "accuracy_shift"  # 'none' | 'luffy' | 'accuracy_shift' (old name 'red': deprecated)
+    )
+    shaping_gamma: float = 0.1  # γ of LUFFY shaping
+    r_min: float = 1.0 / 16  # clamp r̄ to [r_min, 1 − r_min]; the trainer passes 1/(2n)
+    sft_coef: float = 0.0  # extra NLL on offline tokens, weighted by w
+    entropy_coef: float = 0.0  # entropy bonus (subtracted) on every loss token
+    kl_coef: float = 0.0  # k3 KL to a reference policy on every loss token
+    temperature: float = 1.0  # logits are divided by it
+    softcap: float | None = None  # z = softcap·tanh(logit_scale·u/softcap)/temperature when set
+    logit_scale: float = 1.0  # s multiplying the logits u = x·Wᵀ + b (before the softcap)
+    loss_agg: str = "seq_sum_const"  # 'seq_sum_const' | 'token_mean' | 'seq_mean'
+    loss_const: float | None = None  # C of seq_sum_const; None → the sequence dimension T
     ignore_index: int = -100
 
     def __post_init__(self):
         def bad(key, why):
             raise ValueError(f"REDLossConfig.{key}={getattr(self, key)!r}: {why}")
+
         if not 0 <= self.clip_eps_low < 1:
             bad("clip_eps_low", "must be in [0, 1)")
         if not self.clip_eps_high >= 0:
@@ -84,7 +89,9 @@ def canonical_shaping(name: str, where: str) -> str:
     """The current name of an offline shaping; an old name still works, with a FutureWarning naming `where`."""
     if name in SHAPING_ALIASES:
         new = SHAPING_ALIASES[name]
-        warnings.warn(f"{where}={name!r} is deprecated, use {new!r} (same shaping)", FutureWarning, stacklevel=3)
+        warnings.warn(
+            f"{where}={name!r} is deprecated, use {new!r} (same shaping)", FutureWarning, stacklevel=3
+        )
         return new
     return name
 
@@ -151,7 +158,9 @@ def aggregation_weights(loss_mask, cfg: REDLossConfig, global_normalizer=None, s
             lengths = loss_mask.sum(dim=1, keepdim=True)
         else:
             idx = seq_ids.clamp(min=0)
-            lengths = loss_mask.new_zeros(max(n_seq, 1)).index_add_(0, idx.reshape(-1), loss_mask.reshape(-1))[idx]
+            lengths = loss_mask.new_zeros(max(n_seq, 1)).index_add_(
+                0, idx.reshape(-1), loss_mask.reshape(-1)
+            )[idx]
         return loss_mask / (lengths.clamp(min=1.0) * g)
     c = float(loss_mask.shape[1]) if cfg.loss_const is None else float(cfg.loss_const)
     return loss_mask / (c * g)

@@ -4,6 +4,7 @@
 `naive_red_loss` is written directly from red-algorithm.md steps 7–8 (not from red_kernels.policy_loss), so tests
 compare two implementations of the formulas, not one with itself. It is the one RED-loss reference of the repo.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,15 +21,18 @@ def reference_logits(hidden, weight, bias=None, temperature=1.0, softcap=None, l
     return u / temperature
 
 
-def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, *, softcap=None,
-                       logit_scale=1.0):
+def reference_logprobs(
+    hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, *, softcap=None, logit_scale=1.0
+):
     """log p(targets) and entropy, both [...] like targets, computed in float64 with autograd.
 
     Ignored rows give 0. Returned tensors are float64 and differentiable w.r.t. hidden/weight/bias
     (which are upcast to float64 inside, so gradients flow back in their own dtype).
     """
     y = targets.reshape(-1)
-    z = reference_logits(hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature, softcap, logit_scale)
+    z = reference_logits(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature, softcap, logit_scale
+    )
     logp_all = torch.log_softmax(z, dim=-1)
     valid = y != ignore_index
     safe_y = torch.where(valid, y, torch.zeros_like(y))
@@ -40,16 +44,43 @@ def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, igno
     return logp.reshape(targets.shape), entropy.reshape(targets.shape)
 
 
-def naive_red_loss(hidden, weight, targets, adv, mask, *, old=None, offline=None, r_bar=None, w=None, ref=None,
-                   is_w=None, bias=None, clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=None,
-                   offline_shaping="accuracy_shift", shaping_gamma=0.1, r_min=1 / 16, sft_coef=0.0, entropy_coef=0.0,
-                   kl_coef=0.0, temperature=1.0, loss_agg="seq_sum_const", loss_const=None, normalizer=None,
-                   softcap=None, logit_scale=1.0):
+def naive_red_loss(
+    hidden,
+    weight,
+    targets,
+    adv,
+    mask,
+    *,
+    old=None,
+    offline=None,
+    r_bar=None,
+    w=None,
+    ref=None,
+    is_w=None,
+    bias=None,
+    clip_eps_low=0.2,
+    clip_eps_high=0.28,
+    dual_clip=None,
+    offline_shaping="accuracy_shift",
+    shaping_gamma=0.1,
+    r_min=1 / 16,
+    sft_coef=0.0,
+    entropy_coef=0.0,
+    kl_coef=0.0,
+    temperature=1.0,
+    loss_agg="seq_sum_const",
+    loss_const=None,
+    normalizer=None,
+    softcap=None,
+    logit_scale=1.0,
+):
     """The RED loss (0-dim float64, differentiable) of [B, T] sequences; keyword names as red_loss/REDLossConfig
     (old, offline, r_bar, w, ref, is_w = old_logprobs, offline_mask, group_accuracy, offline_weight,
     ref_logprobs, is_weights; normalizer = global_normalizer)."""
     B, T = targets.shape
-    logsm = torch.log_softmax(reference_logits(hidden, weight, bias, temperature, softcap, logit_scale), dim=-1)
+    logsm = torch.log_softmax(
+        reference_logits(hidden, weight, bias, temperature, softcap, logit_scale), dim=-1
+    )
     logp = logsm.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     ent = -(logsm.exp() * logsm).sum(-1)
     m = mask.double()

@@ -16,6 +16,7 @@ gather of the shard layout, and with check_inputs one int64 all-reduce so that a
 on every rank), 4·N·H bytes for dX; the weight is never gathered. The op assumes every rank of the group calls it
 with the same hidden/targets (checked: row count) and its own shard.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class VocabShard:
     group: object
-    start: int          # first global vocabulary id of this rank's weight rows
-    vocab: int          # global vocabulary size (Σ_r V_r)
+    start: int  # first global vocabulary id of this rank's weight rows
+    vocab: int  # global vocabulary size (Σ_r V_r)
     reduce_hidden_grad: bool
 
 
@@ -36,11 +37,15 @@ def setup(process_group, weight, hidden, vocab_start, reduce_hidden_grad, backen
     """The VocabShard of a call, or None without a process group (then vocab_start must be None too)."""
     if process_group is None:
         if vocab_start is not None:
-            raise ValueError("vocab_start is only meaningful with process_group (a vocabulary-sharded weight)")
+            raise ValueError(
+                "vocab_start is only meaningful with process_group (a vocabulary-sharded weight)"
+            )
         return None
     if backend_name == "reference":
-        raise ValueError("backend='reference' materialises the full logits and has no vocabulary-parallel form; "
-                         "use backend='torch' or 'triton' with process_group")
+        raise ValueError(
+            "backend='reference' materialises the full logits and has no vocabulary-parallel form; "
+            "use backend='torch' or 'triton' with process_group"
+        )
     return shard_info(process_group, weight, hidden, vocab_start, reduce_hidden_grad)
 
 
@@ -64,13 +69,17 @@ def shard_info(process_group, weight, hidden, vocab_start, reduce_hidden_grad) -
     if len({t[1] for t in table}) > 1:
         raise ValueError(f"weight shards must share H (weight.shape[1]); by rank: {[t[1] for t in table]}")
     if len({t[3] for t in table}) > 1:
-        raise ValueError("hidden (and targets) must be the same on every rank of process_group; token rows by "
-                         f"rank: {[t[3] for t in table]}")
+        raise ValueError(
+            "hidden (and targets) must be the same on every rank of process_group; token rows by "
+            f"rank: {[t[3] for t in table]}"
+        )
     starts = [sum(sizes[:r]) for r in range(world)]
     given = [t[2] for t in table]
     if any(g != -1 for g in given) and given != starts:
-        raise ValueError(f"vocab_start by rank {given} does not match the shard sizes {sizes}: the shards must be "
-                         f"contiguous slices of the vocabulary in rank order (vocab_start = {starts})")
+        raise ValueError(
+            f"vocab_start by rank {given} does not match the shard sizes {sizes}: the shards must be "
+            f"contiguous slices of the vocabulary in rank order (vocab_start = {starts})"
+        )
     return VocabShard(process_group, starts[rank], sum(sizes), bool(reduce_hidden_grad))
 
 
@@ -89,8 +98,10 @@ def checked(shard, check):
     if error is not None:
         raise error
     if int(flag) > 0:
-        raise ValueError(f"rank {int(flag) - 1} of process_group rejected its inputs (see the error on that "
-                         "rank); every rank stops so that none waits in a collective")
+        raise ValueError(
+            f"rank {int(flag) - 1} of process_group rejected its inputs (see the error on that "
+            "rank); every rank stops so that none waits in a collective"
+        )
 
 
 def _comm_device(group, t):

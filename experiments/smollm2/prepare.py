@@ -11,6 +11,7 @@
   read two ways:
   the final \\boxed{} answer (what the rewards read) and the last number in the response.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,19 +34,25 @@ def last_number(text: str) -> str | None:
 
 
 def base_score(root: str, config: str) -> dict:
+    from transformers import AutoTokenizer
+
     from red.config import load_config
     from red.data import load_source, tokenize_examples
     from red.rewards import Verifier, extract_boxed, quick_verdict
     from red.rollout.base import SamplingConfig
     from red.rollout.vllm_engine import VLLMEngine
-    from transformers import AutoTokenizer
 
     cfg = load_config(config)
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    eng = VLLMEngine(cfg.model.path, max_prompt_len=cfg.data.max_prompt_len, max_new_tokens=max_new,
-                     dtype="float32", stop_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")],
-                     **{k: v for k, v in (cfg.rollout.vllm or {}).items() if k == "kv_cache_gib"})
+    eng = VLLMEngine(
+        cfg.model.path,
+        max_prompt_len=cfg.data.max_prompt_len,
+        max_new_tokens=max_new,
+        dtype="float32",
+        stop_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")],
+        **{k: v for k, v in (cfg.rollout.vllm or {}).items() if k == "kv_cache_gib"},
+    )
     v = Verifier(1)
     res = {"max_new_tokens": max_new, "greedy": True}
     for spec in cfg.data.eval:
@@ -55,13 +62,18 @@ def base_score(root: str, config: str) -> dict:
         texts = [tok.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
         golds = [it.answer for it in items]
         boxed = v.grade(golds, texts)
-        last = [quick_verdict(g, p) == "correct" if (p := last_number(t)) else False for g, t in zip(golds, texts)]
-        res[spec] = {"problems": len(items), "boxed_acc": sum(s == "correct" for s in boxed) / len(items),
-                     "boxed_present": sum(extract_boxed(t) is not None for t in texts) / len(items),
-                     "last_number_acc": sum(last) / len(items),
-                     "mean_length": sum(len(o[0].token_ids) for o in outs) / len(items),
-                     "truncated": sum(o[0].finish_reason == "length" for o in outs) / len(items),
-                     "examples": texts[:2]}
+        last = [
+            quick_verdict(g, p) == "correct" if (p := last_number(t)) else False for g, t in zip(golds, texts)
+        ]
+        res[spec] = {
+            "problems": len(items),
+            "boxed_acc": sum(s == "correct" for s in boxed) / len(items),
+            "boxed_present": sum(extract_boxed(t) is not None for t in texts) / len(items),
+            "last_number_acc": sum(last) / len(items),
+            "mean_length": sum(len(o[0].token_ids) for o in outs) / len(items),
+            "truncated": sum(o[0].finish_reason == "length" for o in outs) / len(items),
+            "examples": texts[:2],
+        }
     v.close()
     with open(os.path.join(root, "base_score.json"), "w") as fh:
         json.dump(res, fh, indent=2)
@@ -75,6 +87,7 @@ def main() -> None:
     ap.add_argument("--base-score", action="store_true")
     a = ap.parse_args()
     from red.models import smollm2_dir
+
     os.makedirs(os.path.join(a.root, "data"), exist_ok=True)
     link = os.path.join(a.root, "model")
     if not os.path.exists(link):

@@ -1,8 +1,10 @@
 """The interface every rollout engine implements. The trainer only talks to this."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -10,6 +12,7 @@ import torch
 @dataclass
 class SamplingConfig:
     """How to sample. temperature 0 means greedy."""
+
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -20,6 +23,7 @@ class SamplingConfig:
 class Rollout:
     """One completion. `logprobs[i]` is the engine's log-prob of `token_ids[i]` at the sampling temperature
     (None when the engine cannot report it). finish_reason: 'stop' (EOS or a stop token) or 'length'."""
+
     prompt_ids: list[int]
     token_ids: list[int]
     logprobs: list[float] | None

@@ -4,9 +4,10 @@ Sampled-token log-probs are recorded during generation by a logits processor tha
 any warper, so they are log softmax(z / temperature) of the full distribution (the quantity the trainer
 computes), without keeping [steps, batch, vocab] scores around.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -41,8 +42,14 @@ class HFEngine:
 
     colocated = True
 
-    def __init__(self, model, tokenizer, stop_token_ids: list[int] | None = None, batch_size: int = 256,
-                 return_logprobs: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        stop_token_ids: list[int] | None = None,
+        batch_size: int = 256,
+        return_logprobs: bool = True,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -70,10 +77,10 @@ class HFEngine:
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 for start in range(0, len(flat), self.batch_size):
-                    results.extend(self._generate_chunk(flat[start:start + self.batch_size], sampling))
+                    results.extend(self._generate_chunk(flat[start : start + self.batch_size], sampling))
         finally:
             self.model.train(was_training)
-        return [results[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+        return [results[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
     def _generate_chunk(self, prompts, sampling):
         from transformers import GenerationConfig, LogitsProcessorList
@@ -83,16 +90,26 @@ class HFEngine:
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
         greedy = sampling.temperature == 0
         gen_cfg = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-            top_k=None, pad_token_id=self.pad_id, eos_token_id=self.stop_ids, bos_token_id=None)
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.stop_ids,
+            bos_token_id=None,
+        )
         rec = _RecordLogprobs(sampling.temperature) if self.return_logprobs else None
-        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
-                                  logits_processor=LogitsProcessorList([rec]) if rec else None)
+        out = self.model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=gen_cfg,
+            logits_processor=LogitsProcessorList([rec]) if rec else None,
+        )
         new = out[:, width:].cpu()
         lps = rec.finish(out[:, -1]).cpu() if rec else None
         stop = torch.tensor(self.stop_ids)
@@ -104,8 +121,14 @@ class HFEngine:
                 end, reason = int(is_stop[0]) + 1, "stop"
             else:
                 end, reason = len(row), "length"
-            rollouts.append(Rollout(prompt_ids=list(p), token_ids=row[:end],
-                                    logprobs=None if lps is None else lps[i, :end].tolist(), finish_reason=reason))
+            rollouts.append(
+                Rollout(
+                    prompt_ids=list(p),
+                    token_ids=row[:end],
+                    logprobs=None if lps is None else lps[i, :end].tolist(),
+                    finish_reason=reason,
+                )
+            )
         return rollouts
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

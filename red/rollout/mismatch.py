@@ -6,6 +6,7 @@ online token can be reweighted by the truncated importance-sampling weight min(�
 (TIS, "Your efficient RL framework secretly brings you off-policy RL training", Yao et al. 2025).
 Pure tensor functions; no engine needed.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,6 +18,7 @@ import torch
 @dataclass
 class LogprobMismatch:
     """All detached float32. is_weights [B, T] (1 outside the mask); the rest 0-dim tensors over masked tokens."""
+
     is_weights: torch.Tensor
     mean_abs_diff: torch.Tensor
     max_abs_diff: torch.Tensor
@@ -25,13 +27,16 @@ class LogprobMismatch:
 
     def metrics(self, prefix: str = "mismatch/") -> dict[str, float]:
         """Scalars for logging."""
-        return {prefix + k: float(getattr(self, k)) for k in ("mean_abs_diff", "max_abs_diff", "mean_is_weight",
-                                                               "capped_frac")}
+        return {
+            prefix + k: float(getattr(self, k))
+            for k in ("mean_abs_diff", "max_abs_diff", "mean_is_weight", "capped_frac")
+        }
 
 
 @torch.no_grad()
-def logprob_mismatch(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor,
-                     cap: float = 2.0) -> LogprobMismatch:
+def logprob_mismatch(
+    engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
+) -> LogprobMismatch:
     """Mismatch statistics and truncated IS weights w = min(exp(trainer − engine), cap).
 
     Args:
@@ -44,15 +49,17 @@ def logprob_mismatch(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tens
     mask gives zeros (never NaN). Feed `is_weights` to red_loss(is_weights=...).
     """
     if engine_logprobs.shape != trainer_logprobs.shape or engine_logprobs.shape != mask.shape:
-        raise ValueError(f"shapes differ: engine {tuple(engine_logprobs.shape)}, trainer "
-                         f"{tuple(trainer_logprobs.shape)}, mask {tuple(mask.shape)}")
+        raise ValueError(
+            f"shapes differ: engine {tuple(engine_logprobs.shape)}, trainer "
+            f"{tuple(trainer_logprobs.shape)}, mask {tuple(mask.shape)}"
+        )
     if not cap >= 1.0:
         raise ValueError(f"cap must be >= 1, got {cap}")
     m = mask.bool()
     delta = trainer_logprobs.float() - engine_logprobs.float()
-    delta = torch.where(m, delta, torch.zeros_like(delta))   # also drops ±inf/NaN padding outside the mask
+    delta = torch.where(m, delta, torch.zeros_like(delta))  # also drops ±inf/NaN padding outside the mask
     log_cap = math.log(cap)
-    weights = torch.exp(delta.clamp(max=log_cap))            # clamp before exp: no overflow
+    weights = torch.exp(delta.clamp(max=log_cap))  # clamp before exp: no overflow
     weights = torch.where(m, weights, torch.ones_like(weights))
     n = m.sum()
     count = n.clamp(min=1).float()

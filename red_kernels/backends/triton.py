@@ -17,6 +17,7 @@ fp32 inputs use exact fp32 dots (`input_precision="ieee"`) unless RED_KERNELS_AL
 TRITON_INTERPRET=1 (CPU tests) kernels run with one large-tile config (or RED_KERNELS_TRITON_CONFIG's) and bf16
 tiles are upcast to fp32 right after the load (the interpreter's bf16 arithmetic is wrong).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -33,8 +34,8 @@ from . import triton_plan as plan
 # Read once, like triton.jit does when the kernels are decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ALLOW_TF32 = os.environ.get("RED_KERNELS_ALLOW_TF32") == "1"
-_DZ_BYTES_CUDA = 1 << 28        # backward dZ chunk buffer when chunk_size is not given (GPU)
-_DZ_ELEMENTS_CPU = 1 << 24      # (CPU interpreter)
+_DZ_BYTES_CUDA = 1 << 28  # backward dZ chunk buffer when chunk_size is not given (GPU)
+_DZ_ELEMENTS_CPU = 1 << 24  # (CPU interpreter)
 # Largest (BLOCK_N, BLOCK_V, BLOCK_K) under the interpreter; tests lower it to exercise many tiles and H steps.
 INTERPRETER_MAX_BLOCKS = (256, 2048, 256)
 LOG2E = 1.4426950408889634
@@ -42,10 +43,15 @@ LOG2E = 1.4426950408889634
 _KEY = ["H", "V", "N_BUCKET", "HAS_BIAS", "HAS_SOFTCAP", "UPCAST", "INPUT_PRECISION", "GROUP_N"]
 _EVEN = {"EVEN_K": lambda a: a["H"] % a["BLOCK_K"] == 0, "EVEN_V": lambda a: a["V"] % a["BLOCK_V"] == 0}
 # the forward's tiles must also never straddle a split (interpreter tiles can be wider than SPLIT_ALIGN)
-_EVEN_FWD = dict(_EVEN, EVEN_V=lambda a: a["V"] % a["BLOCK_V"] == 0 and a["cols_per_split"] % a["BLOCK_V"] == 0)
-_RAW = {"forward": K.forward_stats_kernel, "dlogits": K.dlogits_kernel,
-        "lean_forward": triton.heuristics(_EVEN_FWD)(L.lean_forward_kernel),
-        "lean_dlogits": triton.heuristics(_EVEN)(L.lean_dlogits_kernel)}
+_EVEN_FWD = dict(
+    _EVEN, EVEN_V=lambda a: a["V"] % a["BLOCK_V"] == 0 and a["cols_per_split"] % a["BLOCK_V"] == 0
+)
+_RAW = {
+    "forward": K.forward_stats_kernel,
+    "dlogits": K.dlogits_kernel,
+    "lean_forward": triton.heuristics(_EVEN_FWD)(L.lean_forward_kernel),
+    "lean_dlogits": triton.heuristics(_EVEN)(L.lean_dlogits_kernel),
+}
 _TUNED: dict = {}
 
 
@@ -54,7 +60,11 @@ def _tuned(name, fp32):
     per key (and on disk where this Triton supports cache_results)."""
     if (name, fp32) not in _TUNED:
         key = _KEY + (["STORE_Z"] if name == "forward" else [])
-        extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+        extra = (
+            {"cache_results": True}
+            if "cache_results" in inspect.signature(triton.autotune).parameters
+            else {}
+        )
         _TUNED[name, fp32] = triton.autotune(configs=plan.gpu_configs(fp32), key=key, **extra)(_RAW[name])
     return _TUNED[name, fp32]
 
@@ -77,8 +87,9 @@ def _launch(name, grid, args, flags, n, vocab, hidden):
     fp32 = args[0].dtype == torch.float32
     cfg = plan.fixed_config(fp32=fp32)
     if cfg is not None:
-        _RAW[name][grid(cfg.kwargs)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages)
+        _RAW[name][grid(cfg.kwargs)](
+            *args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
     elif INTERPRET:
         bn, bv, bk = interpreter_blocks(n, vocab, hidden)
         blocks = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk)
@@ -92,7 +103,10 @@ def _precision(dtype):
     upcast = INTERPRET and dtype == torch.bfloat16
     if dtype == torch.float32 or upcast:
         return upcast, ("tf32" if ALLOW_TF32 and not INTERPRET else "ieee")
-    return False, None  # bf16/fp16 tensor-core dot with fp32 accumulation (precision flag applies to fp32 only)
+    return (
+        False,
+        None,
+    )  # bf16/fp16 tensor-core dot with fp32 accumulation (precision flag applies to fp32 only)
 
 
 def merge_splits(m, s, t, zy):
@@ -120,7 +134,7 @@ def prepare(w, b):
 
 
 def stats_rows(n, vocab, x, chunk_size=None):
-    return n      # the forward keeps no [rows, V] block: one launch for all rows (chunk_size is ignored)
+    return n  # the forward keeps no [rows, V] block: one launch for all rows (chunk_size is ignored)
 
 
 def dz_dtype(dtype, cuda: bool):
@@ -157,10 +171,12 @@ def _zmap_args(zm, lean):
 
 def _grid2(n, other, group):
     """grid(meta) for (token blocks, `other`) programs: 2-D, or 1-D when grouped."""
+
     def grid(meta):
         nb = triton.cdiv(n, meta["BLOCK_N"])
         o = other(meta)
         return (nb * o,) if group else (nb, o)
+
     return grid
 
 
@@ -182,9 +198,10 @@ def stats(x, w, b, y, zm, keep=False, *, vocab_splits=None):
     y = y.contiguous()
     zbuf = torch.empty(n, vocab, dtype=torch.float32, device=x.device) if store_z else None
     outs = (x, w, x if b is None else b, y, part[0], part[1], part[2], part[3])
-    sizes = (n, vocab, hidden, cols, splits, plan.n_bucket(n), *scalars[:2 if lean else 3], *_strides(x, w))
-    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, UPCAST=upcast, INPUT_PRECISION=precision,
-                 GROUP_N=group)
+    sizes = (n, vocab, hidden, cols, splits, plan.n_bucket(n), *scalars[: 2 if lean else 3], *_strides(x, w))
+    flags = dict(
+        HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, UPCAST=upcast, INPUT_PRECISION=precision, GROUP_N=group
+    )
     if lean:
         name, args = "lean_forward", outs + sizes
     else:
@@ -211,12 +228,37 @@ def dz(x, w, b, y, zm, st, g_lp, g_h, cache, out):
     group = plan.GROUP_N if "grouped" in feats else 0
     upcast, precision = _precision(x.dtype)
     scalars, has_cap = _zmap_args(zm, lean)
-    args = (x, w, x if b is None else b, y.contiguous(), m, logs, ezs, g_lp, g_h, out,
-            n, vocab, hidden, plan.n_bucket(n), *scalars, *_strides(x, w), out.stride(0))
-    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, UPCAST=upcast, INPUT_PRECISION=precision,
-                 GROUP_N=group)
-    _launch("lean_dlogits" if lean else "dlogits", _grid2(n, lambda meta: triton.cdiv(vocab, meta["BLOCK_V"]), group),
-            args, flags, n, vocab, hidden)
+    args = (
+        x,
+        w,
+        x if b is None else b,
+        y.contiguous(),
+        m,
+        logs,
+        ezs,
+        g_lp,
+        g_h,
+        out,
+        n,
+        vocab,
+        hidden,
+        plan.n_bucket(n),
+        *scalars,
+        *_strides(x, w),
+        out.stride(0),
+    )
+    flags = dict(
+        HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, UPCAST=upcast, INPUT_PRECISION=precision, GROUP_N=group
+    )
+    _launch(
+        "lean_dlogits" if lean else "dlogits",
+        _grid2(n, lambda meta: triton.cdiv(vocab, meta["BLOCK_V"]), group),
+        args,
+        flags,
+        n,
+        vocab,
+        hidden,
+    )
     return out
 
 
@@ -225,8 +267,25 @@ def _dz_from_logits(z, y, m, logs, ezs, g_lp, g_h, zm, out):
     bn, bv = (64, 1024) if INTERPRET else (16, 512)
     (tau, s, cap), has_cap = _zmap_args(zm, False)
     K.dz_from_logits_kernel[(triton.cdiv(n, bn), triton.cdiv(vocab, bv))](
-        z, y, m, logs, ezs, g_lp, g_h, out, n, vocab, tau, s, cap, out.stride(0),
-        HAS_SOFTCAP=has_cap, BLOCK_N=bn, BLOCK_V=bv, **({} if INTERPRET else {"num_warps": 4}))
+        z,
+        y,
+        m,
+        logs,
+        ezs,
+        g_lp,
+        g_h,
+        out,
+        n,
+        vocab,
+        tau,
+        s,
+        cap,
+        out.stride(0),
+        HAS_SOFTCAP=has_cap,
+        BLOCK_N=bn,
+        BLOCK_V=bv,
+        **({} if INTERPRET else {"num_warps": 4}),
+    )
     return out
 
 
@@ -244,6 +303,7 @@ def backward_vocab_chunked(x, w, b, y, zm, st, g_lp, g_h, chunk_size=None):
     if not wants_vocab_chunks():
         return None
     from . import _mm_fp32
+
     n, hidden = x.shape
     vocab = w.shape[0]
     dt = gemm_dtype(x)
@@ -263,8 +323,18 @@ def backward_vocab_chunked(x, w, b, y, zm, st, g_lp, g_h, chunk_size=None):
         st_r = tuple(t[r] for t in st)
         for v0 in range(0, vocab, vc):
             v = slice(v0, min(vocab, v0 + vc))
-            d = dz(xr, wk[v], None if bk is None else bk[v], y[r] - v0, zm, st_r, g_lp[r],
-                   None if g_h is None else g_h[r], None, buf[:xr.shape[0], :v.stop - v0])
+            d = dz(
+                xr,
+                wk[v],
+                None if bk is None else bk[v],
+                y[r] - v0,
+                zm,
+                st_r,
+                g_lp[r],
+                None if g_h is None else g_h[r],
+                None,
+                buf[: xr.shape[0], : v.stop - v0],
+            )
             _mm_fp32(d, w_g[v], dx[r], acc=True)
             _mm_fp32(d.t(), xg, dw[v], acc=not first)
             if db is not None:

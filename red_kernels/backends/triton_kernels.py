@@ -10,6 +10,7 @@ GROUP_N > 0 (the 'grouped' variant) launches a 1-D grid whose program ids visit 
 vocabulary split/tile before moving on, so resident programs share X blocks and W tiles in L2; GROUP_N = 0 is the
 2-D grid (token blocks on axis 0). N_BUCKET is the autotune key's bucketed row count (unused in the bodies).
 """
+
 from __future__ import annotations
 
 import triton
@@ -17,11 +18,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau, scale, softcap,
-                 stride_xm, stride_xh, stride_wv, stride_wh,
-                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def _logits_tile(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    H,
+    tau,
+    scale,
+    softcap,
+    stride_xm,
+    stride_xh,
+    stride_wv,
+    stride_wh,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """z[BLOCK_N, BLOCK_V] in fp32 from u = X[rows]·W[cols]ᵀ + b[cols] (looping over H in BLOCK_K steps):
     z = s·u/τ, or c·tanh(s·u/c)/τ with HAS_SOFTCAP (tanh(a) = 1 − 2/(e^{2a} + 1): ±1 at overflow, never NaN).
 
@@ -80,12 +100,39 @@ def dz_epilogue(z, zs, logs, ezs, g_lp, g_h, hit, tau, scale, softcap, HAS_SOFTC
 
 
 @triton.jit
-def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, z_ptr,
-                         M, V, H, cols_per_split, n_splits, N_BUCKET, tau, scale, softcap,
-                         stride_xm, stride_xh, stride_wv, stride_wh,
-                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                         INPUT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr, STORE_Z: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def forward_stats_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    m_ptr,
+    s_ptr,
+    t_ptr,
+    zy_ptr,
+    z_ptr,
+    M,
+    V,
+    H,
+    cols_per_split,
+    n_splits,
+    N_BUCKET,
+    tau,
+    scale,
+    softcap,
+    stride_xm,
+    stride_xh,
+    stride_wv,
+    stride_wh,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Partial softmax statistics of one (token block, vocabulary split).
 
     Program (i, k) owns rows [i·BLOCK_N, (i+1)·BLOCK_N) and columns [k·C, min((k+1)·C, V)), C = cols_per_split.
@@ -116,20 +163,41 @@ def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau, scale, softcap,
-                         stride_xm, stride_xh, stride_wv, stride_wh,
-                         HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        z = _logits_tile(
+            x_ptr,
+            w_ptr,
+            b_ptr,
+            rows,
+            row_mask,
+            cols,
+            col_mask,
+            H,
+            tau,
+            scale,
+            softcap,
+            stride_xm,
+            stride_xh,
+            stride_wv,
+            stride_wh,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            UPCAST,
+            INPUT_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+        )
         if STORE_Z:
             z_ptrs = z_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :]
             tl.store(z_ptrs, z, mask=row_mask[:, None] & col_mask[None, :])
         zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_mask[None, :], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, neg_inf)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)           # finite reference for the subtraction
-        alpha = tl.exp(m_i - m_ref)                               # 0 while m_i = −∞
+        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)  # finite reference for the subtraction
+        alpha = tl.exp(m_i - m_ref)  # 0 while m_i = −∞
         shift = tl.where(m_i == neg_inf, 0.0, m_i - m_ref)
         zs = z - m_ref[:, None]
-        e = tl.exp(zs)                                            # 0 on masked columns
+        e = tl.exp(zs)  # 0 on masked columns
         zs = tl.where(col_mask[None, :], zs, 0.0)
         t_i = alpha * (t_i + shift * s_i) + tl.sum(e * zs, axis=1)
         s_i = alpha * s_i + tl.sum(e, axis=1)
@@ -142,12 +210,38 @@ def forward_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr
 
 
 @triton.jit
-def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr, gh_ptr, dz_ptr,
-                   M, V, H, N_BUCKET, tau, scale, softcap,
-                   stride_xm, stride_xh, stride_wv, stride_wh, stride_dzm,
-                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def dlogits_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    m_ptr,
+    logs_ptr,
+    ezs_ptr,
+    glp_ptr,
+    gh_ptr,
+    dz_ptr,
+    M,
+    V,
+    H,
+    N_BUCKET,
+    tau,
+    scale,
+    softcap,
+    stride_xm,
+    stride_xh,
+    stride_wv,
+    stride_wh,
+    stride_dzm,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """One [BLOCK_N, BLOCK_V] tile of ∂L/∂(x·wᵀ + b), recomputed from the saved per-row stats.
 
     With zs = z − m and p = exp(zs − logs) (the exact softmax, since logs = log Σ e^{zs}):
@@ -163,9 +257,30 @@ def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr
     row_mask = rows < M
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tau, scale, softcap,
-                     stride_xm, stride_xh, stride_wv, stride_wh,
-                     HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    z = _logits_tile(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        row_mask,
+        cols,
+        col_mask,
+        H,
+        tau,
+        scale,
+        softcap,
+        stride_xm,
+        stride_xh,
+        stride_wv,
+        stride_wh,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        UPCAST,
+        INPUT_PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_K,
+    )
     m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
     logs = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
     ezs = tl.load(ezs_ptr + rows, mask=row_mask, other=0.0)
@@ -175,15 +290,33 @@ def dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr
 
     # unused lanes get zs = 0 (their z − m could be huge and overflow exp); they are never stored
     zs = tl.where(row_mask[:, None] & col_mask[None, :], z - m[:, None], 0.0)
-    dz = dz_epilogue(z, zs, logs, ezs, g_lp, g_h, cols[None, :] == y[:, None], tau, scale, softcap, HAS_SOFTCAP)
+    dz = dz_epilogue(
+        z, zs, logs, ezs, g_lp, g_h, cols[None, :] == y[:, None], tau, scale, softcap, HAS_SOFTCAP
+    )
     ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
-def dz_from_logits_kernel(z_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr, gh_ptr, dz_ptr,
-                          M, V, tau, scale, softcap, stride_dzm,
-                          HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+def dz_from_logits_kernel(
+    z_ptr,
+    y_ptr,
+    m_ptr,
+    logs_ptr,
+    ezs_ptr,
+    glp_ptr,
+    gh_ptr,
+    dz_ptr,
+    M,
+    V,
+    tau,
+    scale,
+    softcap,
+    stride_dzm,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """The 3-GEMM loss path: dZ tile from the fp32 logits z [M, V] stored by the forward (STORE_Z), no GEMM."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -197,6 +330,11 @@ def dz_from_logits_kernel(z_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr, gh_pt
     g_h = tl.load(gh_ptr + rows, mask=row_mask, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
     zs = tl.where(valid, z - m[:, None], 0.0)
-    dz = dz_epilogue(z, zs, logs, ezs, g_lp, g_h, cols[None, :] == y[:, None], tau, scale, softcap, HAS_SOFTCAP)
-    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
-             mask=valid)
+    dz = dz_epilogue(
+        z, zs, logs, ezs, g_lp, g_h, cols[None, :] == y[:, None], tau, scale, softcap, HAS_SOFTCAP
+    )
+    tl.store(
+        dz_ptr + rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :],
+        dz.to(dz_ptr.dtype.element_ty),
+        mask=valid,
+    )

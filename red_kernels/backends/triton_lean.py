@@ -11,6 +11,7 @@ Differences (each a few instructions per logit on the GPU, where the GEMM tile i
 Host scalars: k_in, k_out with z₂ = k_out·u (k_in unused), or with a softcap c: z₂ = k_out·(1 − 2/(2^{k_in·u} + 1)),
 k_in = 2·log₂e·s/c, k_out = log₂e·c/τ. dZ also takes k_t = ln2·τ/c (tanh = k_t·z₂) and k_d = s/τ.
 """
+
 from __future__ import annotations
 
 import triton
@@ -23,10 +24,30 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _tile2(x_ptr, w_ptr, b_ptr, rows_c, cols, col_mask, H, k_in, k_out, stride_xm, stride_xh, stride_wv, stride_wh,
-           HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-           EVEN_K: tl.constexpr, MASK_V: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tile2(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    rows_c,
+    cols,
+    col_mask,
+    H,
+    k_in,
+    k_out,
+    stride_xm,
+    stride_xh,
+    stride_wv,
+    stride_wh,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    MASK_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Base-2 logits z₂ [BLOCK_N, BLOCK_V] (fp32) of rows rows_c (all valid) and columns cols."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
@@ -69,8 +90,8 @@ def _online2(m, s, t, zy, z2, cols, col_mask, y, MASK_V: tl.constexpr):
         hit = hit & col_mask[None, :]
         z2 = tl.where(col_mask[None, :], z2, float("-inf"))
     zy += tl.sum(tl.where(hit, z2, 0.0), axis=1)
-    m_new = tl.maximum(m, tl.max(z2, axis=1))          # finite: every tile has a valid column
-    alpha = tl.exp2(m - m_new)                          # 0 while m = −∞
+    m_new = tl.maximum(m, tl.max(z2, axis=1))  # finite: every tile has a valid column
+    alpha = tl.exp2(m - m_new)  # 0 while m = −∞
     shift = tl.where(m == float("-inf"), 0.0, m - m_new)
     zs = z2 - m_new[:, None]
     e = tl.exp2(zs)
@@ -82,12 +103,38 @@ def _online2(m, s, t, zy, z2, cols, col_mask, y, MASK_V: tl.constexpr):
 
 
 @triton.jit
-def lean_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
-                        M, V, H, cols_per_split, n_splits, N_BUCKET, k_in, k_out,
-                        stride_xm, stride_xh, stride_wv, stride_wh,
-                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                        INPUT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr, EVEN_K: tl.constexpr,
-                        EVEN_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def lean_forward_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    m_ptr,
+    s_ptr,
+    t_ptr,
+    zy_ptr,
+    M,
+    V,
+    H,
+    cols_per_split,
+    n_splits,
+    N_BUCKET,
+    k_in,
+    k_out,
+    stride_xm,
+    stride_xh,
+    stride_wv,
+    stride_wh,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """forward_stats_kernel's partial (m, s, t, z_y) per (token block, split), in natural units. Splits are
     multiples of SPLIT_ALIGN columns, so with EVEN_V (BLOCK_V divides V) no vocabulary tile needs a mask."""
     pid_n, pid_s = grouped_pid(M, n_splits, BLOCK_N, GROUP_N)
@@ -104,9 +151,30 @@ def lean_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z2 = _tile2(x_ptr, w_ptr, b_ptr, rows_c, cols, col_mask, H, k_in, k_out,
-                    stride_xm, stride_xh, stride_wv, stride_wh, HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION,
-                    EVEN_K, not EVEN_V, BLOCK_N, BLOCK_V, BLOCK_K)
+        z2 = _tile2(
+            x_ptr,
+            w_ptr,
+            b_ptr,
+            rows_c,
+            cols,
+            col_mask,
+            H,
+            k_in,
+            k_out,
+            stride_xm,
+            stride_xh,
+            stride_wv,
+            stride_wh,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            UPCAST,
+            INPUT_PRECISION,
+            EVEN_K,
+            not EVEN_V,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+        )
         m, s, t, zy = _online2(m, s, t, zy, z2, cols, col_mask, y, not EVEN_V)
     out = pid_s * M + rows
     tl.store(m_ptr + out, m * LN2, mask=row_mask)
@@ -116,12 +184,41 @@ def lean_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
 
 
 @triton.jit
-def lean_dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, glp_ptr, gh_ptr, dz_ptr,
-                        M, V, H, N_BUCKET, k_in, k_out, k_t, k_d,
-                        stride_xm, stride_xh, stride_wv, stride_wh, stride_dzm,
-                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                        INPUT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr, EVEN_K: tl.constexpr,
-                        EVEN_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def lean_dlogits_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    m_ptr,
+    logs_ptr,
+    ezs_ptr,
+    glp_ptr,
+    gh_ptr,
+    dz_ptr,
+    M,
+    V,
+    H,
+    N_BUCKET,
+    k_in,
+    k_out,
+    k_t,
+    k_d,
+    stride_xm,
+    stride_xh,
+    stride_wv,
+    stride_wh,
+    stride_dzm,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """dlogits_kernel's dZ tile: p = 2^{z₂ − c}, c = (m + logs)·log₂e; ∂L/∂z = −p·(a + b·z₂) + g_lp·1[y] with
     a = g_lp − g_H·(m + ezs), b = g_H·ln2 (since zs − ezs = ln2·z₂ − m − ezs); then × k_d (× (1 − (k_t·z₂)²))."""
     pid_n, pid_v = grouped_pid(M, tl.cdiv(V, BLOCK_V), BLOCK_N, GROUP_N)
@@ -130,9 +227,30 @@ def lean_dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, gl
     rows_c = tl.minimum(rows, M - 1)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    z2 = _tile2(x_ptr, w_ptr, b_ptr, rows_c, cols, col_mask, H, k_in, k_out,
-                stride_xm, stride_xh, stride_wv, stride_wh, HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION,
-                EVEN_K, not EVEN_V, BLOCK_N, BLOCK_V, BLOCK_K)
+    z2 = _tile2(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        rows_c,
+        cols,
+        col_mask,
+        H,
+        k_in,
+        k_out,
+        stride_xm,
+        stride_xh,
+        stride_wv,
+        stride_wh,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        UPCAST,
+        INPUT_PRECISION,
+        EVEN_K,
+        not EVEN_V,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_K,
+    )
     m = tl.load(m_ptr + rows_c)
     logs = tl.load(logs_ptr + rows_c)
     ezs = tl.load(ezs_ptr + rows_c)
@@ -144,7 +262,7 @@ def lean_dlogits_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, ezs_ptr, gl
     b = g_h * LN2
     arg = z2 - c[:, None]
     if not EVEN_V:
-        arg = tl.where(col_mask[None, :], arg, float("-inf"))   # padded columns: p = 0, no overflow
+        arg = tl.where(col_mask[None, :], arg, float("-inf"))  # padded columns: p = 0, no overflow
     p = tl.exp2(arg)
     dz = -p * (a[:, None] + b[:, None] * z2)
     dz += tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0)

@@ -18,6 +18,7 @@ Variants (RED_KERNELS_TRITON_VARIANT, read at every call; default 'baseline' = t
   fast      grouped + lean + vsplit
 A comma-separated list of the features (grouped, lean, vsplit, fused3) works too, e.g. 'lean,vsplit'.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,13 +26,18 @@ import os
 import triton
 
 FEATURES = ("grouped", "lean", "vsplit", "fused3")
-VARIANTS = {"baseline": frozenset(), "grouped": frozenset({"grouped"}), "lean": frozenset({"lean"}),
-            "vsplit": frozenset({"vsplit"}), "fused3": frozenset({"fused3"}),
-            "fast": frozenset({"grouped", "lean", "vsplit"})}
-GROUP_N = 8            # token blocks per program group ('grouped')
-SPLIT_ALIGN = 256      # split starts are multiples of this (≥ every BLOCK_V, so GPU tiles never straddle)
-SPLIT_COLS = 16_384    # target columns per vocabulary split: V = 151,936 → 10 splits, 320 programs at N = 4096
-N_BUCKETS = (256, 16_384)   # n_bucket range: powers of two
+VARIANTS = {
+    "baseline": frozenset(),
+    "grouped": frozenset({"grouped"}),
+    "lean": frozenset({"lean"}),
+    "vsplit": frozenset({"vsplit"}),
+    "fused3": frozenset({"fused3"}),
+    "fast": frozenset({"grouped", "lean", "vsplit"}),
+}
+GROUP_N = 8  # token blocks per program group ('grouped')
+SPLIT_ALIGN = 256  # split starts are multiples of this (≥ every BLOCK_V, so GPU tiles never straddle)
+SPLIT_COLS = 16_384  # target columns per vocabulary split: V = 151,936 → 10 splits, 320 programs at N = 4096
+N_BUCKETS = (256, 16_384)  # n_bucket range: powers of two
 
 # BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages (every BLOCK_V divides SPLIT_ALIGN). Half-precision inputs
 # (tensor-core dots) and fp32 inputs (exact FMA dots: the fp32 operand tiles need registers, so smaller tiles)
@@ -40,8 +46,13 @@ N_BUCKETS = (256, 16_384)   # n_bucket range: powers of two
 # spilled (128×256 on 8 warps: 80 B in the forward; 128×128 on 4 warps: 56 B in dlogits, 152 B in lean dZ), and
 # 16 warps cap a thread at 128 registers (128×256 on 16 warps: 16 B spilled in lean dZ with a softcap); 128×64
 # on 4 warps spilled 32 B in dlogits with a softcap.
-CONFIG_SHAPES = ((128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4),
-                 (64, 128, 64, 4, 4))
+CONFIG_SHAPES = (
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (128, 128, 32, 8, 4),
+    (64, 128, 64, 4, 4),
+)
 FP32_CONFIG_SHAPES = ((64, 64, 32, 4, 2), (32, 128, 32, 4, 2), (64, 128, 16, 8, 2))
 
 
@@ -50,8 +61,10 @@ def config_shapes(fp32: bool) -> tuple:
 
 
 def gpu_configs(fp32: bool = False) -> list:
-    return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for n, v, k, w, s in config_shapes(fp32)]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for n, v, k, w, s in config_shapes(fp32)
+    ]
 
 
 def variant(name: str | None = None) -> frozenset:
@@ -61,8 +74,10 @@ def variant(name: str | None = None) -> frozenset:
         return VARIANTS[name]
     feats = frozenset(f.strip() for f in name.split(",") if f.strip())
     if not feats or not feats <= set(FEATURES):
-        raise ValueError(f"RED_KERNELS_TRITON_VARIANT={name!r}: use one of {sorted(VARIANTS)} or a comma-separated "
-                         f"subset of {FEATURES}")
+        raise ValueError(
+            f"RED_KERNELS_TRITON_VARIANT={name!r}: use one of {sorted(VARIANTS)} or a comma-separated "
+            f"subset of {FEATURES}"
+        )
     return feats
 
 
@@ -85,9 +100,11 @@ def fixed_config(spec: str | None = None, fp32: bool = False):
             assert len(shape) == 5 and all(v > 0 for v in shape)
             assert all(v & (v - 1) == 0 for v in shape[:3]) and SPLIT_ALIGN % shape[1] == 0
     except (ValueError, IndexError, AssertionError):
-        raise ValueError(f"RED_KERNELS_TRITON_CONFIG={spec!r}: use 'default', an index 0..{len(shapes) - 1}, or "
-                         f"'BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages' with power-of-two blocks and BLOCK_V "
-                         f"dividing {SPLIT_ALIGN}") from None
+        raise ValueError(
+            f"RED_KERNELS_TRITON_CONFIG={spec!r}: use 'default', an index 0..{len(shapes) - 1}, or "
+            f"'BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages' with power-of-two blocks and BLOCK_V "
+            f"dividing {SPLIT_ALIGN}"
+        ) from None
     n, v, k, w, s = shape
     return triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
 

@@ -14,6 +14,7 @@ Handled like TRL: PEFT (the head is added to the base model), FSDP2 (a DTensor l
 kernel's backward re-reads the lm_head weight outside any parameter gather), the MoE load-balancing aux loss, and
 softcap / logit scale while the installed red_kernels lacks them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,7 +46,9 @@ def logit_transform(config) -> tuple[float | None, float]:
             return softcap, float(scale)
     divisor = getattr(config, "logits_scaling", None)
     if divisor is not None:
-        return softcap, float(divisor if getattr(config, "model_type", None) == "hyperclovax" else 1 / divisor)
+        return softcap, float(
+            divisor if getattr(config, "model_type", None) == "hyperclovax" else 1 / divisor
+        )
     return softcap, 1.0
 
 
@@ -57,7 +60,8 @@ def _transform_kwargs(config) -> dict:
     if missing:
         raise NotImplementedError(
             f"{type(config).__name__} scales its logits ({extra}) but the installed red_kernels.linear_logprobs "
-            f"has no {sorted(missing)} argument; upgrade red-kernels, or use trl.GRPOTrainer for this model.")
+            f"has no {sorted(missing)} argument; upgrade red-kernels, or use trl.GRPOTrainer for this model."
+        )
     return extra
 
 
@@ -69,8 +73,9 @@ def _zero3_enabled() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
-def add_red_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                    return_entropy: bool = True) -> None:
+def add_red_lm_head(
+    model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False, return_entropy: bool = True
+) -> None:
     """Route `model(..., labels=labels, fused_lm_head=True)` through red_kernels.linear_logprobs.
 
     `model` is a transformers causal LM that TRL's `add_fused_lm_head` already patched; calls without
@@ -81,33 +86,45 @@ def add_red_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool 
     and `label_mask`. Logits are (x·Wᵀ + b)/temperature, softcapped / scaled as the config asks.
     """
     if _zero3_enabled():
-        raise NotImplementedError("REDKernelsGRPOTrainer does not support DeepSpeed ZeRO-3: red_kernels' backward "
-                                  "re-reads the lm_head weight outside a parameter gather. Use ZeRO-1/2 or FSDP2.")
+        raise NotImplementedError(
+            "REDKernelsGRPOTrainer does not support DeepSpeed ZeRO-3: red_kernels' backward "
+            "re-reads the lm_head weight outside a parameter gather. Use ZeRO-1/2 or FSDP2."
+        )
     text_config = model.config.get_text_config()
     if getattr(text_config, "output_router_logits", False):
-        raise NotImplementedError("REDKernelsGRPOTrainer does not compute the MoE load-balancing loss: set "
-                                  "`output_router_logits=False` in the model config or use trl.GRPOTrainer.")
+        raise NotImplementedError(
+            "REDKernelsGRPOTrainer does not compute the MoE load-balancing loss: set "
+            "`output_router_logits=False` in the model config or use trl.GRPOTrainer."
+        )
     extra = _transform_kwargs(text_config)
     previous = model.forward
 
-    @functools.wraps(type(model).forward)   # generate() validates its kwargs against this signature
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                **kwargs):
+    @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
+    def forward(
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+    ):
         if not fused_lm_head:
-            return previous(*args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-                            **kwargs)
+            return previous(
+                *args,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
         if kwargs.get("output_router_logits"):
-            raise NotImplementedError("REDKernelsGRPOTrainer: the MoE aux loss (router_aux_loss_coef) is not "
-                                      "supported; set router_aux_loss_coef=0.0 in GRPOConfig.")
+            raise NotImplementedError(
+                "REDKernelsGRPOTrainer: the MoE aux loss (router_aux_loss_coef) is not "
+                "supported; set router_aux_loss_coef=0.0 in GRPOConfig."
+            )
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state   # looked up per call: PEFT/FSDP swap it
+        hidden = self.base_model(*args, **kwargs).last_hidden_state  # looked up per call: PEFT/FSDP swap it
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor"):   # FSDP2 DTensor shards
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor shards
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
         hidden, labels = hidden.to(weight.device), labels.to(weight.device)
@@ -117,9 +134,15 @@ def add_red_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool 
         else:
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
         with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
-            logp, ent = linear_logprobs(hidden.to(dtype), weight.to(dtype), labels,
-                                        bias=None if bias is None else bias.to(dtype), temperature=temperature,
-                                        return_entropy=return_entropy, **extra)
+            logp, ent = linear_logprobs(
+                hidden.to(dtype),
+                weight.to(dtype),
+                labels,
+                bias=None if bias is None else bias.to(dtype),
+                temperature=temperature,
+                return_entropy=return_entropy,
+                **extra,
+            )
         mask = labels != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-logp.sum() / count, log_probs=logp, entropy=ent, label_mask=mask)
@@ -136,6 +159,7 @@ class REDKernelsGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         from accelerate.utils import is_peft_model
+
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         fp32 = self.args.cast_lm_head_to_fp32
         add_red_lm_head(policy, self.temperature, fp32, return_entropy=True)

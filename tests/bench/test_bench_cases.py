@@ -1,10 +1,11 @@
 """bench/: FLOP counts against kernels.md's table, and the benchmark implementations against float64 references
 (so that every benchmark compares implementations of the same computation)."""
+
 import pytest
 import torch
-from red_kernels.reference import naive_red_loss as reference_loss
 
 from bench import cases, impls
+from red_kernels.reference import naive_red_loss as reference_loss
 from red_kernels.reference import reference_logprobs
 
 
@@ -17,7 +18,9 @@ def test_flops_match_the_spec_table():
     assert small.gemms == 4
     assert small.flop / 1e12 / cases.PEAK_TFLOPS * 1e3 == pytest.approx(22.3, abs=0.05)
     # naive keeps the logits: forward + dX + dW; red_loss's torch path forms the gradient in its forward sweep.
-    assert cases.Case("logprobs", "fwdbwd", "qwen2.5-0.5b", 4096, "naive").flop == 3 * 2 * 4096 * 896 * 151_936
+    assert (
+        cases.Case("logprobs", "fwdbwd", "qwen2.5-0.5b", 4096, "naive").flop == 3 * 2 * 4096 * 896 * 151_936
+    )
     assert cases.Case("loss", "red", "qwen2.5-0.5b", 4096, "torch").gemms == 3
     assert cases.Case("loss", "grpo", "qwen2.5-0.5b", 4096, "liger").gemms == 4
 
@@ -33,7 +36,9 @@ def test_case_lists_cover_every_mode_and_baseline():
     assert {c.impl for c in gpu} == {"naive", "torch", "triton", "liger", "trl", "liger_flsce"}
     # the side-by-side with the peers: every implementation at both Qwen shapes, one N, with entropy
     peer = {(c.model, c.impl) for c in cpu if (c.mode, c.tokens) == ("fwdbwd", cases.PEER_TOKENS)}
-    assert peer == {(m, i) for m in ("qwen2.5-0.5b", "qwen2.5-1.5b") for i in ("naive", "torch") + cases.PEERS}
+    assert peer == {
+        (m, i) for m in ("qwen2.5-0.5b", "qwen2.5-1.5b") for i in ("naive", "torch") + cases.PEERS
+    }
     assert not any(c.impl in cases.PEERS for c in gpu if c.op == "loss")
 
 
@@ -60,9 +65,15 @@ def _grads64(case, inp):
 
 
 # Liger's CE has no entropy and Liger has no RED loss: those pairs are not benchmarked.
-LOGPROB_PAIRS = [(m, i) for m in cases.MODES["logprobs"] for i in ("naive", "torch", "liger") + cases.PEERS
-                 if (m, i) != ("fwdbwd", "liger")]
-LOSS_PAIRS = [(m, i) for m in cases.MODES["loss"] for i in ("naive", "torch", "liger") if (m, i) != ("red", "liger")]
+LOGPROB_PAIRS = [
+    (m, i)
+    for m in cases.MODES["logprobs"]
+    for i in ("naive", "torch", "liger") + cases.PEERS
+    if (m, i) != ("fwdbwd", "liger")
+]
+LOSS_PAIRS = [
+    (m, i) for m in cases.MODES["loss"] for i in ("naive", "torch", "liger") if (m, i) != ("red", "liger")
+]
 
 
 @pytest.mark.parametrize("mode,impl", LOGPROB_PAIRS)
@@ -78,16 +89,25 @@ def test_logprob_impls_match_float64(tiny, mode, impl):
 
 @pytest.mark.parametrize("mode,impl", LOSS_PAIRS)
 def test_loss_impls_match_float64(tiny, mode, impl):
-    case = cases.Case("loss", mode, tiny, 96, impl)       # B = 2 sequences of 48; one is a teacher trace
+    case = cases.Case("loss", mode, tiny, 96, impl)  # B = 2 sequences of 48; one is a teacher trace
     inp = cases.make_inputs(case)
     assert bool(inp["offline_mask"].any()) == (mode == "red")
     got = impls.build(case, inp)()
     x = inp["hidden"].detach().double().requires_grad_()
     w = inp["weight"].detach().double().requires_grad_()
     cfg = dict(impls.LOSS_CONFIGS[mode])
-    loss = reference_loss(x, w, inp["targets"], inp["advantages"], inp["loss_mask"], old=inp["old_logprobs"],
-                          offline=inp["offline_mask"] if mode == "red" else None, r_bar=inp["group_accuracy"],
-                          w=inp["offline_weight"], **cfg)
+    loss = reference_loss(
+        x,
+        w,
+        inp["targets"],
+        inp["advantages"],
+        inp["loss_mask"],
+        old=inp["old_logprobs"],
+        offline=inp["offline_mask"] if mode == "red" else None,
+        r_bar=inp["group_accuracy"],
+        w=inp["offline_weight"],
+        **cfg,
+    )
     loss.backward()
     assert float(got[0].detach()) == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
     for g, ref in zip(got[-2:], (x.grad, w.grad)):

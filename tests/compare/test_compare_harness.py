@@ -1,5 +1,6 @@
 """red.compare with an injected runner (no training): same overrides for every mode, resume skips finished runs,
 compare.json has the issue-10 schema and its numbers come from the runs' summary.json files."""
+
 import json
 import os
 
@@ -19,15 +20,29 @@ def fake_runner(calls, fail=()):
             return 1
         os.makedirs(out, exist_ok=True)
         acc = ACC[(mode, seed)]
-        ev = {"accuracy": acc, "n": 1, "per_source": {
-            "all": {"avg@1": acc, "mean_length": 30.0 + seed, "mean_length_correct": 28.0, "mean_length_wrong": 40.0},
-            "synthetic/largest": {"avg@1": 1.0}, "synthetic/smallest": {"avg@1": 2 * acc - 1}}}
+        ev = {
+            "accuracy": acc,
+            "n": 1,
+            "per_source": {
+                "all": {
+                    "avg@1": acc,
+                    "mean_length": 30.0 + seed,
+                    "mean_length_correct": 28.0,
+                    "mean_length_wrong": 40.0,
+                },
+                "synthetic/largest": {"avg@1": 1.0},
+                "synthetic/smallest": {"avg@1": 2 * acc - 1},
+            },
+        }
         with open(os.path.join(out, "metrics.jsonl"), "w") as fh:
             for step in (0, 1, 2):
-                fh.write(json.dumps({"step": step, "mode": mode, "eval/acc": acc * step / 2, "H_on": 1.0}) + "\n")
+                fh.write(
+                    json.dumps({"step": step, "mode": mode, "eval/acc": acc * step / 2, "H_on": 1.0}) + "\n"
+                )
         with open(os.path.join(out, "summary.json"), "w") as fh:
             json.dump({"eval_before": None, "eval_after": ev, "wall_time_s": 5.0}, fh)
         return 0
+
     return run
 
 
@@ -36,15 +51,22 @@ def test_runs_aggregates_and_resumes(tmp_path):
     calls = []
     res = compare(None, ["grpo", "red"], 2, "grpo", 2, ["train.steps=2"], out, runner=fake_runner(calls))
     assert sorted((m, s) for m, s, _ in calls) == sorted(ACC)
-    for mode, seed, argv in calls:     # every mode gets the same overrides, its own output dir
+    for mode, seed, argv in calls:  # every mode gets the same overrides, its own output dir
         assert "train.steps=2" in argv and f"output_dir={os.path.join(out, mode, f'seed_{seed}')}" in argv
     on_disk = json.load(open(os.path.join(out, "compare.json")))
     assert on_disk == json.loads(json.dumps(res))
     assert set(on_disk) >= {"budget", "versions", "modes", "paired_vs_baseline"}
     red = on_disk["modes"]["red"]
     assert [r["seed"] for r in red["runs"]] == [0, 1]
-    assert set(red["runs"][0]) >= {"seed", "heldout_acc", "len_mean", "len_correct_mean", "len_wrong_mean",
-                                   "wall_s", "output_dir"}
+    assert set(red["runs"][0]) >= {
+        "seed",
+        "heldout_acc",
+        "len_mean",
+        "len_correct_mean",
+        "len_wrong_mean",
+        "wall_s",
+        "output_dir",
+    }
     assert red["heldout_acc"]["mean"] == pytest.approx(0.65) and red["heldout_acc"]["n"] == 2
     # [0.7, 0.6]: s = 0.0707107, half-width 12.7062 * s / sqrt(2) = 0.63531
     assert red["heldout_acc"]["ci95"] == pytest.approx([0.65 - 0.63531, 0.65 + 0.63531], abs=1e-5)
@@ -54,16 +76,20 @@ def test_runs_aggregates_and_resumes(tmp_path):
     p = on_disk["paired_vs_baseline"]
     assert set(p) == {"red"} and p["red"]["n"] == 2 and p["red"]["diff_mean"] == pytest.approx(0.1)
     assert on_disk["budget"]["train_steps"] == 2 and on_disk["budget"]["group_size"] == 8
-    assert os.path.isfile(os.path.join(out, "compare.md")) and os.path.isfile(os.path.join(out, "compare.png"))
+    assert os.path.isfile(os.path.join(out, "compare.md")) and os.path.isfile(
+        os.path.join(out, "compare.png")
+    )
     assert "| red | 2 | 65.0 |" in open(os.path.join(out, "compare.md")).read()
 
-    calls.clear()                      # re-run: everything finished, nothing runs, same result
-    assert compare(None, ["grpo", "red"], 2, "grpo", 1, ["train.steps=2"], out, runner=fake_runner(calls)) == res
+    calls.clear()  # re-run: everything finished, nothing runs, same result
+    assert (
+        compare(None, ["grpo", "red"], 2, "grpo", 1, ["train.steps=2"], out, runner=fake_runner(calls)) == res
+    )
     assert calls == []
-    os.remove(os.path.join(out, "red", "seed_1", "summary.json"))   # an unfinished run is run (resumed) again
+    os.remove(os.path.join(out, "red", "seed_1", "summary.json"))  # an unfinished run is run (resumed) again
     compare(None, ["grpo", "red"], 2, "grpo", 1, ["train.steps=2"], out, runner=fake_runner(calls))
     assert [(m, s) for m, s, _ in calls] == [("red", 1)]
-    with pytest.raises(SystemExit, match="other settings"):   # same directories, another budget: refused
+    with pytest.raises(SystemExit, match="other settings"):  # same directories, another budget: refused
         compare(None, ["grpo", "red"], 2, "grpo", 1, ["train.steps=3"], out, runner=fake_runner(calls))
 
 
@@ -80,7 +106,7 @@ def test_command_line_errors_name_the_argument(capsys):
         main(["--modes", "grpo,ppo"])
     assert "--modes" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--modes", "red,luffy"])          # baseline grpo not among the modes
+        main(["--modes", "red,luffy"])  # baseline grpo not among the modes
     assert "--baseline" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="seed"):
         parse_overrides(["seed=3"])
@@ -95,19 +121,41 @@ def test_one_seed_writes_strict_json_with_null_intervals(tmp_path):
     text = open(os.path.join(out, "compare.json")).read()
     assert "NaN" not in text
     on_disk = json.loads(text)
-    assert on_disk["modes"]["red"]["heldout_acc"] == {"mean": pytest.approx(0.7), "ci95": [None, None], "n": 1}
+    assert on_disk["modes"]["red"]["heldout_acc"] == {
+        "mean": pytest.approx(0.7),
+        "ci95": [None, None],
+        "n": 1,
+    }
     assert on_disk["paired_vs_baseline"]["red"]["ci95"] == [None, None]
     assert "| red | 1 | 70.0 | n/a |" in open(os.path.join(out, "compare.md")).read()
 
 
 def test_a_bad_config_fails_before_any_run_and_names_the_key(tmp_path, capsys):
     from red.config import ConfigError
+
     calls = []
     with pytest.raises(ConfigError, match="'train.stepz': unknown key"):
-        compare(None, ["grpo", "red"], 1, "grpo", 1, ["train.stepz=2"], str(tmp_path / "a"), runner=fake_runner(calls))
-    with pytest.raises(ConfigError, match="rollout.num_offline"):      # valid for grpo, not for red
-        compare(None, ["grpo", "red"], 1, "grpo", 1, ["rollout.num_offline=0"], str(tmp_path / "b"),
-                runner=fake_runner(calls))
+        compare(
+            None,
+            ["grpo", "red"],
+            1,
+            "grpo",
+            1,
+            ["train.stepz=2"],
+            str(tmp_path / "a"),
+            runner=fake_runner(calls),
+        )
+    with pytest.raises(ConfigError, match="rollout.num_offline"):  # valid for grpo, not for red
+        compare(
+            None,
+            ["grpo", "red"],
+            1,
+            "grpo",
+            1,
+            ["rollout.num_offline=0"],
+            str(tmp_path / "b"),
+            runner=fake_runner(calls),
+        )
     assert calls == [] and not os.path.exists(tmp_path / "a")
     assert main(["--config", "no-such-config", f"output_dir={tmp_path / 'c'}"]) == 2
     assert "no-such-config" in capsys.readouterr().err
@@ -117,8 +165,16 @@ def test_a_bad_config_fails_before_any_run_and_names_the_key(tmp_path, capsys):
 
 def test_the_budget_holds_the_schema_values_the_runs_use(tmp_path):
     cfg = tmp_path / "short.yaml"
-    cfg.write_text("rollout: {n: 4}\n")        # train.* left to the schema's defaults, as the runs see them
-    res = compare(str(cfg), ["grpo"], 1, "grpo", 1, ["train.steps=3"], str(tmp_path / "cmp"), runner=fake_runner([]))
+    cfg.write_text("rollout: {n: 4}\n")  # train.* left to the schema's defaults, as the runs see them
+    res = compare(
+        str(cfg), ["grpo"], 1, "grpo", 1, ["train.steps=3"], str(tmp_path / "cmp"), runner=fake_runner([])
+    )
     from red.config import TrainConfig
+
     b, prompts = res["budget"], TrainConfig().prompts_per_step
-    assert (b["train_steps"], b["prompts_per_step"], b["group_size"], b["samples"]) == (3, prompts, 4, 3 * prompts * 4)
+    assert (b["train_steps"], b["prompts_per_step"], b["group_size"], b["samples"]) == (
+        3,
+        prompts,
+        4,
+        3 * prompts * 4,
+    )

@@ -1,4 +1,5 @@
 """Student-t intervals and paired differences, pinned to values computed by hand."""
+
 import math
 
 import pytest
@@ -39,11 +40,13 @@ def test_mean_ci95_degenerate_and_missing_values():
 
 def test_paired_difference_by_seed():
     # diffs by seed: 0.2, 0.0, 0.3 -> mean 0.1666667, s = 0.1527525, half-width 4.3027 * s / sqrt(3) = 0.3794625
-    a = {0: 0.7, 1: 0.6, 2: 0.9, 3: 0.1}          # seed 3 has no partner: not counted
+    a = {0: 0.7, 1: 0.6, 2: 0.9, 3: 0.1}  # seed 3 has no partner: not counted
     b = {2: 0.6, 0: 0.5, 1: 0.6}
     r = paired_diff(a, b)
     assert r["n"] == 3 and r["diff_mean"] == pytest.approx(1 / 6)
     assert r["ci95"] == pytest.approx([1 / 6 - 0.3794625, 1 / 6 + 0.3794625], abs=1e-6)
     # pairing matters: the unpaired spread of a and b is far larger than that of the differences
     shifted = paired_diff({0: 0.1, 1: 0.5, 2: 0.9}, {0: 0.0, 1: 0.4, 2: 0.8})
-    assert shifted["diff_mean"] == pytest.approx(0.1) and shifted["ci95"] == pytest.approx([0.1, 0.1], abs=1e-9)
+    assert shifted["diff_mean"] == pytest.approx(0.1) and shifted["ci95"] == pytest.approx(
+        [0.1, 0.1], abs=1e-9
+    )

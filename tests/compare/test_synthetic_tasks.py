@@ -1,4 +1,5 @@
 """The embedded task family keeps the properties its design (experiments/embedded/DESIGN.md) relies on."""
+
 import re
 
 from red import synthetic
@@ -20,18 +21,23 @@ def test_traces_are_correct_and_the_split_is_disjoint():
         assert 5 <= len(nums) <= 8
     assert not {tuple(_numbers(e["problem"])) for e in train} & {tuple(_numbers(e["problem"])) for e in held}
     warm = synthetic.generate("chains_warmup", 200, seed=0)
-    assert all("largest" in e["problem"] and "Wait" not in e["traces"][0] for e in warm)   # no extension, concise
+    assert all(
+        "largest" in e["problem"] and "Wait" not in e["traces"][0] for e in warm
+    )  # no extension, concise
 
 
 def test_verbose_teacher_fits_the_budget_and_one_more_check_mostly_does_not():
     tok = synthetic.build_tokenizer()
-    n_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) + 1       # + EOS
+
+    def n_tokens(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+
     verbose = synthetic.generate("chains", 300, seed=0)
     concise = synthetic.generate("chains_concise", 300, seed=0)
     checks = [len(re.findall(r"Wait|Hmm", e["traces"][0])) for e in verbose]
     assert set(checks) == {1, 2}
     lv, lc = [n_tokens(e["traces"][0]) for e in verbose], [n_tokens(e["traces"][0]) for e in concise]
-    assert max(lv) <= 48 < max(lv) + 9 and max(lc) < min(lv)        # a check costs 8-9 tokens
+    assert max(lv) <= 48 < max(lv) + 9 and max(lc) < min(lv)  # a check costs 8-9 tokens
 
 
 def test_word_problems_are_worked_and_correct():

@@ -1,5 +1,6 @@
 """End-to-end runs of `red.train` at small size: every mode runs in one pipeline, and a run killed with SIGKILL
 after a checkpoint resumes to exactly the same metrics and weights as an uninterrupted run."""
+
 import json
 import os
 import signal
@@ -13,12 +14,22 @@ from safetensors.torch import load_file
 
 from red.train import main
 
-TINY = ["warmup.enabled=false",
-        "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
-        "num_key_value_heads: 1}",
-        "train.prompts_per_step=4", "rollout.n=4", "rollout.max_new_tokens=32", "data.synthetic_train_size=64",
-        "data.synthetic_eval_size=6", "eval.every=0", "log.progress=false", "log.plot=false", "optim.lr=1e-3",
-        "algorithm.max_refill=1", "log.samples_every=1"]
+TINY = [
+    "warmup.enabled=false",
+    "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+    "num_key_value_heads: 1}",
+    "train.prompts_per_step=4",
+    "rollout.n=4",
+    "rollout.max_new_tokens=32",
+    "data.synthetic_train_size=64",
+    "data.synthetic_eval_size=6",
+    "eval.every=0",
+    "log.progress=false",
+    "log.plot=false",
+    "optim.lr=1e-3",
+    "algorithm.max_refill=1",
+    "log.samples_every=1",
+]
 
 
 def _rows(out):
@@ -33,8 +44,19 @@ def _stable(row):
 @pytest.mark.parametrize("mode", ["red", "luffy", "grpo", "sft", "sft_then_grpo"])
 def test_every_mode_runs_in_the_same_pipeline(tmp_path, mode):
     out = str(tmp_path / mode)
-    assert main([f"output_dir={out}", f"algorithm.mode={mode}", "train.steps=2", "algorithm.sft_steps=1",
-                 "checkpoint.every=1", *TINY]) == 0
+    assert (
+        main(
+            [
+                f"output_dir={out}",
+                f"algorithm.mode={mode}",
+                "train.steps=2",
+                "algorithm.sft_steps=1",
+                "checkpoint.every=1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     rows = _rows(out)
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/acc" in rows[0] and "eval/acc" in rows[2]
     steps = rows[1:]
@@ -44,8 +66,10 @@ def test_every_mode_runs_in_the_same_pipeline(tmp_path, mode):
         assert [r["mode"] for r in steps] == ["sft", "grpo"] and steps[1]["acc_offline"] is None
     elif mode == "grpo":
         # a random model solves nothing: every group is all-wrong and dropped, nothing to learn from
-        assert all(r["acc_offline"] is None and r["drop_frac_all_wrong"] == 1.0 and r["skipped_update"] == 1
-                   for r in steps)
+        assert all(
+            r["acc_offline"] is None and r["drop_frac_all_wrong"] == 1.0 and r["skipped_update"] == 1
+            for r in steps
+        )
     else:
         assert all(r["acc_offline"] == 1.0 and r["H_on"] > 0 and r["H_off"] > 0 for r in steps)
         if mode == "luffy":
@@ -53,16 +77,28 @@ def test_every_mode_runs_in_the_same_pipeline(tmp_path, mode):
         assert all(r["groups_kept"] >= 1 and r["grad_norm"] > 0 for r in steps)
     assert os.path.isfile(os.path.join(out, "step_2", "model.safetensors"))
     assert open(os.path.join(out, "latest")).read().strip() == "step_2"
-    summary = open(os.path.join(out, "summary.json")).read()   # strict JSON: no NaN for an empty mean
-    assert "NaN" not in summary and "Infinity" not in summary and json.loads(summary)["eval_after"]["accuracy"] >= 0
+    summary = open(os.path.join(out, "summary.json")).read()  # strict JSON: no NaN for an empty mean
+    assert (
+        "NaN" not in summary
+        and "Infinity" not in summary
+        and json.loads(summary)["eval_after"]["accuracy"] >= 0
+    )
     assert not os.path.exists(os.path.join(out, "step_0"))
     # keep: 2 -> step_1 and step_2 remain
     assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_1", "step_2"]
 
 
 def _cmd(out, steps):
-    return [sys.executable, "-m", "red.train", f"output_dir={out}", f"train.steps={steps}", "checkpoint.every=2",
-            "checkpoint.keep=3", *TINY]
+    return [
+        sys.executable,
+        "-m",
+        "red.train",
+        f"output_dir={out}",
+        f"train.steps={steps}",
+        "checkpoint.every=2",
+        "checkpoint.keep=3",
+        *TINY,
+    ]
 
 
 @pytest.mark.slow

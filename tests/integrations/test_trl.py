@@ -5,10 +5,11 @@ Two optimizer steps from one generation (steps_per_generation=2, so the old-poli
 1e-4 relative in fp32, and no pass may run the lm_head over more than one position per sequence (generation
 scores only the last position; any scoring pass that did would be materialising [N, V] logits).
 """
+
 import copy
 import math
 
-import datasets   # trl and its datasets: installed by .[bench] (-> [trl]); a missing one fails, never skips
+import datasets  # trl and its datasets: installed by .[bench] (-> [trl]); a missing one fails, never skips
 import pytest
 import torch
 import trl
@@ -44,6 +45,7 @@ def _no_full_logits(module):
         if x.dim() == 3 and x.shape[1] > 1:
             raise AssertionError(f"lm_head run over {x.shape[1]} positions: [N, V] logits materialised")
         return torch.nn.functional.linear(x, module.weight, module.bias)
+
     module.forward = forward
 
 
@@ -51,11 +53,26 @@ def _train(cls, saved, tmp_path, loss_type, entropy_coef):
     path, tok = saved
     torch.manual_seed(0)
     args = trl.GRPOConfig(
-        output_dir=str(tmp_path / cls.__name__), loss_type=loss_type, entropy_coef=entropy_coef, beta=0.05,
-        num_generations=4, per_device_train_batch_size=4, steps_per_generation=2, max_completion_length=6,
-        max_steps=2, optim="sgd", learning_rate=0.1,   # SGD: updates linear in the gradients
-        logging_steps=1, seed=0, report_to="none", save_strategy="no",
-        use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True)
+        output_dir=str(tmp_path / cls.__name__),
+        loss_type=loss_type,
+        entropy_coef=entropy_coef,
+        beta=0.05,
+        num_generations=4,
+        per_device_train_batch_size=4,
+        steps_per_generation=2,
+        max_completion_length=6,
+        max_steps=2,
+        optim="sgd",
+        learning_rate=0.1,  # SGD: updates linear in the gradients
+        logging_steps=1,
+        seed=0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     data = datasets.Dataset.from_dict({"prompt": ["12+7=", "3*4=", "9-5=", "8+8="]})
     trainer = cls(model=path, reward_funcs=reward_len, args=args, train_dataset=data, processing_class=tok)
     _no_full_logits(trainer.model.lm_head)
@@ -73,12 +90,14 @@ def _close(a, b, rel=1e-4):
 @pytest.mark.parametrize("loss_type,entropy_coef", [("grpo", 0.0), ("dr_grpo", 0.0), ("dapo", 0.05)])
 def test_two_steps_match_stock_grpo_trainer(tiny, saved_tiny, tmp_path, monkeypatch, loss_type, entropy_coef):
     import red_kernels.integrations.trl as adapter
+
     stock_logs, stock_w = _train(trl.GRPOTrainer, saved_tiny, tmp_path, loss_type, entropy_coef)
     calls = []
 
     def recording(*args, **kwargs):
         calls.append((torch.is_grad_enabled(), kwargs["return_entropy"]))
         return linear_logprobs(*args, **kwargs)
+
     monkeypatch.setattr(adapter, "linear_logprobs", recording)
     ours_logs, ours_w = _train(REDKernelsGRPOTrainer, saved_tiny, tmp_path, loss_type, entropy_coef)
     # old-policy pass (no grad, policy), reference pass (no grad, ref model: no entropy), policy pass (grad)
@@ -93,7 +112,7 @@ def test_two_steps_match_stock_grpo_trainer(tiny, saved_tiny, tmp_path, monkeypa
         assert diff <= 1e-4 * max(w.abs().max(), 1e-6), (name, float(diff))
     init = tiny[0].state_dict()
     moved = max(float((init[k] - w).abs().max()) for k, w in stock_w.items())
-    assert moved > 1e-4   # the two steps changed the weights, so equal weights mean equal updates
+    assert moved > 1e-4  # the two steps changed the weights, so equal weights mean equal updates
 
 
 class _Config:
@@ -101,14 +120,17 @@ class _Config:
         self.__dict__.update(kw)
 
 
-@pytest.mark.parametrize("attrs,want", [
-    ({}, (None, 1.0)),
-    ({"final_logit_softcapping": 30.0}, (30.0, 1.0)),
-    ({"logit_scale": None, "logits_scaling": 8.0, "model_type": "granite"}, (None, 0.125)),
-    ({"logits_scaling": 4.0, "model_type": "hyperclovax"}, (None, 4.0)),
-    ({"lm_head_multiplier": 0.5}, (None, 0.5)),
-    ({"logit_scale": 0.0625, "output_multiplier": 2.0}, (None, 0.0625)),
-])
+@pytest.mark.parametrize(
+    "attrs,want",
+    [
+        ({}, (None, 1.0)),
+        ({"final_logit_softcapping": 30.0}, (30.0, 1.0)),
+        ({"logit_scale": None, "logits_scaling": 8.0, "model_type": "granite"}, (None, 0.125)),
+        ({"logits_scaling": 4.0, "model_type": "hyperclovax"}, (None, 4.0)),
+        ({"lm_head_multiplier": 0.5}, (None, 0.5)),
+        ({"logit_scale": 0.0625, "output_multiplier": 2.0}, (None, 0.0625)),
+    ],
+)
 def test_logit_transform_reads_the_config_like_trl(attrs, want):
     assert logit_transform(_Config(**attrs)) == want
 
@@ -126,6 +148,7 @@ def test_fused_forward_matches_trls_fused_lm_head(tiny, shifted, transform):
     from trl.trainer.utils import add_fused_lm_head
 
     from red_kernels.integrations.trl import add_red_lm_head
+
     base = copy.deepcopy(tiny[0])
     for k, v in transform.items():
         setattr(base.config, k, v)
@@ -140,9 +163,9 @@ def test_fused_forward_matches_trls_fused_lm_head(tiny, shifted, transform):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (3, 11), generator=g)
     attn = torch.ones_like(ids)
-    attn[2, -4:] = 0                                   # a padded row
+    attn[2, -4:] = 0  # a padded row
     labels = ids.masked_fill(attn == 0, -100)
-    labels[:, :5] = -100                               # the prompt is not scored
+    labels[:, :5] = -100  # the prompt is not scored
     pad = torch.full((3, 1), -100)
     kw = {"shift_labels": torch.cat([labels[:, 1:], pad], 1)} if shifted else {"labels": labels}
     outs = []
@@ -169,8 +192,17 @@ def test_adapter_passes_softcap_and_scale_as_trl_applies_them(tiny, monkeypatch)
 
     import red_kernels.integrations.trl as adapter
 
-    def op(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=True, softcap=None,
-           logit_scale=1.0):
+    def op(
+        hidden,
+        weight,
+        targets,
+        *,
+        bias=None,
+        temperature=1.0,
+        return_entropy=True,
+        softcap=None,
+        logit_scale=1.0,
+    ):
         z = (hidden.double() @ weight.double().t()) * logit_scale
         z = (softcap * torch.tanh(z / softcap) if softcap is not None else z) / temperature
         logp = torch.log_softmax(z, -1)
@@ -178,6 +210,7 @@ def test_adapter_passes_softcap_and_scale_as_trl_applies_them(tiny, monkeypatch)
         lp = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * keep
         ent = -(logp.exp() * logp).sum(-1) * keep
         return lp.float(), ent.float() if return_entropy else None
+
     monkeypatch.setattr(adapter, "linear_logprobs", op)
     base = copy.deepcopy(tiny[0])
     for k, v in SOFTCAP_SCALE.items():
@@ -192,12 +225,17 @@ def test_adapter_passes_softcap_and_scale_as_trl_applies_them(tiny, monkeypatch)
     a, b = (m(input_ids=ids, labels=labels, fused_lm_head=True) for m in (ours, theirs))
     torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(a.log_probs, base(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(
-        -1, ids[:, 1:, None]).squeeze(-1) * (labels[:, 1:] != -100), atol=1e-3)   # the transform mattered
+    assert not torch.allclose(
+        a.log_probs,
+        base(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        * (labels[:, 1:] != -100),
+        atol=1e-3,
+    )  # the transform mattered
 
 
 def test_refuses_zero3_and_the_moe_aux_loss_with_a_clear_error(tiny, monkeypatch):
     import red_kernels.integrations.trl as adapter
+
     model = copy.deepcopy(tiny[0])
     monkeypatch.setattr(adapter, "_zero3_enabled", lambda: True)
     with pytest.raises(NotImplementedError, match="ZeRO-3"):

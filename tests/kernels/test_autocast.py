@@ -7,15 +7,16 @@ the very same dtypes and shapes, and CPU GEMMs / the Triton interpreter are dete
 so any difference at all means autocast re-cast something. Forward AND backward run inside the autocast region
 (the harsher case: a custom Function's backward sees the autocast state of the thread calling .backward()).
 """
+
 import pytest
 import torch
 
 from red_kernels import FusedLinearREDLoss, linear_logprobs, red_loss
 
 AC = dict(device_type="cpu", dtype=torch.bfloat16)
-BACKENDS = ["torch", "triton"]          # triton: the kernels in Triton's interpreter (tests/conftest.py)
+BACKENDS = ["torch", "triton"]  # triton: the kernels in Triton's interpreter (tests/conftest.py)
 DTYPES = [torch.float32, torch.bfloat16]
-B, T, H, V = 2, 7, 24, 53               # odd sizes: no block size divides them
+B, T, H, V = 2, 7, 24, 53  # odd sizes: no block size divides them
 
 
 def _inputs(dtype, seed=0):
@@ -23,7 +24,7 @@ def _inputs(dtype, seed=0):
     hidden = torch.randn(B, T, H, generator=g).to(dtype)
     weight = (torch.randn(V, H, generator=g) * 0.3).to(dtype)
     targets = torch.randint(0, V, (B, T), generator=g)
-    targets[0, :2] = -100                # prompt positions: ignored rows
+    targets[0, :2] = -100  # prompt positions: ignored rows
     return hidden, weight, targets
 
 
@@ -50,7 +51,7 @@ def test_linear_logprobs_same_under_autocast(backend, dtype):
     g = torch.Generator().manual_seed(1)
     g_lp, g_h = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
 
-    def fn(h, w):   # gradient through both log p and entropy; chunk_size=3 forces several row chunks
+    def fn(h, w):  # gradient through both log p and entropy; chunk_size=3 forces several row chunks
         lp, ent = linear_logprobs(h, w, targets, backend=backend, chunk_size=3, temperature=0.7)
         return (lp, ent), (lp * g_lp).sum() + (ent * g_h).sum()
 
@@ -60,8 +61,10 @@ def test_linear_logprobs_same_under_autocast(backend, dtype):
     _assert_bitwise(out + [dh, dw], out_ac + [dh_ac, dw_ac])
 
 
-CONFIGS = {"red": dict(offline_shaping="accuracy_shift", loss_agg="seq_sum_const", entropy_coef=0.01),
-           "grpo": dict(offline_shaping="none", loss_agg="seq_mean", clip_eps_high=0.2)}
+CONFIGS = {
+    "red": dict(offline_shaping="accuracy_shift", loss_agg="seq_sum_const", entropy_coef=0.01),
+    "grpo": dict(offline_shaping="none", loss_agg="seq_mean", clip_eps_high=0.2),
+}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -73,12 +76,22 @@ def test_red_loss_same_under_autocast(backend, dtype, config):
     mask = targets != -100
     old = torch.where(mask, -torch.rand(B, T, generator=g) * 3, 0.0)
     extra = {}
-    if config == "red":   # row 1 is a teacher (offline) trace
+    if config == "red":  # row 1 is a teacher (offline) trace
         extra = dict(offline_mask=mask & (torch.arange(B)[:, None] == 1), group_accuracy=[0.25, 0.25])
 
     def fn(h, w):
-        out = red_loss(h, w, targets, torch.tensor([0.7, -1.3]), loss_mask=mask, old_logprobs=old,
-                       backend=backend, chunk_size=4, **CONFIGS[config], **extra)
+        out = red_loss(
+            h,
+            w,
+            targets,
+            torch.tensor([0.7, -1.3]),
+            loss_mask=mask,
+            old_logprobs=old,
+            backend=backend,
+            chunk_size=4,
+            **CONFIGS[config],
+            **extra,
+        )
         return (out.loss, out.logprobs, out.entropy, *out.metrics.values()), out.loss
 
     out, dh, dw = _grads(fn, hidden, weight, autocast=False)
@@ -114,8 +127,11 @@ def test_hidden_from_autocast_matmul(backend):
     assert hidden.dtype == torch.bfloat16 and weight.dtype == torch.float32
     for autocast in (False, True):
         with torch.autocast(**AC, enabled=autocast):
-            with pytest.raises(TypeError, match=r"hidden \(torch.bfloat16\) and weight \(torch.float32\) must "
-                                                r"share a dtype: cast one of them, e.g. hidden.to\(weight.dtype\)"):
+            with pytest.raises(
+                TypeError,
+                match=r"hidden \(torch.bfloat16\) and weight \(torch.float32\) must "
+                r"share a dtype: cast one of them, e.g. hidden.to\(weight.dtype\)",
+            ):
                 linear_logprobs(hidden, weight, targets, backend=backend)
             with pytest.raises(TypeError, match="must share a dtype"):
                 red_loss(hidden, weight, targets, torch.ones(B), loss_mask=targets != -100, backend=backend)
@@ -144,7 +160,9 @@ def test_same_under_cuda_autocast(backend, ac_dtype, dtype, monkeypatch):
 
     def fn(h, w):
         lp, ent = linear_logprobs(h, w, targets, backend=backend)
-        out = red_loss(h, w, targets, torch.tensor([0.7, -1.3], device="cuda"), loss_mask=mask, backend=backend)
+        out = red_loss(
+            h, w, targets, torch.tensor([0.7, -1.3], device="cuda"), loss_mask=mask, backend=backend
+        )
         return (lp, ent, out.loss, out.logprobs), (lp - ent).sum() + out.loss
 
     out, dh, dw = _grads(fn, hidden, weight, autocast=False, ac=ac)

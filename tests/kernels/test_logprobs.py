@@ -8,6 +8,7 @@ On CPU the 'triton' backend runs in Triton's interpreter (conftest sets TRITON_I
 on the compiled kernels: `TRITON_INTERPRET=0 RED_KERNELS_TEST_DEVICE=cuda pytest tests/kernels/test_logprobs.py`
 (optionally RED_KERNELS_BACKEND=triton to run only that backend).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,8 @@ from red_kernels import backends, linear_logprobs
 from red_kernels.reference import reference_logits, reference_logprobs
 
 DEVICE = torch.device(
-    "cuda" if os.environ.get("RED_KERNELS_TEST_DEVICE") == "cuda" and torch.cuda.is_available() else "cpu")
+    "cuda" if os.environ.get("RED_KERNELS_TEST_DEVICE") == "cuda" and torch.cuda.is_available() else "cpu"
+)
 _ONLY = os.environ.get("RED_KERNELS_BACKEND")
 BACKENDS = [_ONLY] if _ONLY in ("torch", "triton") else ["torch", "triton"]
 
@@ -30,8 +32,20 @@ HALF_TOL = dict(lp=2e-3, ent=5e-3, grad=2e-2)
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def make_inputs(shape, hidden, vocab, *, dtype=torch.float32, bias=False, seed=0, ignore_frac=0.2,
-                x_scale=1.0, w_scale=0.3, b_scale=0.5, ignore_index=-100):
+def make_inputs(
+    shape,
+    hidden,
+    vocab,
+    *,
+    dtype=torch.float32,
+    bias=False,
+    seed=0,
+    ignore_frac=0.2,
+    x_scale=1.0,
+    w_scale=0.3,
+    b_scale=0.5,
+    ignore_index=-100,
+):
     """Random (hidden [*shape, H], weight [V, H], targets [*shape], bias [V] or None) on DEVICE, in `dtype`."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(*shape, hidden, generator=g) * x_scale).to(dtype)
@@ -55,7 +69,9 @@ def run_op(fn, x, w, y, b, mode, leaf_dtype=None, **kw):
 
     leaf_dtype=torch.float64 makes the inputs float64 leaves (exact reference gradients, not rounded to bf16).
     """
-    leaves = [t.detach().to(leaf_dtype or t.dtype).clone().requires_grad_() for t in (x, w, b) if t is not None]
+    leaves = [
+        t.detach().to(leaf_dtype or t.dtype).clone().requires_grad_() for t in (x, w, b) if t is not None
+    ]
     bias = leaves[2] if b is not None else None
     lp, ent = fn(leaves[0], leaves[1], y, bias, **kw)
     a, c = upstream(y.shape, mode)
@@ -68,6 +84,7 @@ def run_op(fn, x, w, y, b, mode, leaf_dtype=None, **kw):
 def _op(backend, chunk_size=None, **kw):
     def fn(x, w, y, b, **extra):
         return linear_logprobs(x, w, y, bias=b, backend=backend, chunk_size=chunk_size, **kw, **extra)
+
     return fn
 
 
@@ -80,8 +97,21 @@ def max_logit(x, w, b, tau, **zkw):
     return z.abs().max().item() if z.numel() else 0.0
 
 
-def check_against_reference(backend, x, w, y, b, *, tau=1.0, mode="mix", tol=None, chunk_size=None,
-                            ignore_index=-100, logit_ulps=0.0, **zkw):
+def check_against_reference(
+    backend,
+    x,
+    w,
+    y,
+    b,
+    *,
+    tau=1.0,
+    mode="mix",
+    tol=None,
+    chunk_size=None,
+    ignore_index=-100,
+    logit_ulps=0.0,
+    **zkw,
+):
     """Compare values and gradients with the fp64 reference; returns the observed errors.
 
     logit_ulps > 0 widens every tolerance by logit_ulps·eps32·max|z|: fp32 logits of magnitude |z| are only
@@ -90,16 +120,20 @@ def check_against_reference(backend, x, w, y, b, *, tau=1.0, mode="mix", tol=Non
     """
     tol = dict(tol or (FP32_TOL if x.dtype == torch.float32 else HALF_TOL))
     slack = logit_ulps * EPS32 * max_logit(x, w, b, tau, **zkw)
-    lp, ent, grads = run_op(_op(backend, chunk_size, ignore_index=ignore_index), x, w, y, b, mode,
-                            temperature=tau, **zkw)
-    lp_r, ent_r, grads_r = run_op(_ref, x, w, y, b, mode, leaf_dtype=torch.float64, temperature=tau,
-                                  ignore_index=ignore_index, **zkw)
+    lp, ent, grads = run_op(
+        _op(backend, chunk_size, ignore_index=ignore_index), x, w, y, b, mode, temperature=tau, **zkw
+    )
+    lp_r, ent_r, grads_r = run_op(
+        _ref, x, w, y, b, mode, leaf_dtype=torch.float64, temperature=tau, ignore_index=ignore_index, **zkw
+    )
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == y.shape
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     ignored = y == ignore_index
     assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
-    errs = {"lp": (lp.double() - lp_r).abs().max().item() if lp.numel() else 0.0,
-            "ent": (ent.double() - ent_r).abs().max().item() if ent.numel() else 0.0}
+    errs = {
+        "lp": (lp.double() - lp_r).abs().max().item() if lp.numel() else 0.0,
+        "ent": (ent.double() - ent_r).abs().max().item() if ent.numel() else 0.0,
+    }
     assert errs["lp"] <= tol["lp"] + slack, errs
     assert errs["ent"] <= tol["ent"] + slack, errs
     for name, g, g_r in zip(("hidden", "weight", "bias"), grads, grads_r):
@@ -149,15 +183,20 @@ def _strided(t, how):
     return base, lambda u: u[::2]
 
 
-@pytest.mark.parametrize("arg", ["hidden_rows", "hidden_cols", "weight_rows", "weight_cols", "bias", "targets",
-                                 "all"])
+@pytest.mark.parametrize(
+    "arg", ["hidden_rows", "hidden_cols", "weight_rows", "weight_cols", "bias", "targets", "all"]
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs(backend, arg):
     """Every argument may be a non-contiguous view (a bias with stride 2 gave |Δ log p| = 2.43 on the Triton path
     before its stride was honoured). Gradients flow back through the views into their bases."""
     x, w, y, b = make_inputs((29,), 40, 300, bias=True, seed=12)
-    picks = {"x": ("hidden_rows", "hidden_cols"), "w": ("weight_rows", "weight_cols"), "b": ("bias",),
-             "y": ("targets",)}
+    picks = {
+        "x": ("hidden_rows", "hidden_cols"),
+        "w": ("weight_rows", "weight_cols"),
+        "b": ("bias",),
+        "y": ("targets",),
+    }
     inputs = dict(x=x, w=w, y=y, b=b)
     views, grads_of = {}, {}
     for name, t in inputs.items():
@@ -169,7 +208,9 @@ def test_strided_inputs(backend, arg):
         views[name] = view(base)
         grads_of[name] = (base, view)
         assert views[name].is_contiguous() != bool(chosen) and torch.equal(views[name], t)
-    lp, ent = linear_logprobs(views["x"], views["w"], views["y"], bias=views["b"], temperature=0.9, backend=backend)
+    lp, ent = linear_logprobs(
+        views["x"], views["w"], views["y"], bias=views["b"], temperature=0.9, backend=backend
+    )
     a, c = upstream(y.shape, "mix")
     leaves = [grads_of[k][0] for k in ("x", "w", "b")]
     grads = torch.autograd.grad((lp * a).sum() + (ent * c).sum(), leaves)
@@ -236,11 +277,11 @@ def test_zero_tokens(backend, shape):
 def _extreme(kind):
     x, w, y, b = make_inputs((40,), 32, 900, bias=True, seed=7)
     g = torch.Generator().manual_seed(8)
-    if kind == "all_very_negative":   # every logit ≈ −1e4 (NaN with a running max initialised at 0)
+    if kind == "all_very_negative":  # every logit ≈ −1e4 (NaN with a running max initialised at 0)
         b = b - 1e4
-    elif kind == "spread_1e4":        # logits near ±1e4: most p underflow to exactly 0
+    elif kind == "spread_1e4":  # logits near ±1e4: most p underflow to exactly 0
         b = b + 1e4 * torch.where(torch.rand(900, generator=g) < 0.5, -1.0, 1.0).to(DEVICE)
-    elif kind == "one_hot_rows":      # large hidden norm: p ≈ one-hot, entropy ≈ 0, log p of others ≈ −hundreds
+    elif kind == "one_hot_rows":  # large hidden norm: p ≈ one-hot, entropy ≈ 0, log p of others ≈ −hundreds
         x = x * 40
     return x, w, y, b
 
@@ -286,6 +327,7 @@ def test_triton_backward_is_deterministic_and_forward_with_grad_matches():
 
     def grad_fn(rows, logp, ent):
         return a[rows] * 2, c[rows] - 1
+
     got = backends.forward_with_grad(triton_ops, x, w, b, y, 1.2, grad_fn)
     want = backends.forward_with_grad(chunked, x, w, b, y, 1.2, grad_fn)
     for g_, w_ in zip(got, want):
@@ -319,15 +361,26 @@ def test_triton_small_tiles(case, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=12, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(n=st.integers(1, 200), h=st.integers(1, 160), v=st.integers(2, 2500), bias=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]),
-       tau=st.floats(0.5, 2.0), x_scale=st.floats(0.1, 4.0), ignore_frac=st.floats(0.0, 0.6),
-       mode=st.sampled_from(["lp", "ent", "mix"]), chunk=st.sampled_from([None, 29, 64]),
-       seed=st.integers(0, 2**16))
+@settings(
+    max_examples=12, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n=st.integers(1, 200),
+    h=st.integers(1, 160),
+    v=st.integers(2, 2500),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]),
+    tau=st.floats(0.5, 2.0),
+    x_scale=st.floats(0.1, 4.0),
+    ignore_frac=st.floats(0.0, 0.6),
+    mode=st.sampled_from(["lp", "ent", "mix"]),
+    chunk=st.sampled_from([None, 29, 64]),
+    seed=st.integers(0, 2**16),
+)
 def test_random_shapes(backend, n, h, v, bias, dtype, tau, x_scale, ignore_frac, mode, chunk, seed):
-    x, w, y, b = make_inputs((n,), h, v, dtype=dtype, bias=bias, seed=seed, x_scale=x_scale,
-                             ignore_frac=ignore_frac)
+    x, w, y, b = make_inputs(
+        (n,), h, v, dtype=dtype, bias=bias, seed=seed, x_scale=x_scale, ignore_frac=ignore_frac
+    )
     check_against_reference(backend, x, w, y, b, tau=tau, mode=mode, chunk_size=chunk)
 
 
@@ -370,8 +423,15 @@ def test_kernels_compile_for_hopper_without_gpu(tmp_path):
     shipped in the triton wheel. Catches type errors the interpreter accepts; needs no GPU."""
     import subprocess
     import sys
+
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-4000:]

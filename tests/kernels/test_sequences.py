@@ -1,4 +1,5 @@
 """red_loss on packed rows (`sequence_ids`) equals red_loss on the same sequences padded one per row."""
+
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ BACKENDS = ["torch", "triton"]
 H, V = 16, 50
 # (prompt length, response length) of each sequence; sequence k is row k of the per-sequence inputs
 SEQS = [(2, 3), (1, 5), (3, 2), (2, 4), (1, 1)]
-PACKED_ROWS = [[3, 0], [1, 4, 2]]     # packing order inside rows: ids need not follow position order
+PACKED_ROWS = [[3, 0], [1, 4, 2]]  # packing order inside rows: ids need not follow position order
 SETTINGS = {
     "red": dict(offline_shaping="accuracy_shift", sft_coef=0.1, entropy_coef=0.01),
     "luffy": dict(offline_shaping="luffy", entropy_coef=0.01),
@@ -24,12 +25,20 @@ def flat_tokens(seed=0, offline=(2, 4)):
     seq_of = torch.cat([torch.full((p + r,), k) for k, (p, r) in enumerate(SEQS)])
     mask = torch.cat([torch.cat([torch.zeros(p), torch.ones(r)]) for p, r in SEQS]).bool()
     tokens = dict(
-        hidden=torch.randn(n, H, generator=g), targets=torch.randint(0, V, (n,), generator=g), mask=mask,
+        hidden=torch.randn(n, H, generator=g),
+        targets=torch.randint(0, V, (n,), generator=g),
+        mask=mask,
         offline=mask & torch.isin(seq_of, torch.tensor(offline, dtype=torch.long)),
-        old=torch.randn(n, generator=g) * 0.3 - 3.5, ref=torch.randn(n, generator=g) * 0.3 - 3.5, seq=seq_of)
+        old=torch.randn(n, generator=g) * 0.3 - 3.5,
+        ref=torch.randn(n, generator=g) * 0.3 - 3.5,
+        seq=seq_of,
+    )
     tokens["targets"][~mask] = -100
-    per_seq = dict(adv=torch.randn(len(SEQS), generator=g), r_bar=torch.rand(len(SEQS), generator=g),
-                   w=1 + torch.rand(len(SEQS), generator=g))
+    per_seq = dict(
+        adv=torch.randn(len(SEQS), generator=g),
+        r_bar=torch.rand(len(SEQS), generator=g),
+        w=1 + torch.rand(len(SEQS), generator=g),
+    )
     weight = torch.randn(V, H, generator=g) * 0.3
     return tokens, per_seq, weight
 
@@ -43,9 +52,9 @@ def layout(rows, width, prompt_id=lambda k: k):
         col = 0
         for k in row:
             p, r = SEQS[k]
-            index[i, col:col + p + r] = torch.arange(starts[k], starts[k] + p + r)
-            ids[i, col:col + p] = prompt_id(k)
-            ids[i, col + p:col + p + r] = k
+            index[i, col : col + p + r] = torch.arange(starts[k], starts[k] + p + r)
+            ids[i, col : col + p] = prompt_id(k)
+            ids[i, col + p : col + p + r] = k
             col += p + r
     return index, ids
 
@@ -57,10 +66,21 @@ def run(tokens, per_seq, weight, index, backend, sequence_ids=None, **cfg):
     valid = index >= 0
     at = lambda t, fill: torch.where(valid, t[index.clamp(min=0)], torch.full_like(t[:1], fill)[0])  # noqa: E731
     hidden = torch.where(valid[..., None], h[index.clamp(min=0)], 0.0)
-    out = red_loss(hidden, w, at(tokens["targets"], -100), per_seq["adv"], loss_mask=at(tokens["mask"], False),
-                   old_logprobs=at(tokens["old"], 0.0), offline_mask=at(tokens["offline"], False),
-                   group_accuracy=per_seq["r_bar"], offline_weight=per_seq["w"],
-                   ref_logprobs=at(tokens["ref"], 0.0), sequence_ids=sequence_ids, backend=backend, **cfg)
+    out = red_loss(
+        hidden,
+        w,
+        at(tokens["targets"], -100),
+        per_seq["adv"],
+        loss_mask=at(tokens["mask"], False),
+        old_logprobs=at(tokens["old"], 0.0),
+        offline_mask=at(tokens["offline"], False),
+        group_accuracy=per_seq["r_bar"],
+        offline_weight=per_seq["w"],
+        ref_logprobs=at(tokens["ref"], 0.0),
+        sequence_ids=sequence_ids,
+        backend=backend,
+        **cfg,
+    )
     out.loss.backward()
     logp = torch.zeros(tokens["hidden"].shape[0]).index_put_((index[valid],), out.logprobs[valid])
     return out.loss, logp, h.grad, w.grad
@@ -101,29 +121,39 @@ def _bad(ids_fn=None, per_seq_fn=None, **cfg):
     return run(tokens, per_seq, weight, index, "torch", sequence_ids=ids, **cfg)
 
 
-def _split_run(ids):       # sequence 3 (row 0, columns 0–5) interrupted by sequence 0's id
+def _split_run(ids):  # sequence 3 (row 0, columns 0–5) interrupted by sequence 0's id
     ids[0, 2] = 0
     return ids
 
 
-def _across_rows(ids):     # sequence 2's id also at the start of row 0
+def _across_rows(ids):  # sequence 2's id also at the start of row 0
     ids[0, 0] = 2
     return ids
 
 
-@pytest.mark.parametrize("kw,exc,match", [
-    (dict(ids_fn=_split_run), ValueError, "not contiguous"),
-    (dict(ids_fn=_across_rows), ValueError, "not contiguous"),
-    (dict(ids_fn=lambda ids: ids.float()), TypeError, "sequence_ids"),
-    (dict(ids_fn=lambda ids: ids[:, :-1]), ValueError, r"sequence_ids must be \[B, T\]"),
-    (dict(ids_fn=lambda ids: torch.where(ids == 4, 7, ids)), ValueError, "sequence_ids go up to 7"),
-    (dict(ids_fn=lambda ids: torch.where(ids == 4, -3, ids)), ValueError, "sequence_ids must be ≥ 0"),
-    (dict(ids_fn=lambda ids: torch.where(ids == 4, -1, ids)), ValueError, "loss_mask is on where sequence_ids"),
-    (dict(per_seq_fn=lambda p: {**p, "r_bar": p["r_bar"][:4]}), ValueError, "one length S"),
-    (dict(per_seq_fn=lambda p: {**p, "adv": p["adv"][:4], "r_bar": p["r_bar"][:4], "w": p["w"][:4]}), ValueError,
-     "S = 4"),
-    (dict(loss_agg="seq_sum_const"), ValueError, "loss_const"),
-])
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(ids_fn=_split_run), ValueError, "not contiguous"),
+        (dict(ids_fn=_across_rows), ValueError, "not contiguous"),
+        (dict(ids_fn=lambda ids: ids.float()), TypeError, "sequence_ids"),
+        (dict(ids_fn=lambda ids: ids[:, :-1]), ValueError, r"sequence_ids must be \[B, T\]"),
+        (dict(ids_fn=lambda ids: torch.where(ids == 4, 7, ids)), ValueError, "sequence_ids go up to 7"),
+        (dict(ids_fn=lambda ids: torch.where(ids == 4, -3, ids)), ValueError, "sequence_ids must be ≥ 0"),
+        (
+            dict(ids_fn=lambda ids: torch.where(ids == 4, -1, ids)),
+            ValueError,
+            "loss_mask is on where sequence_ids",
+        ),
+        (dict(per_seq_fn=lambda p: {**p, "r_bar": p["r_bar"][:4]}), ValueError, "one length S"),
+        (
+            dict(per_seq_fn=lambda p: {**p, "adv": p["adv"][:4], "r_bar": p["r_bar"][:4], "w": p["w"][:4]}),
+            ValueError,
+            "S = 4",
+        ),
+        (dict(loss_agg="seq_sum_const"), ValueError, "loss_const"),
+    ],
+)
 def test_bad_sequence_ids_raise_clear_errors(kw, exc, match):
     with pytest.raises(exc, match=match):
         _bad(**kw)

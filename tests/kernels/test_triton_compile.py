@@ -9,6 +9,7 @@ and no bias, grouped / STORE_Z / softcap once: 11 compiles, 22 s measured on the
 dtype × bias. The compile runs in a subprocess (TRITON_INTERPRET=0 there), `python tests/kernels/test_triton_compile.py
 SPEC_JSON` prints one JSON line per kernel.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,15 +24,21 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMEM_LIMIT = 227 * 1024            # H100 / H200: max dynamic shared memory per block
-H, V = 1536, 151_936               # the headline shape: what H % BLOCK_K and V % BLOCK_V specialise on
+SMEM_LIMIT = 227 * 1024  # H100 / H200: max dynamic shared memory per block
+H, V = 1536, 151_936  # the headline shape: what H % BLOCK_K and V % BLOCK_V specialise on
 KERNELS = ("forward", "dlogits", "lean_forward", "lean_dlogits")
 DTYPES = ("bf16", "fp16", "fp32")
 
 
 def _signature_and_consts(fn, dtype, cfg, bias, softcap, extra):
     """ASTSource signature, constexprs and attrs as the JIT builds them for contiguous production inputs."""
-    ptr = {"x_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "y_ptr": "i64", "dz_ptr": "bf16" if dtype != "fp32" else "fp32"}
+    ptr = {
+        "x_ptr": dtype,
+        "w_ptr": dtype,
+        "b_ptr": dtype,
+        "y_ptr": "i64",
+        "dz_ptr": "bf16" if dtype != "fp32" else "fp32",
+    }
     floats = {"tau", "scale", "softcap", "k_in", "k_out", "k_t", "k_d"}
     ints16 = {"H": H, "V": V, "stride_xm": H, "stride_wv": H, "cols_per_split": 15_360, "stride_dzm": V}
     sig, consts, attrs = {}, dict(cfg), {}
@@ -39,7 +46,7 @@ def _signature_and_consts(fn, dtype, cfg, bias, softcap, extra):
         if param.is_constexpr:
             sig[name] = "constexpr"
         elif name in ("stride_xh", "stride_wh"):
-            sig[name], consts[name] = "constexpr", 1          # ints equal to 1 are specialised to constants
+            sig[name], consts[name] = "constexpr", 1  # ints equal to 1 are specialised to constants
         elif name.endswith("_ptr"):
             sig[name] = "*" + ptr.get(name, "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -47,8 +54,13 @@ def _signature_and_consts(fn, dtype, cfg, bias, softcap, extra):
             sig[name] = "fp32" if name in floats else "i32"
             if name in ints16:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    consts.update(HAS_BIAS=bias, HAS_SOFTCAP=softcap, UPCAST=False,
-                  INPUT_PRECISION="ieee" if dtype == "fp32" else None, **extra)
+    consts.update(
+        HAS_BIAS=bias,
+        HAS_SOFTCAP=softcap,
+        UPCAST=False,
+        INPUT_PRECISION="ieee" if dtype == "fp32" else None,
+        **extra,
+    )
     return sig, {k: v for k, v in consts.items() if k in fn.arg_names}, attrs
 
 
@@ -61,34 +73,70 @@ def compile_one(spec):
     from red_kernels.backends import triton_kernels as K
     from red_kernels.backends import triton_lean as L
     from red_kernels.backends import triton_plan as plan
+
     n, v, k, warps, stages = plan.config_shapes(spec["dtype"] == "fp32")[spec["config"]]
-    if spec["kernel"] == "dz_from_logits":      # the 3-GEMM path's elementwise kernel: the launcher's fixed tiles
+    if spec["kernel"] == "dz_from_logits":  # the 3-GEMM path's elementwise kernel: the launcher's fixed tiles
         n, v, warps, stages = 16, 512, 4, 1
-    fns = {"forward": K.forward_stats_kernel, "dlogits": K.dlogits_kernel, "lean_forward": L.lean_forward_kernel,
-           "lean_dlogits": L.lean_dlogits_kernel, "dz_from_logits": K.dz_from_logits_kernel}
+    fns = {
+        "forward": K.forward_stats_kernel,
+        "dlogits": K.dlogits_kernel,
+        "lean_forward": L.lean_forward_kernel,
+        "lean_dlogits": L.lean_dlogits_kernel,
+        "dz_from_logits": K.dz_from_logits_kernel,
+    }
     fn = fns[spec["kernel"]]
-    extra = dict(GROUP_N=spec.get("group", 0), STORE_Z=spec.get("store_z", False), EVEN_K=H % k == 0,
-                 EVEN_V=V % v == 0)
-    sig, consts, attrs = _signature_and_consts(fn, spec["dtype"], dict(BLOCK_N=n, BLOCK_V=v, BLOCK_K=k),
-                                               spec["bias"], spec.get("softcap", False), extra)
+    extra = dict(
+        GROUP_N=spec.get("group", 0), STORE_Z=spec.get("store_z", False), EVEN_K=H % k == 0, EVEN_V=V % v == 0
+    )
+    sig, consts, attrs = _signature_and_consts(
+        fn,
+        spec["dtype"],
+        dict(BLOCK_N=n, BLOCK_V=v, BLOCK_K=k),
+        spec["bias"],
+        spec.get("softcap", False),
+        extra,
+    )
     log = io.StringIO()
-    with contextlib.redirect_stdout(log):     # TRITON_DUMP_PTXAS_LOG=1: ptxas -v output is printed
-        kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
-                                target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG=1: ptxas -v output is printed
+        kernel = triton.compile(
+            ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": warps, "num_stages": stages},
+        )
     text = log.getvalue()
-    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
+    spills = [
+        int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    ]
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", text)]
     ptx = kernel.asm["ptx"]
-    return dict(spec, regs=max(regs, default=-1), spills=sum(spills) if spills else -1, shared=kernel.metadata.shared,
-                wgmma=ptx.count("wgmma.mma_async"), mma=ptx.count("mma.sync"), cubin=len(kernel.asm["cubin"]))
+    return dict(
+        spec,
+        regs=max(regs, default=-1),
+        spills=sum(spills) if spills else -1,
+        shared=kernel.metadata.shared,
+        wgmma=ptx.count("wgmma.mma_async"),
+        mma=ptx.count("mma.sync"),
+        cubin=len(kernel.asm["cubin"]),
+    )
 
 
 def run_specs(specs, tmp_path):
     pytest.importorskip("triton.backends.nvidia")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DUMP_PTXAS_LOG="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, __file__, json.dumps(specs)], env=env, capture_output=True, text=True,
-                         timeout=1800, cwd=ROOT)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="0",
+        TRITON_CACHE_DIR=str(tmp_path),
+        TRITON_DUMP_PTXAS_LOG="1",
+        PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    )
+    run = subprocess.run(
+        [sys.executable, __file__, json.dumps(specs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
 
@@ -105,6 +153,7 @@ def check(results):
 
 def _n_configs(dtype):
     from red_kernels.backends import triton_plan as plan
+
     return len(plan.config_shapes(dtype == "fp32"))
 
 
@@ -112,12 +161,18 @@ def representative_specs():
     """Every config of both lists once, cycling through the kernels, bias on/off and bf16/fp16; plus grouped
     program ids with STORE_Z, a softcap, and the 3-GEMM path's elementwise dZ kernel."""
     kernels = itertools.cycle(KERNELS)
-    specs = [dict(kernel=next(kernels), dtype=("bf16", "fp16")[c % 2], bias=c % 2 == 0, config=c)
-             for c in range(_n_configs("bf16"))]
-    specs += [dict(kernel=next(kernels), dtype="fp32", bias=c % 2 == 1, config=c) for c in range(_n_configs("fp32"))]
-    specs += [dict(kernel="forward", dtype="bf16", bias=True, config=0, group=8, store_z=True),
-              dict(kernel="lean_dlogits", dtype="bf16", bias=False, config=1, group=8, softcap=True),
-              dict(kernel="dz_from_logits", dtype="bf16", bias=False, config=0, softcap=True)]
+    specs = [
+        dict(kernel=next(kernels), dtype=("bf16", "fp16")[c % 2], bias=c % 2 == 0, config=c)
+        for c in range(_n_configs("bf16"))
+    ]
+    specs += [
+        dict(kernel=next(kernels), dtype="fp32", bias=c % 2 == 1, config=c) for c in range(_n_configs("fp32"))
+    ]
+    specs += [
+        dict(kernel="forward", dtype="bf16", bias=True, config=0, group=8, store_z=True),
+        dict(kernel="lean_dlogits", dtype="bf16", bias=False, config=1, group=8, softcap=True),
+        dict(kernel="dz_from_logits", dtype="bf16", bias=False, config=0, softcap=True),
+    ]
     return specs
 
 
@@ -127,7 +182,8 @@ def test_representative_configs_compile_clean(tmp_path):
     assert {s["bias"] for s in specs} == {True, False}
     for dtype in ("bf16", "fp32"):
         assert {s["config"] for s in specs if (s["dtype"] == "fp32") == (dtype == "fp32")} == set(
-            range(_n_configs(dtype)))
+            range(_n_configs(dtype))
+        )
     results = run_specs(specs, tmp_path)
     assert len(results) == len(specs)
     check(results)
@@ -135,8 +191,11 @@ def test_representative_configs_compile_clean(tmp_path):
 
 @pytest.mark.slow
 def test_every_config_compiles_clean(tmp_path):
-    specs = [dict(kernel=k, dtype=d, bias=b, config=c)
-             for k, d, b in itertools.product(KERNELS, DTYPES, (False, True)) for c in range(_n_configs(d))]
+    specs = [
+        dict(kernel=k, dtype=d, bias=b, config=c)
+        for k, d, b in itertools.product(KERNELS, DTYPES, (False, True))
+        for c in range(_n_configs(d))
+    ]
     results = run_specs(specs, tmp_path)
     assert len(results) == len(specs)
     check(results)

@@ -8,6 +8,7 @@ Each GPU tile config's compiled-path correctness against float64 is test_triton_
 test_each_gpu_tile_config, which pins every config (baseline and lean) and runs on the GPU under
 RED_KERNELS_TEST_DEVICE=cuda.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,7 @@ def test_rows_are_bitwise_batch_invariant_on_gpu(variant, config, monkeypatch):
     monkeypatch.setenv("RED_KERNELS_TRITON_VARIANT", variant)
     if config is None:
         monkeypatch.delenv("RED_KERNELS_TRITON_CONFIG", raising=False)
-        subsets = ((0, 3000), (1000, 3100), (4000, 4096))            # rows 2049..4096: the same N bucket
+        subsets = ((0, 3000), (1000, 3100), (4000, 4096))  # rows 2049..4096: the same N bucket
     else:
         monkeypatch.setenv("RED_KERNELS_TRITON_CONFIG", config)
         subsets = ((0, 3000), (1000, 3100), (0, 7), (5, 6), (100, 1200))

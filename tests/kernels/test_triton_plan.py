@@ -1,18 +1,18 @@
 """The Triton backend's launch plan and numerics policies, on CPU: batch invariance (split layout and tile
 config independent of N; bitwise equal rows in the interpreter), the pinned-config and variant switches, the dZ
 buffer dtype (fp16 must not flush small gradients), and fp32-output GEMMs (never rounded to bf16)."""
+
 from __future__ import annotations
 
 import logging
 
 import pytest
 import torch
+from test_logprobs import make_inputs, run_op, upstream
 
 from red_kernels import backends, linear_logprobs
 from red_kernels.backends import triton_plan as plan
 from red_kernels.reference import reference_logprobs
-
-from test_logprobs import make_inputs, run_op, upstream
 
 T = backends.ops("triton")
 
@@ -20,8 +20,13 @@ T = backends.ops("triton")
 def _recorded_launches(monkeypatch, n, vocab, hidden=16):
     """(kernel name, integer launch arguments) of one stats() call on n rows, without running the kernel."""
     seen = []
-    monkeypatch.setattr(T, "_launch", lambda name, grid, args, flags, *rest: seen.append(
-        (name, tuple(a for a in args if isinstance(a, int) and not isinstance(a, bool)))))
+    monkeypatch.setattr(
+        T,
+        "_launch",
+        lambda name, grid, args, flags, *rest: seen.append(
+            (name, tuple(a for a in args if isinstance(a, int) and not isinstance(a, bool)))
+        ),
+    )
     x = torch.zeros(n, hidden)
     T.stats(x, torch.zeros(vocab, hidden), None, torch.zeros(n, dtype=torch.long), backends.LogitMap())
     return seen[0]
@@ -38,7 +43,7 @@ def test_split_layout_and_bucket_do_not_depend_on_rows(variant, monkeypatch):
         layouts[n] = (splits, cols)
         assert bucket == plan.n_bucket(n)
     assert set(layouts.values()) == {plan.split_layout(151_936)} == {(10, 15_360)}
-    assert splits * 32 >= 2 * 132          # ≥ 2 programs per H100 SM at N = 4096 (32 blocks of 128 rows)
+    assert splits * 32 >= 2 * 132  # ≥ 2 programs per H100 SM at N = 4096 (32 blocks of 128 rows)
     # the autotune key's row count is constant within a bucket
     assert {plan.n_bucket(n) for n in range(2049, 4097, 97)} == {4096}
     assert plan.n_bucket(1) == plan.N_BUCKETS[0] and plan.n_bucket(10**6) == plan.N_BUCKETS[1]
@@ -47,16 +52,27 @@ def test_split_layout_and_bucket_do_not_depend_on_rows(variant, monkeypatch):
 def test_pinned_config_and_variant_switches(monkeypatch):
     monkeypatch.delenv("RED_KERNELS_TRITON_CONFIG", raising=False)
     assert plan.fixed_config() is None
-    for spec, shape in (("default", plan.CONFIG_SHAPES[0]), ("3", plan.CONFIG_SHAPES[3]),
-                        ("64,128,32,4,2", (64, 128, 32, 4, 2))):
+    for spec, shape in (
+        ("default", plan.CONFIG_SHAPES[0]),
+        ("3", plan.CONFIG_SHAPES[3]),
+        ("64,128,32,4,2", (64, 128, 32, 4, 2)),
+    ):
         monkeypatch.setenv("RED_KERNELS_TRITON_CONFIG", spec)
         cfg = plan.fixed_config()
-        assert (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_V"], cfg.kwargs["BLOCK_K"], cfg.num_warps,
-                cfg.num_stages) == shape
+        assert (
+            cfg.kwargs["BLOCK_N"],
+            cfg.kwargs["BLOCK_V"],
+            cfg.kwargs["BLOCK_K"],
+            cfg.num_warps,
+            cfg.num_stages,
+        ) == shape
     for bad in ("9", "128,100,64,8,3", "128,512,64,8,3", "big"):
         with pytest.raises(ValueError, match="RED_KERNELS_TRITON_CONFIG"):
             plan.fixed_config(bad)
-    assert plan.variant("fast") == {"grouped", "lean", "vsplit"} and plan.variant("lean,vsplit") == {"lean", "vsplit"}
+    assert plan.variant("fast") == {"grouped", "lean", "vsplit"} and plan.variant("lean,vsplit") == {
+        "lean",
+        "vsplit",
+    }
     monkeypatch.delenv("RED_KERNELS_TRITON_VARIANT", raising=False)
     assert plan.variant() == frozenset()
     with pytest.raises(ValueError, match="RED_KERNELS_TRITON_VARIANT"):
@@ -75,7 +91,7 @@ def _row_invariant_dot(monkeypatch):
     def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if a.data.ndim != 2 or a.dtype.primitive_bitwidth == 8:
             return real(self, a, b, d, input_precision, max_num_imprecise_acc)
-        rows = [np.matmul(a.data[i:i + 1], b.data, dtype=d.data.dtype) for i in range(a.data.shape[0])]
+        rows = [np.matmul(a.data[i : i + 1], b.data, dtype=d.data.dtype) for i in range(a.data.shape[0])]
         return TensorHandle(np.concatenate(rows) + d.data, d.dtype.scalar)
 
     monkeypatch.setattr(InterpreterBuilder, "create_dot", dot)
@@ -122,10 +138,10 @@ def test_fp16_inputs_get_a_dz_buffer_that_keeps_small_gradients(monkeypatch):
     chosen = T.dz_dtype(torch.float16, cuda=True)
     got, ref = _dw_rows(chosen, monkeypatch)
     tiny = ref < 1e-6 * ref.max()
-    assert tiny.sum() >= 10                                  # the case has such rows
-    assert ((got - ref).abs() <= 0.02 * ref).all()           # each row within bf16 rounding of float64
+    assert tiny.sum() >= 10  # the case has such rows
+    assert ((got - ref).abs() <= 0.02 * ref).all()  # each row within bf16 rounding of float64
     flushed, _ = _dw_rows(torch.float16, monkeypatch)
-    assert (flushed[tiny] == 0).any()                        # what an fp16 buffer does
+    assert (flushed[tiny] == 0).any()  # what an fp16 buffer does
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -134,6 +150,7 @@ def test_half_dz_buffer_backward_matches_float64(dtype, monkeypatch):
     x, w, y, b = make_inputs((30,), 48, 900, dtype=dtype, bias=True, seed=34)
     monkeypatch.setattr(T, "gemm_dtype", lambda t: dtype)
     from test_logprobs import check_against_reference
+
     check_against_reference("triton", x, w, y, b, tau=0.9, mode="mix", chunk_size=11)
 
 
@@ -151,7 +168,11 @@ def test_half_gemm_partials_are_never_rounded_and_the_path_is_logged(monkeypatch
         backends._mm_fp32(a, b.t(), out, acc=True)
     assert (out.double() - 3 * want).abs().max() <= 1e-5 * want.abs().max()
     probes = [r.getMessage() for r in caplog.records if "out_dtype" in r.getMessage()]
-    assert len(probes) == 2 and any("torch.mm(" in p for p in probes) and any("torch.addmm(" in p for p in probes)
+    assert (
+        len(probes) == 2
+        and any("torch.mm(" in p for p in probes)
+        and any("torch.addmm(" in p for p in probes)
+    )
 
 
 def test_gpu_bench_dry_run_lists_every_variant_within_budget():
@@ -162,13 +183,19 @@ def test_gpu_bench_dry_run_lists_every_variant_within_budget():
     import sys
 
     from bench import gpu_variants
+
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-m", "bench.gpu_bench", "--dry-run"], capture_output=True, text=True,
-                         cwd=root, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_bench", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     for case, var in gpu_variants.variant_cases():
-        assert any(case.id in ln and f" {var} " in ln and "skipped" not in ln for ln in lines), \
-            (case.id, var)
+        assert any(case.id in ln and f" {var} " in ln and "skipped" not in ln for ln in lines), (case.id, var)
     assert set(plan.VARIANTS) <= {v for _, v in gpu_variants.variant_cases()}
     assert "within budget" in lines[-1], lines[-1]

@@ -5,16 +5,16 @@ Small tiles (16×64×16) and GROUP_N = 2 make a few rows and columns exercise ma
 groups, vocabulary tiles (online rescaling), ragged splits and H steps; cases with BLOCK_K | H and BLOCK_V | V run
 the lean kernels' unmasked paths.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_logprobs import _extreme, check_against_reference, make_inputs, run_op, upstream
 
 from red_kernels import backends
 from red_kernels.backends import triton_plan as plan
 from red_kernels.reference import reference_logprobs
-
-from test_logprobs import _extreme, check_against_reference, make_inputs, run_op, upstream
 
 T = backends.ops("triton")
 
@@ -60,17 +60,26 @@ def test_loss_path_forward_with_grad_matches_float64(variant, small_tiles, monke
     monkeypatch.setenv("RED_KERNELS_TRITON_VARIANT", variant)
     x, w, y, b = make_inputs((41,), 40, 600, bias=True, ignore_frac=0.0, seed=22)
     a, c = upstream(y.shape, "mix")
-    logp, ent, dx, dw, db = backends.forward_with_grad(T, x, w, b, y, backends.LogitMap(0.9, 1.2, 3.0),
-                                                       lambda rows, lp, h: (a[rows], c[rows]), chunk_size=15)
-    lp_r, ent_r, grads_r = run_op(lambda *t, **k: reference_logprobs(*t, temperature=0.9, logit_scale=1.2, softcap=3.0),
-                                  x, w, y, b, "mix", leaf_dtype=torch.float64)
+    logp, ent, dx, dw, db = backends.forward_with_grad(
+        T, x, w, b, y, backends.LogitMap(0.9, 1.2, 3.0), lambda rows, lp, h: (a[rows], c[rows]), chunk_size=15
+    )
+    lp_r, ent_r, grads_r = run_op(
+        lambda *t, **k: reference_logprobs(*t, temperature=0.9, logit_scale=1.2, softcap=3.0),
+        x,
+        w,
+        y,
+        b,
+        "mix",
+        leaf_dtype=torch.float64,
+    )
     assert (logp.double() - lp_r).abs().max() <= 1e-4 and (ent.double() - ent_r).abs().max() <= 1e-4
     for g, g_r in zip((dx, dw, db), grads_r):
         assert (g.double() - g_r).abs().max() <= 1e-4 * g_r.abs().max()
 
 
 GPU_CONFIGS = [("half", i) for i in range(len(plan.CONFIG_SHAPES))] + [
-    ("fp32", i) for i in range(len(plan.FP32_CONFIG_SHAPES))]
+    ("fp32", i) for i in range(len(plan.FP32_CONFIG_SHAPES))
+]
 
 
 @pytest.mark.parametrize("lean", [False, True], ids=["baseline", "lean"])

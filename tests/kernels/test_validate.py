@@ -1,4 +1,5 @@
 """Bad inputs to linear_logprobs raise ValueError/TypeError whose message names the offending argument."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,11 @@ N, H, V = 6, 8, 20
 
 def good(dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(N, H, generator=g).to(dtype), torch.randn(V, H, generator=g).to(dtype),
-            torch.randint(0, V, (N,), generator=g))
+    return (
+        torch.randn(N, H, generator=g).to(dtype),
+        torch.randn(V, H, generator=g).to(dtype),
+        torch.randint(0, V, (N,), generator=g),
+    )
 
 
 def _with_nan(t, value):
@@ -54,11 +58,33 @@ def bad_case(name):
     return cases[name]
 
 
-BAD = ["mismatched_H", "weight_not_2d", "targets_shape", "targets_float", "weight_on_other_device",
-       "targets_on_other_device", "hidden_integer", "weight_integer", "mixed_dtypes", "target_too_large",
-       "target_negative_not_ignored", "temperature_zero", "temperature_negative", "temperature_nan",
-       "hidden_nan", "hidden_inf", "weight_nan", "weight_inf", "bias_shape", "bad_backend", "softcap_zero",
-       "softcap_negative", "softcap_inf", "logit_scale_zero", "logit_scale_nan"]
+BAD = [
+    "mismatched_H",
+    "weight_not_2d",
+    "targets_shape",
+    "targets_float",
+    "weight_on_other_device",
+    "targets_on_other_device",
+    "hidden_integer",
+    "weight_integer",
+    "mixed_dtypes",
+    "target_too_large",
+    "target_negative_not_ignored",
+    "temperature_zero",
+    "temperature_negative",
+    "temperature_nan",
+    "hidden_nan",
+    "hidden_inf",
+    "weight_nan",
+    "weight_inf",
+    "bias_shape",
+    "bad_backend",
+    "softcap_zero",
+    "softcap_negative",
+    "softcap_inf",
+    "logit_scale_zero",
+    "logit_scale_nan",
+]
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -81,17 +107,28 @@ def test_ignore_index_targets_are_not_out_of_range():
 
 def test_old_shaping_name_red_is_an_alias_of_accuracy_shift():
     from red_kernels import REDLossConfig, red_loss
+
     with pytest.warns(FutureWarning, match="REDLossConfig.offline_shaping='red' is deprecated"):
         old = REDLossConfig(offline_shaping="red")
     assert old == REDLossConfig(offline_shaping="accuracy_shift") == REDLossConfig()
     g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(11, 8, generator=g, dtype=torch.float64)
+    h, w = (
+        torch.randn(2, 5, 8, generator=g, dtype=torch.float64),
+        torch.randn(11, 8, generator=g, dtype=torch.float64),
+    )
     tgt, mask = torch.randint(0, 11, (2, 5), generator=g), torch.ones(2, 5, dtype=torch.bool)
-    kw = dict(loss_mask=mask, offline_mask=torch.tensor([[False] * 5, [True] * 5]),
-              group_accuracy=torch.tensor([0.25, 0.25], dtype=torch.float64))
+    kw = dict(
+        loss_mask=mask,
+        offline_mask=torch.tensor([[False] * 5, [True] * 5]),
+        group_accuracy=torch.tensor([0.25, 0.25], dtype=torch.float64),
+    )
     with pytest.warns(FutureWarning):
-        a = red_loss(h, w, tgt, torch.tensor([1.0, -0.5], dtype=torch.float64), offline_shaping="red", **kw).loss
-    b = red_loss(h, w, tgt, torch.tensor([1.0, -0.5], dtype=torch.float64), offline_shaping="accuracy_shift", **kw).loss
+        a = red_loss(
+            h, w, tgt, torch.tensor([1.0, -0.5], dtype=torch.float64), offline_shaping="red", **kw
+        ).loss
+    b = red_loss(
+        h, w, tgt, torch.tensor([1.0, -0.5], dtype=torch.float64), offline_shaping="accuracy_shift", **kw
+    ).loss
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="offline_shaping.*accuracy_shift"):
         REDLossConfig(offline_shaping="RED")

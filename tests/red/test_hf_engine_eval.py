@@ -1,5 +1,6 @@
 """HF rollout engine (sampled-token log-probs vs the trainer's red_kernels log-probs, stops, seeds) and evaluation
 (unbiased pass@k, per-source summary, the `python -m red.eval` command)."""
+
 import json
 import math
 
@@ -23,21 +24,29 @@ def tiny():
 
 
 def _prompts(tok, n=3):
-    return [tok(tok.apply_chat_template([{"role": "user", "content": e["problem"]}], tokenize=False,
-                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-            for e in synthetic.generate("chains", n, seed=0)]
+    return [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": e["problem"]}], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for e in synthetic.generate("chains", n, seed=0)
+    ]
 
 
 def test_engine_logprobs_equal_trainer_logprobs(tiny):
     model, tok = tiny
-    eng = HFEngine(model, tok, batch_size=4)            # chunks of 4 < 3 prompts x 3 samples
+    eng = HFEngine(model, tok, batch_size=4)  # chunks of 4 < 3 prompts x 3 samples
     prompts = _prompts(tok)
     out = eng.generate(prompts, 3, SamplingConfig(max_new_tokens=12, temperature=0.8, seed=5))
     assert [len(r) for r in out] == [3, 3, 3]
     items = [PromptItem(p, "1", [], "t", i, i) for i, p in enumerate(prompts)]
-    b = old_policy_pass(Policy(model, pad_id=tok.pad_token_id), RolloutBatch.from_rollouts(items, out, 0), 4096, 0.8)
+    b = old_policy_pass(
+        Policy(model, pad_id=tok.pad_token_id), RolloutBatch.from_rollouts(items, out, 0), 4096, 0.8
+    )
     lp = [b.old_logprobs[i, :n] for i, n in enumerate(b.response_len.tolist())]
-    assert torch.equal(b.engine_logprobs[0, :len(out[0][0].logprobs)], torch.tensor(out[0][0].logprobs))
+    assert torch.equal(b.engine_logprobs[0, : len(out[0][0].logprobs)], torch.tensor(out[0][0].logprobs))
     for ro, ref in zip([ro for g in out for ro in g], lp):
         assert ro.prompt_ids in prompts and 1 <= len(ro.token_ids) <= 12
         assert torch.allclose(torch.tensor(ro.logprobs), ref, atol=2e-4)
@@ -48,9 +57,14 @@ def test_engine_logprobs_equal_trainer_logprobs(tiny):
 
 def test_engine_seeds_and_greedy_are_reproducible(tiny):
     model, tok = tiny
-    eng = make_engine(type("C", (), {"rollout": type("R", (), {"engine": "hf", "batch_size": 64})})(), model, tok)
+    eng = make_engine(
+        type("C", (), {"rollout": type("R", (), {"engine": "hf", "batch_size": 64})})(), model, tok
+    )
     prompts = _prompts(tok, 2)
-    ids = lambda s: [[ro.token_ids for ro in g] for g in eng.generate(prompts, 2, s)]
+
+    def ids(s):
+        return [[ro.token_ids for ro in g] for g in eng.generate(prompts, 2, s)]
+
     a = ids(SamplingConfig(10, 1.0, seed=3))
     assert a == ids(SamplingConfig(10, 1.0, seed=3))
     assert a != ids(SamplingConfig(10, 1.0, seed=4))
@@ -58,7 +72,7 @@ def test_engine_seeds_and_greedy_are_reproducible(tiny):
     assert g[0][0] == g[0][1] and g == ids(SamplingConfig(10, 0.0))
     state = torch.get_rng_state()
     ids(SamplingConfig(10, 1.0, seed=9))
-    assert torch.equal(state, torch.get_rng_state())    # sampling never disturbs the trainer's RNG
+    assert torch.equal(state, torch.get_rng_state())  # sampling never disturbs the trainer's RNG
 
 
 @pytest.mark.parametrize("n, c, k", [(4, 1, 2), (5, 2, 1), (8, 3, 4), (10, 0, 3), (6, 6, 2), (16, 1, 16)])
@@ -67,10 +81,24 @@ def test_pass_at_k_is_unbiased_estimator(n, c, k):
 
 
 def test_summarise_per_source_lengths_and_truncation():
-    rec = lambda src, uid, ok, length, trunc=False: dict(source=src, uid=uid, correct=ok, length=length,
-                                                         truncated=trunc, status="correct" if ok else "wrong")
-    records = [rec("a", 0, True, 10), rec("a", 0, False, 30, True), rec("a", 1, False, 20), rec("a", 1, False, 40),
-               rec("b", 2, True, 5), rec("b", 2, True, 7)]
+    def rec(src, uid, ok, length, trunc=False):
+        return dict(
+            source=src,
+            uid=uid,
+            correct=ok,
+            length=length,
+            truncated=trunc,
+            status="correct" if ok else "wrong",
+        )
+
+    records = [
+        rec("a", 0, True, 10),
+        rec("a", 0, False, 30, True),
+        rec("a", 1, False, 20),
+        rec("a", 1, False, 40),
+        rec("b", 2, True, 5),
+        rec("b", 2, True, 7),
+    ]
     s = summarise(records, 2)
     assert s["a"]["avg@2"] == 0.25 and s["a"]["pass@1"] == 0.25 and s["a"]["pass@2"] == 0.5
     assert s["a"]["mean_length_correct"] == 10 and s["a"]["mean_length_wrong"] == 30
@@ -84,11 +112,37 @@ def test_eval_command_reads_jsonl_layouts(tiny, tmp_path, capsys):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     data = tmp_path / "gsm.jsonl"
-    data.write_text("\n".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"})
-                              for i in range(3)) + "\n")
+    data.write_text(
+        "\n".join(
+            json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"})
+            for i in range(3)
+        )
+        + "\n"
+    )
     out = tmp_path / "res.json"
-    assert eval_main(["--model", str(d), "--data", str(data), "--data", "synthetic:chains", "--limit", "4",
-                      "--n", "2", "--temperature", "1.0", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    assert (
+        eval_main(
+            [
+                "--model",
+                str(d),
+                "--data",
+                str(data),
+                "--data",
+                "synthetic:chains",
+                "--limit",
+                "4",
+                "--n",
+                "2",
+                "--temperature",
+                "1.0",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert "torch" in res["versions"] and "transformers" in res["versions"]
     g = res["datasets"][str(data)]
@@ -106,13 +160,25 @@ def test_eval_command_takes_the_training_schema(tiny, tmp_path, capsys):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     out = tmp_path / "res.json"
-    common = ["--model", str(d), "--config", "default.yaml", "data.eval=[synthetic:chains]", "eval.n=2",
-              "eval.temperature=1.0", "rollout.max_new_tokens=8", "--limit", "3", "--out", str(out)]
+    common = [
+        "--model",
+        str(d),
+        "--config",
+        "default.yaml",
+        "data.eval=[synthetic:chains]",
+        "eval.n=2",
+        "eval.temperature=1.0",
+        "rollout.max_new_tokens=8",
+        "--limit",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert eval_main(common) == 0
     res = json.loads(out.read_text())["datasets"]["synthetic:chains"]
     assert (res["n"], res["temperature"], res["max_new_tokens"]) == (2, 1.0, 8)
     assert res["per_source"]["all"]["samples"] == 6
-    assert eval_main(common + ["--n", "3"]) == 0                        # a flag overrides the config
+    assert eval_main(common + ["--n", "3"]) == 0  # a flag overrides the config
     assert json.loads(out.read_text())["datasets"]["synthetic:chains"]["n"] == 3
     assert eval_main(["--model", str(d), "eval.nn=2"]) == 2
     assert "eval.nn" in capsys.readouterr().err

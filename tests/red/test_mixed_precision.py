@@ -1,6 +1,7 @@
 """Mixed precision through the trainer's update (red/update.py): float32 master weights and AdamW state, forward
 and backward under autocast. At lr 2e-6 a bf16 run moves the fp32 weights as the fp32 run does, while AdamW on
 bf16 parameters (what the trainer did before) loses most of each update to rounding; fp16 uses a GradScaler."""
+
 import copy
 
 import pytest
@@ -16,6 +17,7 @@ STEPS, LR = 4, 2e-6
 def _train(model, dtype, batch):
     """STEPS updates on the same batch; returns the parameter change (float32) and the policy."""
     from red_kernels import REDLossConfig
+
     before = [p.detach().float().clone() for p in model.parameters()]
     policy = Policy(model, dtype, pad_id=0)
     opt, _ = make_optimizer(model, LR, [0.9, 0.95], 0.0, 100, 0, 0.1)
@@ -46,14 +48,19 @@ def test_bf16_autocast_moves_fp32_master_weights_like_fp32(setup):
     assert all(v.dtype == torch.float32 for s in opt.state.values() for v in s.values() if v.dim())
     rel, cos = _close(bf, ref)
     assert rel < 0.05 and cos > 0.99, (rel, cos)
-    assert policy.precision() == {"params": "float32", "compute": "bfloat16", "optimizer_state": "float32",
-                                  "grad_reduce": "float32", "loss_scaling": False}
+    assert policy.precision() == {
+        "params": "float32",
+        "compute": "bfloat16",
+        "optimizer_state": "float32",
+        "grad_reduce": "float32",
+        "loss_scaling": False,
+    }
     # the previous design: AdamW directly on bf16 parameters; most of each lr-sized step rounds away
     old = copy.deepcopy(model).to(torch.bfloat16)
     ref_bf = torch.cat([p.detach().float().reshape(-1) for p in old.parameters()])
     opt_old = torch.optim.AdamW(old.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
     for p, d in zip(old.parameters(), torch.split(ref, [p.numel() for p in old.parameters()])):
-        p.grad = (d / LR).reshape(p.shape).to(torch.bfloat16)   # gradients pointing along the fp32 update
+        p.grad = (d / LR).reshape(p.shape).to(torch.bfloat16)  # gradients pointing along the fp32 update
     for _ in range(STEPS):
         opt_old.step()
     lost = torch.cat([p.detach().float().reshape(-1) for p in old.parameters()]) - ref_bf

@@ -1,5 +1,6 @@
 """The embedded default (red/configs/default.yaml: warm-up SFT stage, then RED) trains with packing on, and its
 metrics equal those of the same run with padded micro-batches."""
+
 import json
 import math
 import os
@@ -8,14 +9,25 @@ import pytest
 
 from red.train import main
 
-SHORT = ["train.steps=2", "warmup.steps=2", "warmup.batch_size=16", "train.prompts_per_step=4", "eval.every=0",
-         "eval.before=false", "data.synthetic_eval_size=8", "log.progress=false", "log.plot=false",
-         "checkpoint.resume=never"]
+SHORT = [
+    "train.steps=2",
+    "warmup.steps=2",
+    "warmup.batch_size=16",
+    "train.prompts_per_step=4",
+    "eval.every=0",
+    "eval.before=false",
+    "data.synthetic_eval_size=8",
+    "log.progress=false",
+    "log.plot=false",
+    "checkpoint.resume=never",
+]
 
 
 def _rows(path):
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time") and k != "tokens_per_s"}
-            for line in open(path)]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith("time") and k != "tokens_per_s"}
+        for line in open(path)
+    ]
 
 
 def _close(a, b):
@@ -31,12 +43,16 @@ def test_default_config_trains_packed_with_the_metrics_of_padded(tmp_path):
         out = str(tmp_path / packing)
         assert main([f"output_dir={out}", f"train.packing={packing}", *SHORT]) == 0
         summary = json.load(open(os.path.join(out, "summary.json")))
-        runs[packing] = (_rows(os.path.join(out, "warmup_metrics.jsonl")) + _rows(os.path.join(out, "metrics.jsonl")),
-                         summary["attention"])
+        runs[packing] = (
+            _rows(os.path.join(out, "warmup_metrics.jsonl")) + _rows(os.path.join(out, "metrics.jsonl")),
+            summary["attention"],
+        )
     (packed, attn_on), (padded, attn_off) = runs["true"], runs["false"]
     assert attn_on == {"implementation": "sdpa", "packing": "rows"} and attn_off["packing"] == "off"
     assert len(packed) == len(padded) == 2 + 3
-    assert [r["mode"] for r in packed[3:]] == ["red", "red"] and not any(r.get("skipped_update") for r in packed)
+    assert [r["mode"] for r in packed[3:]] == ["red", "red"] and not any(
+        r.get("skipped_update") for r in packed
+    )
     for a, b in zip(packed, padded):
         assert a.keys() == b.keys()
         bad = {k: (a[k], b[k]) for k in a if not _close(a[k], b[k])}
@@ -52,10 +68,16 @@ def test_smollm2_packed_passes_equal_padded():
 
     from red.models import smollm2_dir
     from red.update import Policy, old_policy_pass
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32, attn_implementation="sdpa")
+
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm2_dir(), dtype=torch.float32, attn_implementation="sdpa"
+    )
     from red.batching import micro_batches
+
     b = mixed_batch(8, seed=7)
-    assert any(len(mb.rows) > mb.input_ids.shape[0] for mb in micro_batches(b, 64, 0, "rows"))   # really packed
+    assert any(
+        len(mb.rows) > mb.input_ids.shape[0] for mb in micro_batches(b, 64, 0, "rows")
+    )  # really packed
     runs = {}
     for layout in ("off", "rows"):
         p = Policy(model, pad_id=0)

@@ -1,5 +1,6 @@
 """red/run_dir.py: every JSON a run or a comparison writes is strict JSON (NaN -> null, ±inf -> strings); the one
 atomic write (a crash leaves the previous file or directory as it was)."""
+
 import json
 import math
 import os
@@ -15,8 +16,8 @@ def test_json_ready_replaces_non_finite_numbers_at_any_depth():
     obj = {"a": math.nan, "b": [1.5, math.inf, (-math.inf, 2)], "c": {"d": {"e": math.nan, "f": "x"}}, "g": 3}
     out = json_ready(obj)
     assert out == {"a": None, "b": [1.5, "inf", ["-inf", 2]], "c": {"d": {"e": None, "f": "x"}}, "g": 3}
-    json.dumps(out, allow_nan=False)          # raises ValueError if any NaN/inf were left
-    assert math.isnan(obj["a"])               # the input is not modified
+    json.dumps(out, allow_nan=False)  # raises ValueError if any NaN/inf were left
+    assert math.isnan(obj["a"])  # the input is not modified
 
 
 def test_metrics_rows_are_strict_json(tmp_path):
@@ -30,17 +31,18 @@ def test_metrics_rows_are_strict_json(tmp_path):
 
 def test_atomic_write_replaces_on_success_and_keeps_the_old_on_failure(tmp_path):
     from red.run_dir import RunDir, atomic, temporary
+
     d = tmp_path / "step_1"
     with atomic(str(d)) as tmp:
         os.makedirs(tmp)
         (Path(tmp) / "a").write_text("old")
     with pytest.raises(RuntimeError):
-        with atomic(str(d)) as tmp:                  # a crash half-way through a second write
+        with atomic(str(d)) as tmp:  # a crash half-way through a second write
             os.makedirs(tmp)
             (Path(tmp) / "a").write_text("half")
             raise RuntimeError("crash")
     assert (d / "a").read_text() == "old" and os.path.isdir(temporary(str(d)))
-    with atomic(str(d)) as tmp:                      # the next write starts from an empty temporary
+    with atomic(str(d)) as tmp:  # the next write starts from an empty temporary
         os.makedirs(tmp)
         (Path(tmp) / "b").write_text("new")
     assert sorted(os.listdir(d)) == ["b"] and not os.path.exists(temporary(str(d)))
@@ -48,5 +50,5 @@ def test_atomic_write_replaces_on_success_and_keeps_the_old_on_failure(tmp_path)
         with atomic(str(d)) as tmp:
             os.makedirs(tmp)
             raise RuntimeError("crash")
-    RunDir(str(tmp_path)).clear()                    # checkpoint.resume=never also removes the leftover
+    RunDir(str(tmp_path)).clear()  # checkpoint.resume=never also removes the leftover
     assert os.listdir(tmp_path) == []

