@@ -8,14 +8,59 @@ import logging
 import os
 
 from . import parallel as D
-from .run_dir import json_ready
+from .run_dir import json_ready, write_text
 
 log = logging.getLogger("red.metrics")
 
 
+class MetricsFileError(ValueError):
+    """A metrics file that cannot be continued; the message names the file, the line and the fix."""
+
+
+def trim_for_resume(path: str, resume_step: int) -> None:
+    """Keep the rows of `path` up to `resume_step` (rewritten atomically), each dropped part said in the log: a torn
+    last line (a crash mid-write) is repaired, rows past the checkpoint (the interrupted run's) are dropped.
+    A broken line before the last one is not a crash's trace: MetricsFileError."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    rows, keep = [], []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if i == len(lines) - 1:
+                log.warning(
+                    "%s: torn last line %d (%d bytes, a crash mid-write) removed", path, i + 1, len(ln)
+                )
+                continue
+            raise MetricsFileError(
+                f"{path}, line {i + 1}: expected one JSON object per line, got {ln[:60]!r}; delete or fix that "
+                f"line (rows past step {resume_step} are dropped on resume anyway)"
+            ) from None
+        rows.append(row)
+        if row.get("step", 0) <= resume_step:
+            keep.append(json.dumps(row) + "\n")
+    if len(keep) < len(rows):
+        log.warning(
+            "%s: %d row(s) after step %d (past the checkpoint resumed from) dropped",
+            path,
+            len(rows) - len(keep),
+            resume_step,
+        )
+    if len(keep) < len(rows) or len(rows) < sum(1 for ln in lines if ln.strip()) or not raw.endswith(b"\n"):
+        write_text(path, "".join(keep))
+
+
 class MetricsLogger:
     """Rank 0 appends one JSON object per step to `path`; on resume rows after `resume_step` are dropped first
-    (they belong to the interrupted run past its last checkpoint)."""
+    (they belong to the interrupted run past its last checkpoint) and a torn last line is repaired."""
 
     def __init__(self, path: str, tensorboard_dir: str | None = None, resume_step: int | None = None):
         self.path = path
@@ -24,9 +69,7 @@ class MetricsLogger:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if resume_step is not None and os.path.exists(path):
-            keep = [ln for ln in open(path) if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            with open(path, "w") as fh:
-                fh.writelines(keep)
+            trim_for_resume(path, resume_step)
         elif resume_step is None and os.path.exists(path):
             os.remove(path)
         if tensorboard_dir:

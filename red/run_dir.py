@@ -93,12 +93,18 @@ class RunDir:
             if (m := _STEP.match(d)) and os.path.isdir(os.path.join(self.root, d))
         )
 
-    def latest(self) -> str | None:
-        """The checkpoint the `latest` pointer names (None if there is none or it is dangling)."""
+    def latest_name(self) -> str | None:
+        """The name the `latest` pointer holds (e.g. "step_20"; it may dangle), None without a pointer."""
         if not os.path.exists(self.latest_file):
             return None
-        d = os.path.join(self.root, open(self.latest_file).read().strip())
-        return d if os.path.isfile(os.path.join(d, "trainer_state.pt")) else None
+        with open(self.latest_file) as fh:
+            return fh.read().strip() or None
+
+    def latest(self) -> str | None:
+        """The checkpoint the `latest` pointer names (None if there is none or it is dangling)."""
+        name = self.latest_name()
+        d = os.path.join(self.root, name) if name else None
+        return d if d and os.path.isfile(os.path.join(d, "trainer_state.pt")) else None
 
     @staticmethod
     def step_of(ckpt_dir: str) -> int:

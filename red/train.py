@@ -23,7 +23,7 @@ from .config import ConfigError, load_config
 from .data import DataError, load_source, tokenize_examples
 from .eval import package_versions
 from .loop import Trainer, eval_row, run_stage
-from .metrics import MetricsLogger
+from .metrics import MetricsFileError, MetricsLogger
 from .rewards import Verifier
 from .run_dir import RunDir, json_ready, write_text
 from .update import Policy
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     )
     try:
         return train(load_config(args.config, args.overrides))
-    except (checkpoint.ResumeError, ConfigError, DataError) as e:
+    except (checkpoint.ResumeError, ConfigError, DataError, MetricsFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -113,11 +113,10 @@ def train(cfg) -> int:
     set_seed(cfg.seed)
     run = RunDir(cfg.output_dir)
     os.makedirs(run.root, exist_ok=True)
-    resume_dir = checkpoint.find_resume(run, cfg.checkpoint.resume, cfg.train.steps)
+    resume_dir, state = checkpoint.find_resume(run, cfg.checkpoint.resume, cfg.train.steps)
     if cfg.checkpoint.resume == "never" and parallel.is_main():
         run.clear()
     parallel.barrier()
-    state = checkpoint.load_state(resume_dir) if resume_dir else None
     if resume_dir:
         log.info("resuming from %s", resume_dir)
     model, tok, warm_done = build_model(cfg, device, run, resume_dir)
