@@ -35,7 +35,8 @@ def _batch(case: str, V: int, seed: int = 0):
     if case == "embedded":
         from red import synthetic
         from red.config import load_config
-        from red.train import load_items, trace_eos_id
+        from red.data import trace_eos_id
+        from red.train import load_items
 
         cfg = load_config(overrides=["data.synthetic_train_size=256"])
         tok = synthetic.build_tokenizer()
@@ -116,7 +117,7 @@ def measure(model, pad_id, batch, budget, layout, dtype="float32"):
     )
     tokens = int(batch.lengths.sum())
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step itself is not what is compared
-    from red.batching import micro_batches
+    from red.packing import micro_batches
 
     mbs = micro_batches(batch, budget, pad_id, layout)
     out = {

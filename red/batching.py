@@ -1,6 +1,6 @@
 """RolloutBatch -> token-budgeted micro-batches: the tensors one forward/backward of the model body needs.
 
-A MicroBatch is a small record so the packed variant (red/packing.py: several sequences per row, position_ids
+A MicroBatch is a small record so the packed variant (red/packing.py, which also chooses between the layouts: several sequences per row, position_ids
 restarting per sequence, per-token `sequence_ids`) replaces the padded one without touching the update. Padded
 layout: b rows, L = longest prompt + response of the micro-batch, right-padded with `pad_id`; per-token tensors
 are [b, L - 1] aligned with targets = input_ids[:, 1:] (position t predicts token t + 1); per-sequence tensors
@@ -126,23 +126,6 @@ def collate(batch: RolloutBatch, rows: list[int], pad_id: int) -> MicroBatch:
         per_tok(batch.old_logprobs, 0.0),
         per_tok(batch.is_weights, 1.0),
     )
-
-
-def micro_batches(
-    batch: RolloutBatch, token_budget: int, pad_id: int, packing: str = "off"
-) -> list[MicroBatch]:
-    """The whole batch as token-budgeted micro-batches (longest first): padded (packing "off") or packed
-    (packing "flat" / "rows", see red/packing.py)."""
-    from .packing import collate_packed, packed_groups
-
-    if packing == "off":
-        return [
-            collate(batch, rows, pad_id) for rows in token_budget_groups(batch.lengths.tolist(), token_budget)
-        ]
-    return [
-        collate_packed(batch, rows, pad_id)
-        for rows in packed_groups(batch.lengths.tolist(), token_budget, packing)
-    ]
 
 
 def dummy_micro_batch(pad_id: int) -> MicroBatch:

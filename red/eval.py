@@ -212,14 +212,11 @@ def main(argv=None) -> int:
     )
     dcfg = dataclasses.replace(cfg.data, **fields) if cfg is not None else DataConfig(**fields)
     if cfg is not None:
+        from .data import stop_token_ids, trace_eos_id
         from .rollout.factory import make_engine
-        from .train import trace_eos_id
 
         engine = make_engine(
-            cfg,
-            model,
-            tok,
-            stop_token_ids=sorted({trace_eos_id(tok, cfg.data.eos_token), tok.eos_token_id} - {None}),
+            cfg, model, tok, stop_token_ids=stop_token_ids(tok, trace_eos_id(tok, cfg.data.eos_token))
         )
     else:
         engine = HFEngine(model, tok, batch_size=args.batch_size)

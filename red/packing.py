@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .batching import IGNORE, MicroBatch, collate, token_budget_groups
 from .records import RolloutBatch
 
 LAYOUTS = ("off", "rows", "flat")
@@ -70,17 +71,28 @@ def packed_groups(lengths: list[int], token_budget: int, layout: str) -> list[li
 
 def micro_batch_count(lengths: list[int], token_budget: int, layout: str = "off") -> int:
     """How many micro-batches `micro_batches(..., packing=layout)` makes of sequences with these lengths."""
-    from .batching import token_budget_groups
-
     if layout == "off":
         return len(token_budget_groups(lengths, token_budget))
     return len(packed_groups(lengths, token_budget, layout))
 
 
-def collate_packed(batch: RolloutBatch, rows: list[list[int]], pad_id: int):
-    """The packed MicroBatch of `rows` (each a list of batch rows, concatenated in that order)."""
-    from .batching import IGNORE, MicroBatch
+def micro_batches(
+    batch: RolloutBatch, token_budget: int, pad_id: int, packing: str = "off"
+) -> list[MicroBatch]:
+    """The whole batch as token-budgeted micro-batches (longest first): padded (packing "off", red/batching.py)
+    or packed (packing "flat" / "rows", see the module docstring)."""
+    if packing == "off":
+        return [
+            collate(batch, rows, pad_id) for rows in token_budget_groups(batch.lengths.tolist(), token_budget)
+        ]
+    return [
+        collate_packed(batch, rows, pad_id)
+        for rows in packed_groups(batch.lengths.tolist(), token_budget, packing)
+    ]
 
+
+def collate_packed(batch: RolloutBatch, rows: list[list[int]], pad_id: int) -> MicroBatch:
+    """The packed MicroBatch of `rows` (each a list of batch rows, concatenated in that order)."""
     seqs = [i for row in rows for i in row]
     idx = torch.tensor(seqs, dtype=torch.long)
     p, r = batch.prompt_len[idx], batch.response_len[idx]

@@ -20,7 +20,7 @@ from transformers import set_seed
 from . import checkpoint, modes, parallel, synthetic
 from .attention import packing_layout, resolve
 from .config import ConfigError, load_config
-from .data import DataError, load_source, tokenize_examples
+from .data import DataError, load_source, stop_token_ids, tokenize_examples, trace_eos_id
 from .eval import package_versions
 from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsFileError, MetricsLogger
@@ -29,19 +29,6 @@ from .run_dir import RunDir, json_ready, write_text
 from .update import Policy
 
 log = logging.getLogger("red.train")
-
-
-def trace_eos_id(tokenizer, chat_eos: str | None) -> int:
-    """The token that ends an assistant turn: `<|im_end|>` for ChatML templates, else the tokenizer's EOS."""
-    for tok in ([chat_eos] if chat_eos else []) + (
-        ["<|im_end|>"] if "<|im_end|>" in (tokenizer.chat_template or "") else []
-    ):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if tid is not None and tid != tokenizer.unk_token_id:
-            return tid
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("config key 'model.path': the tokenizer has no EOS token")
-    return tokenizer.eos_token_id
 
 
 def build_model(cfg, device, run: RunDir, resume_dir):
@@ -143,7 +130,7 @@ def train(cfg) -> int:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     policy = Policy(model, cfg.model.dtype, cfg.train.parallel, pad_id)
     policy.packing = packing_layout(model.config._attn_implementation, device, cfg.train.packing)
-    engine = make_engine(cfg, model, tok, stop_token_ids=sorted({eos_id, tok.eos_token_id} - {None}))
+    engine = make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id))
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s)
     tr = Trainer(cfg, policy, tok, engine, verifier, run)
     summary = (state or {}).get("summary") or {"versions": package_versions(), **info}

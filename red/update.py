@@ -19,7 +19,8 @@ import contextlib
 import torch
 
 from . import parallel
-from .batching import dummy_micro_batch, micro_batches
+from .batching import dummy_micro_batch
+from .packing import micro_batches
 from .records import RolloutBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -3,7 +3,8 @@ positions and read back (red/batching.py, red/records.py)."""
 
 import torch
 
-from red.batching import IGNORE, collate, micro_batches, token_budget_groups
+from red.batching import IGNORE, collate, token_budget_groups
+from red.packing import micro_batches
 from red.records import PromptItem, RolloutBatch
 from red.rollout.base import Rollout
 

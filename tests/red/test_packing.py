@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from test_batching import make_batch
 from test_update import _Recorder
 
-from red.batching import IGNORE, collate, micro_batches, token_budget_groups
-from red.packing import collate_packed, first_fit_rows, micro_batch_count, packed_groups
+from red.batching import IGNORE, collate, token_budget_groups
+from red.packing import collate_packed, first_fit_rows, micro_batch_count, micro_batches, packed_groups
 from red.records import PromptItem, RolloutBatch
 from red.rollout.base import Rollout
 from red.update import Policy, old_policy_pass, policy_update

@@ -8,7 +8,7 @@ from conftest import tiny_model
 from test_batching import make_batch
 
 from red import attention
-from red.batching import micro_batches
+from red.packing import micro_batches
 from red.update import Policy, old_policy_pass
 
 

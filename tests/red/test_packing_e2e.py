@@ -72,7 +72,7 @@ def test_smollm2_packed_passes_equal_padded():
     model = AutoModelForCausalLM.from_pretrained(
         smollm2_dir(), dtype=torch.float32, attn_implementation="sdpa"
     )
-    from red.batching import micro_batches
+    from red.packing import micro_batches
 
     b = mixed_batch(8, seed=7)
     assert any(
