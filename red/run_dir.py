@@ -4,17 +4,125 @@ metrics.jsonl  samples.jsonl  warmup_metrics.jsonl  summary.json  dynamics.png  
 warmup/        (HF model after the warm-up stage)
 step_N/        (checkpoint: HF model + tokenizer, trainer_state.pt, rng_rank{r}.pt)
 latest         (name of the newest complete step_N, written last)
+run.lock       (pid, host, start time of the one run writing here; removed when it ends)
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
+import logging
 import math
 import os
 import re
 import shutil
+import socket
+import time
 
 _STEP = re.compile(r"^step_(\d+)$")
+log = logging.getLogger("red.run_dir")
+
+
+class RunLockError(RuntimeError):
+    """Another live run writes to the same output_dir; the message names it."""
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux /proc), telling a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    now = _proc_start(pid)
+    return start is None or now is None or now == start
+
+
+class RunLock:
+    """One writer per run folder: `output_dir/run.lock` holds {pid, host, started, proc_start} of the run that
+    writes there. A second run stops with a RunLockError naming the holder; a lock left by a dead process on
+    this host (kill -9, a crash) is taken over with a warning. Use as a context manager."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, "run.lock")
+        self.me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "proc_start": _proc_start(os.getpid()),
+        }
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as fh:
+                h = json.load(fh)
+            return h if isinstance(h, dict) and isinstance(h.get("pid"), int) else None
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                h = self._holder()
+                if h is None:  # unreadable: a writer mid-write, or torn by a crash long ago
+                    try:
+                        age = time.time() - os.path.getmtime(self.path)
+                    except OSError:
+                        continue
+                    if age < 10:
+                        raise RunLockError(
+                            f"{os.path.dirname(self.path)} is being locked by another run right now "
+                            f"({self.path}); choose another output_dir or retry"
+                        ) from None
+                    log.warning("%s is unreadable (%.0f s old): taken over", self.path, age)
+                elif h.get("host") != self.me["host"] or _alive(h["pid"], h.get("proc_start")):
+                    raise RunLockError(
+                        f"{os.path.dirname(self.path)} is in use by another run: pid {h['pid']} on host "
+                        f"{h.get('host')}, started {h.get('started')} (lock file {self.path}). Wait for it to "
+                        f"end, choose another output_dir, or delete the lock file if that run is gone."
+                    ) from None
+                else:
+                    log.warning(
+                        "%s: the run that held it (pid %d on %s, started %s) is gone: lock taken over",
+                        self.path,
+                        h["pid"],
+                        h.get("host"),
+                        h.get("started"),
+                    )
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.me, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return
+        raise RunLockError(f"{self.path}: could not take the lock (another run keeps taking it)")
+
+    def release(self) -> None:
+        h = self._holder()
+        if h and h.get("pid") == self.me["pid"] and h.get("host") == self.me["host"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def json_ready(x):

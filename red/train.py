@@ -8,6 +8,7 @@ ends with `held-out accuracy: X% -> Y%`. Outputs: see red/run_dir.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -25,10 +26,12 @@ from .eval import package_versions
 from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsFileError, MetricsLogger
 from .rewards import Verifier
-from .run_dir import RunDir, json_ready, write_text
+from .run_dir import RunDir, RunLock, RunLockError, json_ready, write_text
 from .update import Policy
 
 log = logging.getLogger("red.train")
+# errors in what the user gave (config, data, run folder): one line on stderr and exit status 2, no traceback
+USER_ERRORS = (checkpoint.ResumeError, ConfigError, DataError, MetricsFileError, RunLockError)
 
 
 def build_model(cfg, device, run: RunDir, resume_dir):
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
     )
     try:
         return train(load_config(args.config, args.overrides))
-    except (checkpoint.ResumeError, ConfigError, DataError, MetricsFileError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -100,6 +103,12 @@ def train(cfg) -> int:
     set_seed(cfg.seed)
     run = RunDir(cfg.output_dir)
     os.makedirs(run.root, exist_ok=True)
+    with RunLock(run.root) if parallel.is_main() else contextlib.nullcontext():
+        return _train(cfg, run, device, t_start)
+
+
+def _train(cfg, run: RunDir, device, t_start: float) -> int:
+    """The run itself, holding the folder's lock (rank 0)."""
     resume_dir, state = checkpoint.find_resume(run, cfg.checkpoint.resume, cfg.train.steps)
     if cfg.checkpoint.resume == "never" and parallel.is_main():
         run.clear()
