@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from red_kernels.policy_loss import canonical_shaping
 
+from .algorithm import TEACHER_ONLY_CHOICES
 from .modes import MODES
 
 
@@ -93,6 +94,7 @@ class AlgorithmConfig:
     w_eps: float = 1e-8
     entropy_ema: float | None = None  # None: off; alpha in [0, 1): H~ = alpha H~_prev + (1-alpha) H
     sft_steps: int | None = None  # sft_then_grpo: SFT steps before GRPO (None -> train.steps // 2)
+    teacher_only_groups: str = "keep"  # keep | zero_online | drop (red/algorithm.py TEACHER_ONLY_CHOICES)
 
 
 @dataclass
@@ -291,6 +293,7 @@ CHOICES = {
     "rollout.engine": ("hf", "vllm", "auto"),
     "rollout.is_correction": ("none", "tis"),
     "algorithm.adv_stats": ("group", "online"),
+    "algorithm.teacher_only_groups": TEACHER_ONLY_CHOICES,
     "algorithm.offline_weight": ("entropy_ratio", "fixed"),
     "loss.offline_shaping": ("accuracy_shift", "luffy", "none"),
     "loss.loss_agg": ("seq_sum_const", "token_mean", "seq_mean"),

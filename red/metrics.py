@@ -127,7 +127,10 @@ def batch_sums(b, ds: dict) -> tuple[dict, dict]:
     sets = {"on": on, "off": off, "cor": on & cor, "wrong": on & ~cor}
     sums = {
         "groups": b.G,
-        **{k: ds[k] for k in ("draws", "dropped_all_correct", "dropped_all_wrong", "short")},
+        **{
+            k: ds[k]
+            for k in ("draws", "dropped_all_correct", "dropped_all_wrong", "dropped_teacher_only", "short")
+        },
     }
     for name, s in sets.items():
         sums.update(
@@ -160,6 +163,7 @@ RATES = {
     "truncated_frac_wrong": ("trunc_wrong", "n_wrong"),
     "drop_frac_all_correct": ("dropped_all_correct", "groups"),
     "drop_frac_all_wrong": ("dropped_all_wrong", "groups"),
+    "drop_frac_teacher_only": ("dropped_teacher_only", "groups"),
 }
 
 

@@ -16,7 +16,16 @@ import time
 import torch
 
 from . import parallel, rewards
-from .algorithm import group_accuracy, group_advantages, refill, sample_mean_entropy
+from .algorithm import (
+    GROUP_KINDS,
+    group_accuracy,
+    group_advantages,
+    group_kinds,
+    group_share_key,
+    refill,
+    sample_mean_entropy,
+    teacher_only_advantages,
+)
 from .metrics import batch_sums, finish_rollout_metrics
 from .records import RolloutBatch
 from .rollout.base import SamplingConfig
@@ -100,14 +109,19 @@ def rl_step(tr, phase) -> dict:
             cfg.rollout.max_new_tokens,
         )
         timers["time_reward"] += time.perf_counter() - t
-        return batch, batch.grouped(batch.correct.float()) if batch.G else torch.zeros(0, cfg.rollout.n)
+        if not batch.G:
+            return batch, torch.zeros(0, cfg.rollout.n), torch.zeros(0, cfg.rollout.n, dtype=torch.bool)
+        return batch, batch.grouped(batch.correct.float()), batch.grouped(batch.is_offline)
 
     def need_more(short: int) -> bool:
         _, mx = parallel.reduce(maxes={"short": short})
         need[0] = max(int(mx["short"]), 1)
         return mx["short"] > 0
 
-    parts, ds = refill(draw, tr.per_rank, cfg.algorithm.max_refill, cfg.algorithm.dynamic_sampling, need_more)
+    tog = cfg.algorithm.teacher_only_groups
+    parts, ds = refill(
+        draw, tr.per_rank, cfg.algorithm.max_refill, cfg.algorithm.dynamic_sampling, need_more, tog
+    )
     tr.engine.sleep()
     drawn = RolloutBatch.cat([b for b, _ in parts])
     batch = RolloutBatch.cat([b.select_groups(keep) for b, keep in parts])
@@ -119,7 +133,8 @@ def rl_step(tr, phase) -> dict:
     if pre["groups_kept"] == 0:
         sums, maxes = parallel.reduce(rsums, rmax)
         log.warning("step %d: every group was dropped by dynamic sampling; no update", tr.step + 1)
-        return {**finish_rollout_metrics(sums, maxes, tr), **timers, "skipped_update": 1}
+        no_share = {group_share_key(kind): None for kind in GROUP_KINDS}  # no kept group: no share
+        return {**finish_rollout_metrics(sums, maxes, tr), **timers, **no_share, "skipped_update": 1}
     batch = old_policy_pass(
         tr.policy, batch, cfg.train.micro_batch_tokens, loss_cfg.temperature, pre["micro"]
     )
@@ -140,6 +155,8 @@ def rl_step(tr, phase) -> dict:
         adv_std=cfg.algorithm.adv_std,
         adv_stats=cfg.algorithm.adv_stats if k else "group",
     )
+    adv = teacher_only_advantages(adv, acc, grouped_off, tog)
+    kinds = group_kinds(acc, grouped_off)
     rbar = group_accuracy(acc)
     batch = batch.replace(
         advantage=adv.reshape(-1),
@@ -159,6 +176,7 @@ def rl_step(tr, phase) -> dict:
             "rbar_sum": rbar.sum(),
             "adv_off_sum": adv[grouped_off].sum(),
             "n_off_kept": grouped_off.sum(),
+            **{f"kept_{kind}": kinds[kind].sum() for kind in GROUP_KINDS},
         },
         {
             **rmax,
@@ -185,6 +203,7 @@ def rl_step(tr, phase) -> dict:
         rbar_max=maxes["rbar_max"],
         adv_offline_mean=sums["adv_off_sum"] / sums["n_off_kept"] if k and sums["n_off_kept"] else None,
         groups_kept=g,
+        **{group_share_key(kind): sums[f"kept_{kind}"] / g for kind in GROUP_KINDS},
         tokens=pre["tokens"],
     )
     m["tokens_per_s"] = pre["tokens"] / max(sum(v for kk, v in m.items() if kk.startswith("time_")), 1e-9)

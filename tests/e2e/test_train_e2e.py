@@ -2,6 +2,7 @@
 after a checkpoint resumes to exactly the same metrics and weights as an uninterrupted run."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -132,3 +133,21 @@ def test_sigkill_after_checkpoint_then_resume_reproduces_the_uninterrupted_run(t
 
     again = subprocess.run(_cmd(cut, steps), env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "would run zero steps" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "stats,choice,adv_off",
+    [("online", "keep", 1 / (0.5 + 1e-6)), ("group", "zero_online", 0.75 / (0.5 + 1e-6))],
+)
+def test_teacher_only_groups_in_the_trainer(tmp_path, stats, choice, adv_off):
+    """A random model solves nothing and the teacher everything: every group is teacher-only (online rewards
+    0,0,0, teacher 1, n = 4). adv_stats=online has no online spread there and falls back to the group std 1/2:
+    the teacher's advantage is 1/(1/2) = 2 (it was 1e6); with the whole group's statistics it is 0.75/(1/2).
+    The per-step shares of kept groups that are teacher-only / all-correct / all-wrong are logged."""
+    out = str(tmp_path / "run")
+    argv = [f"output_dir={out}", "algorithm.mode=luffy", "train.steps=1", *TINY]
+    assert main(argv + [f"algorithm.adv_stats={stats}", f"algorithm.teacher_only_groups={choice}"]) == 0
+    row = _rows(out)[1]
+    assert row["kept_frac_teacher_only"] == 1.0
+    assert row["kept_frac_all_correct"] == 0.0 and row["kept_frac_all_wrong"] == 0.0
+    assert abs(row["adv_offline_mean"] - adv_off) < 1e-4 and math.isfinite(row["loss"])

@@ -9,9 +9,11 @@ from red.algorithm import (
     EntropyRatioWeight,
     group_accuracy,
     group_advantages,
+    group_kinds,
     keep_groups,
     refill,
     sample_mean_entropy,
+    teacher_only_advantages,
 )
 from red.records import PromptItem, RolloutBatch
 from red.rewards import overlong_penalty
@@ -85,7 +87,67 @@ def test_keep_groups_drops_zero_variance():
     acc = torch.tensor([[1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 0]])
     keep, why = keep_groups(acc)
     assert keep.tolist() == [False, True, False]
-    assert why == {"all_correct": 1, "all_wrong": 1}
+    assert why == {"all_correct": 1, "all_wrong": 1, "teacher_only": 0}
+
+
+# One teacher-only group (online 0,0,0, teacher 1), one mixed group (online 1,0,0, teacher 1), one all-wrong.
+TO_ACC = torch.tensor([[0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+TO_OFF = torch.tensor([[False, False, False, True]] * 3)
+
+
+def test_group_kinds_teacher_only_needs_online_members_all_wrong_and_a_correct_teacher():
+    k = group_kinds(TO_ACC, TO_OFF)
+    assert k["teacher_only"].tolist() == [True, False, False]
+    assert k["all_wrong"].tolist() == [False, False, True] and k["all_correct"].tolist() == [False] * 3
+    assert group_kinds(TO_ACC)["teacher_only"].tolist() == [False] * 3  # no flags (grpo): never
+    only_teacher = torch.tensor([[True, True]])  # an SFT-like group without online members
+    assert group_kinds(torch.tensor([[1.0, 1.0]]), only_teacher)["teacher_only"].tolist() == [False]
+
+
+@pytest.mark.parametrize("choice", ["keep", "zero_online", "drop"])
+def test_teacher_only_groups_hand_computed_advantages(choice):
+    """Group 0 is teacher-only: rewards 0,0,0,1 -> mean 1/4, unbiased std sqrt((3/16 + 9/16) / 3) = 1/2, so
+    online -0.25/0.5 = -0.5 each and the teacher 0.75/0.5 = 1.5. Group 1 (mixed) is never changed:
+    mean 1/2, std sqrt(1/3) -> +-0.5/sqrt(1/3)."""
+    keep, why = keep_groups(TO_ACC, TO_OFF, choice)
+    assert keep.tolist() == ([False, True, False] if choice == "drop" else [True, True, False])
+    assert why["teacher_only"] == (1 if choice == "drop" else 0) and why["all_wrong"] == 1
+    adv = teacher_only_advantages(group_advantages(TO_ACC, TO_OFF), TO_ACC, TO_OFF, choice)
+    e = 1e-6
+    g0 = {
+        "keep": [-0.25 / (0.5 + e)] * 3 + [0.75 / (0.5 + e)],
+        "zero_online": [0.0, 0.0, 0.0, 0.75 / (0.5 + e)],
+    }
+    h = 0.5 / (SQRT3 + e)
+    assert torch.allclose(adv[1], torch.tensor([h, -h, -h, h]), atol=1e-6)
+    if choice != "drop":  # a dropped group never reaches the advantages (keep mask above)
+        assert torch.allclose(adv[0], torch.tensor(g0[choice]), atol=1e-6)
+    with pytest.raises(ValueError, match="teacher_only_groups must be one of"):
+        teacher_only_advantages(adv, TO_ACC, TO_OFF, "zero")
+
+
+def test_refill_drops_teacher_only_groups_and_refills():
+    draws = [(["T", "M"], TO_ACC[:2], TO_OFF[:2]), (["M2"], TO_ACC[1:2], TO_OFF[1:2])]
+    parts, st = refill(lambda a, need: draws[a], target=2, max_refill=1, teacher_only="drop")
+    assert _kept(parts) == ["M", "M2"] and st["dropped_teacher_only"] == 1 and st["kept"] == 2
+    parts, st = refill(lambda a, need: draws[a], target=2, max_refill=1, enabled=False, teacher_only="drop")
+    assert _kept(parts) == ["M"] and st["dropped_teacher_only"] == 1
+    parts, st = refill(lambda a, need: draws[a], target=2, max_refill=1, teacher_only="zero_online")
+    assert _kept(parts) == ["T", "M"] and st["dropped_teacher_only"] == 0
+
+
+def test_online_stats_with_zero_online_spread_fall_back_to_the_group_std():
+    """adv_stats=online, online rewards all 0, teacher 1: online mean 0 and std 0 -> the whole group's std
+    (1/2 for 0,0,0,1) is used: advantages 0,0,0,1/(1/2) = 2 — finite, not 1/eps. One online member (std over
+    one value = 0): same rule. Every reward equal: all 0."""
+    off = torch.tensor([[False, False, False, True]])
+    a = group_advantages(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), off, adv_stats="online")
+    assert torch.allclose(a, torch.tensor([[0.0, 0.0, 0.0, 1 / (0.5 + 1e-6)]]), atol=1e-6)
+    one = group_advantages(torch.tensor([[1.0, 0.0]]), torch.tensor([[False, True]]), adv_stats="online")
+    std = math.sqrt(0.5)  # unbiased std of {1, 0}
+    assert torch.allclose(one, torch.tensor([[0.0, -1 / (std + 1e-6)]]), atol=1e-6)
+    same = group_advantages(torch.ones(1, 4), off, adv_stats="online")
+    assert same.tolist() == [[0.0] * 4]
 
 
 def _draws():
@@ -112,7 +174,14 @@ def test_dynamic_sampling_refills_until_full():
     draw, calls = _draws()
     parts, st = refill(draw, target=3, max_refill=5)
     assert _kept(parts) == ["B", "D", "F"] and calls == [(0, 3), (1, 2)]
-    assert st == {"draws": 2, "dropped_all_correct": 2, "dropped_all_wrong": 1, "kept": 3, "short": 0}
+    assert st == {
+        "draws": 2,
+        "dropped_all_correct": 2,
+        "dropped_all_wrong": 1,
+        "dropped_teacher_only": 0,
+        "kept": 3,
+        "short": 0,
+    }
 
 
 def test_dynamic_sampling_stops_after_max_refill_and_truncates():
@@ -188,3 +257,33 @@ def test_sample_mean_entropy():
 def test_overlong_penalty():
     p = overlong_penalty(torch.tensor([80, 90, 100]), max_len=100, buffer=20)
     assert p.tolist() == [0.0, -0.5, -1.0]
+
+
+def test_online_stats_zero_spread_through_the_fused_loss_is_finite_and_matches_float64():
+    """The fused red_loss fed with adv_stats=online advantages of a teacher-only group (online std 0): the loss
+    and its gradient are finite and equal the float64 reference on the same advantages (the teacher's
+    advantage is 2, not 1e6)."""
+    from red_kernels import red_loss
+    from red_kernels.reference import naive_red_loss
+
+    off = torch.tensor([[False, False, False, True]])
+    adv = group_advantages(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), off, adv_stats="online").reshape(-1)
+    assert adv.abs().max() < 3
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 4, 5, 8, 11
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g) * 0.4
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    offline = mask & off.reshape(B, 1)
+    rbar = torch.full((B,), 0.25)
+    out = red_loss(hidden, weight, targets, adv, loss_mask=mask, offline_mask=offline, group_accuracy=rbar)
+    out.loss.backward()
+    h64 = hidden.detach().double().requires_grad_()
+    ref = naive_red_loss(
+        h64, weight.double(), targets, adv.double(), mask, offline=offline, r_bar=rbar.double(), r_min=1 / 8
+    )
+    ref.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(hidden.grad).all()
+    assert abs(out.loss.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
+    assert torch.allclose(hidden.grad.double(), h64.grad, atol=1e-5)
