@@ -135,6 +135,15 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    """The SFT phase of modes sft and sft_then_grpo: its own optimizer and schedule (tuned like any method)."""
+
+    lr: float | None = None  # None -> optim.lr
+    warmup_steps: int = 0
+    min_lr_ratio: float | None = None  # None -> optim.min_lr_ratio
+
+
+@dataclass
 class WarmupConfig:
     """Optional SFT stage that turns a random model into a 'pretrained base' (synthetic default only)."""
 
@@ -186,6 +195,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -369,6 +379,14 @@ def validate(cfg: Config) -> None:
         f"must be two numbers in [0, 1), got {o.betas}",
     )
     _check(o.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {o.grad_clip}")
+    sf = cfg.sft
+    _check(sf.lr is None or sf.lr > 0, "sft.lr", f"must be > 0 or null (optim.lr), got {sf.lr}")
+    _check(sf.warmup_steps >= 0, "sft.warmup_steps", f"must be >= 0, got {sf.warmup_steps}")
+    _check(
+        sf.min_lr_ratio is None or 0 <= sf.min_lr_ratio <= 1,
+        "sft.min_lr_ratio",
+        f"must be in [0, 1] or null (optim.min_lr_ratio), got {sf.min_lr_ratio}",
+    )
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     if cfg.warmup.enabled:
         _check(

@@ -45,19 +45,31 @@ class Trainer:
             )
         self.stage, self.items, self.step = stage, items, 0
         self.per_rank = max(stage.prompts_per_step // ws, 1)
-        self.opt, self.sched = make_optimizer(
-            self.policy.model,
-            stage.lr,
-            self.cfg.optim.betas,
-            stage.weight_decay,
-            stage.steps,
-            stage.warmup_steps,
-            stage.min_lr_ratio,
-        )
+        self.new_optimizer(0)
         self.stream = PromptStream(len(items), stage.seed, self.cfg.data.shuffle or not stage.main)
         last = stage.phases[-1]
         self.weight = EntropyRatioWeight(**offline_weight_settings(self.cfg, last.mode, last.k))
         self.loss_cfg = {p.mode: loss_config(self.cfg, p.mode) for p in stage.phases}
+
+    def new_optimizer(self, step: int) -> None:
+        """A fresh optimizer and schedule for the phase that runs `step` (red/modes.py Stage.schedule_of)."""
+        i, st = self.stage.phase_index(step), self.stage
+        sch = st.schedule_of(i)
+        self.opt, self.sched = make_optimizer(
+            self.policy.model,
+            sch.lr,
+            self.cfg.optim.betas,
+            st.weight_decay,
+            st.optimizer_span(i),
+            sch.warmup_steps,
+            sch.min_lr_ratio,
+        )
+        self.opt_phase = i
+
+    def phase_changes_optimizer(self) -> bool:
+        """Whether the next step starts a phase with another optimizer (see modes.Phase.schedule)."""
+        i = self.stage.phase_index(self.step)
+        return i != self.opt_phase and self.stage.optimizer_span(i) != self.stage.steps
 
     def state_dict(self) -> dict:
         return {
@@ -71,8 +83,11 @@ class Trainer:
         """From a checkpoint's trainer_state.pt (red/checkpoint.py)."""
         st = state["trainer"]
         self.step, self.stream.cursor = st["step"], st["cursor"]
+        last = self.stage.phase_index(max(self.step - 1, 0))  # the phase whose optimizer was saved
+        self.new_optimizer(max(self.step - 1, 0))
         checkpoint.load_optimizer(self.policy.model, self.opt, state)
         self.sched.load_state_dict(st["scheduler"])
+        self.opt_phase = last
         self.weight.load_state_dict(st["entropy_weight"])
 
     def take_items(self, per_rank: int):
@@ -175,6 +190,8 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
     while tr.step < stage.steps:
         t = time.perf_counter()
         phase = stage.phase_at(tr.step)
+        if tr.phase_changes_optimizer():
+            tr.new_optimizer(tr.step)
         m = (sft_step if phase.mode == "sft" else rl_step)(tr, phase)
         with warnings.catch_warnings():  # a step whose groups were all dropped made no optimizer step
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")

@@ -6,7 +6,10 @@
 | luffy         | RL                         | rollout.num_offline | luffy                    | fixed (w = 1)   | 0.001 unless set |
 | grpo          | RL                         | 0              | -                        | -               | loss.entropy_coef (0) |
 | sft           | SFT                        | max(k, 1) per prompt, NLL only                                              |
-| sft_then_grpo | SFT for algorithm.sft_steps (default train.steps // 2), then grpo, one optimizer and schedule |
+| sft_then_grpo | SFT for algorithm.sft_steps (default train.steps // 2), then grpo, each its own optimizer |
+
+The SFT phase of `sft` and `sft_then_grpo` has its own learning rate and schedule (config section `sft`: lr,
+warmup_steps, min_lr_ratio; nulls fall back to `optim`), so the SFT baselines are tuned like every method.
 
 A run is a list of stages run by the same loop (red/loop.py): the optional warm-up (SFT on `warmup.data`, its
 own optimizer, saved to output_dir/warmup/) and the main stage (eval, checkpoints, metrics.jsonl).
@@ -56,12 +59,25 @@ MODES: dict[str, Mode] = {
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """Learning rate of one optimizer: peak lr, linear warm-up steps, cosine decay to min_lr_ratio x lr."""
+
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+
+
+@dataclass(frozen=True)
 class Phase:
-    """Consecutive steps of one leaf mode ('sft', 'grpo', 'luffy', 'red'); k = teacher traces per prompt."""
+    """Consecutive steps of one leaf mode ('sft', 'grpo', 'luffy', 'red'); k = teacher traces per prompt.
+    schedule: the phase's own optimizer and schedule (the SFT phase of sft / sft_then_grpo, from the `sft`
+    section); None: the stage's (optim.*). A phase with its own schedule starts a fresh optimizer, and so does
+    the phase after it."""
 
     mode: str
     steps: int
     k: int
+    schedule: Schedule | None = None
 
 
 @dataclass(frozen=True)
@@ -84,11 +100,25 @@ class Stage:
         return sum(p.steps for p in self.phases)
 
     def phase_at(self, step: int) -> Phase:
-        for p in self.phases:
+        return self.phases[self.phase_index(step)]
+
+    def phase_index(self, step: int) -> int:
+        """Index of the phase that runs step `step` (0-based; past the end: the last phase)."""
+        for i, p in enumerate(self.phases):
             if step < p.steps:
-                return p
+                return i
             step -= p.steps
-        return self.phases[-1]
+        return len(self.phases) - 1
+
+    def schedule_of(self, i: int) -> Schedule:
+        """Phase i's schedule (its own, else the stage's)."""
+        own = self.phases[i].schedule
+        return own or Schedule(self.lr, self.warmup_steps, self.min_lr_ratio)
+
+    def optimizer_span(self, i: int) -> int:
+        """Steps of the optimizer phase i belongs to: the phase's own when any phase has its own schedule,
+        else the whole stage (one optimizer)."""
+        return self.phases[i].steps if any(p.schedule for p in self.phases) else self.steps
 
 
 def sft_steps(cfg) -> int:
@@ -96,14 +126,27 @@ def sft_steps(cfg) -> int:
     return max(cfg.train.steps // 2, 1) if s is None else s
 
 
+def sft_schedule(cfg) -> Schedule:
+    """The SFT phase's schedule (sft and sft_then_grpo): the `sft` section, its nulls taken from `optim`."""
+    s, o = cfg.sft, cfg.optim
+    return Schedule(
+        o.lr if s.lr is None else s.lr,
+        s.warmup_steps,
+        o.min_lr_ratio if s.min_lr_ratio is None else s.min_lr_ratio,
+    )
+
+
 def phases(cfg) -> tuple:
     name, r = cfg.algorithm.mode, cfg.rollout
     mode = MODES[name]
     if mode.kind == "sft":
-        return (Phase("sft", cfg.train.steps, max(r.num_offline, 1)),)
+        return (Phase("sft", cfg.train.steps, max(r.num_offline, 1), sft_schedule(cfg)),)
     if mode.kind == "sft_then_rl":
         s = sft_steps(cfg)
-        return (Phase("sft", s, max(r.num_offline, 1)), Phase(mode.then, cfg.train.steps - s, 0))
+        return (
+            Phase("sft", s, max(r.num_offline, 1), sft_schedule(cfg)),
+            Phase(mode.then, cfg.train.steps - s, 0),
+        )
     return (Phase(name, cfg.train.steps, r.num_offline if mode.teacher else 0),)
 
 

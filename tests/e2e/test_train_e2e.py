@@ -53,12 +53,16 @@ def test_every_mode_runs_in_the_same_pipeline(tmp_path, mode):
                 "train.steps=2",
                 "algorithm.sft_steps=1",
                 "checkpoint.every=1",
+                "sft.lr=5e-3",
                 *TINY,
             ]
         )
         == 0
     )
     rows = _rows(out)
+    # lr after each step: the SFT phase decays its own 5e-3 to 0.1x in its one step; GRPO restarts at optim.lr
+    want = {"sft_then_grpo": [5e-4, 1e-4], "sft": [None, 5e-4]}.get(mode, [None, 1e-4])
+    assert all(w is None or abs(r["lr"] - w) < 1e-12 for w, r in zip(want, rows[1:]))
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/acc" in rows[0] and "eval/acc" in rows[2]
     steps = rows[1:]
     if mode == "sft":

@@ -103,7 +103,8 @@ def test_mode_table():
 
 def test_sft_then_grpo_sft_phase_defaults_to_half_and_zero_is_an_error():
     cfg = load_config(overrides=["algorithm.mode=sft_then_grpo", "train.steps=10"])
-    assert modes.phases(cfg) == (modes.Phase("sft", 5, 1), modes.Phase("grpo", 5, 0))
+    own = modes.Schedule(cfg.optim.lr, 0, cfg.optim.min_lr_ratio)  # sft.* null -> optim's values
+    assert modes.phases(cfg) == (modes.Phase("sft", 5, 1, own), modes.Phase("grpo", 5, 0))
     cfg = load_config(overrides=["algorithm.mode=sft_then_grpo", "train.steps=10", "algorithm.sft_steps=3"])
     assert [p.steps for p in modes.phases(cfg)] == [3, 7] and modes.plan(cfg)[-1].phase_at(3).mode == "grpo"
     for bad in ("0", "11"):
@@ -264,3 +265,18 @@ def test_old_shaping_name_red_is_an_alias_with_a_warning(tmp_path):
     assert modes.loss_config(cfg, "red").offline_shaping == "accuracy_shift"
     with pytest.raises(ConfigError, match="loss.offline_shaping.*accuracy_shift, luffy, none, got 'redd'"):
         load_config(overrides=["loss.offline_shaping=redd"])
+
+
+def test_sft_phase_has_its_own_schedule_and_optimizer_span():
+    over = ["train.steps=10", "sft.lr=3e-3", "sft.warmup_steps=2", "sft.min_lr_ratio=0.5", "optim.lr=1e-4"]
+    cfg = load_config(overrides=["algorithm.mode=sft_then_grpo", "algorithm.sft_steps=4", *over])
+    main = modes.plan(cfg)[-1]
+    assert main.schedule_of(0) == modes.Schedule(3e-3, 2, 0.5)
+    assert main.schedule_of(1) == modes.Schedule(1e-4, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+    assert [main.optimizer_span(i) for i in (0, 1)] == [4, 6] and main.phase_index(4) == 1
+    sft = modes.plan(load_config(overrides=["algorithm.mode=sft", *over]))[-1]
+    assert sft.schedule_of(0).lr == 3e-3 and sft.optimizer_span(0) == 10
+    red = modes.plan(load_config(overrides=over))[-1]
+    assert red.schedule_of(0).lr == 1e-4 and red.optimizer_span(0) == 10  # RL modes: optim.*
+    with pytest.raises(ConfigError, match="'sft.lr'"):
+        load_config(overrides=["sft.lr=0"])
