@@ -179,6 +179,8 @@ class CheckpointConfig:
     every: int = 0  # 0: only at the end
     keep: int = 2
     resume: str = "auto"  # auto | never
+    # config keys (or whole sections) a resume may change, e.g. [optim.lr, train.steps] (red/drift.py)
+    allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -203,6 +205,21 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; a mapping value inside a section (e.g. model.tiny) stays one
+    value."""
+    out = {}
+    for k, v in d.items():
+        if not prefix and k in SECTIONS and isinstance(v, dict):
+            out.update(flatten(v, k + "."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -232,7 +249,7 @@ def _as_lists(data: dict, cls=Config) -> dict:
         ):
             if isinstance(v, dict):
                 _as_lists(v, f.default_factory)
-        elif str(f.type).startswith("List") and v is not None and not isinstance(v, list):
+        elif str(f.type).lower().startswith("list") and v is not None and not isinstance(v, list):
             data[f.name] = [v]
     return data
 
@@ -396,6 +413,13 @@ def validate(cfg: Config) -> None:
             cfg.warmup.data != cfg.data.train,
             "warmup.data",
             "the warm-up must use a different task distribution than data.train",
+        )
+    keys = set(flatten(Config().to_dict()))
+    for name in cfg.checkpoint.allow_changes:
+        _check(
+            name in keys or name in SECTIONS,
+            "checkpoint.allow_changes",
+            f"{name!r} is not a config key or section (e.g. optim.lr, train.steps, eval)",
         )
     _check("{problem}" in cfg.data.prompt_template, "data.prompt_template", "must contain '{problem}'")
     MODES[a.mode].check(cfg, _check)

@@ -89,6 +89,19 @@ class Trainer:
         self.sched.load_state_dict(st["scheduler"])
         self.opt_phase = last
         self.weight.load_state_dict(st["entropy_weight"])
+        # the checkpoint's optimizer state carries its hyperparameters: the config's win (they differ only
+        # when checkpoint.allow_changes let them, red/drift.py); the current lr is recomputed from the
+        # schedule (same formula as the scheduler's own step, so unchanged settings give the same bits)
+        stage = self.stage
+        self.sched.base_lrs = [stage.lr for _ in self.opt.param_groups]
+        for g, f in zip(self.opt.param_groups, self.sched.lr_lambdas, strict=True):
+            g.update(
+                initial_lr=stage.lr,
+                lr=stage.lr * f(self.sched.last_epoch),
+                betas=tuple(self.cfg.optim.betas),
+                weight_decay=stage.weight_decay,
+            )
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
 
     def take_items(self, per_rank: int):
         ws = parallel.world_size()

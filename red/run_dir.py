@@ -4,6 +4,8 @@ metrics.jsonl  samples.jsonl  warmup_metrics.jsonl  summary.json  dynamics.png  
 warmup/        (HF model after the warm-up stage)
 step_N/        (checkpoint: HF model + tokenizer, trainer_state.pt, rng_rank{r}.pt)
 latest         (name of the newest complete step_N, written last)
+config.yaml    (the config the run was started with; never overwritten)
+config_history.jsonl (the changes each resume made, allowed by checkpoint.allow_changes)
 run.lock       (pid, host, start time of the one run writing here; removed when it ends)
 """
 
@@ -176,6 +178,8 @@ class RunDir:
         "dynamics.png",
         "latest",
         "warmup",
+        "config.yaml",
+        "config_history.jsonl",
     )
 
     def __init__(self, root: str):
@@ -188,6 +192,8 @@ class RunDir:
         self.tensorboard = os.path.join(root, "tb")
         self.warmup = os.path.join(root, "warmup")
         self.latest_file = os.path.join(root, "latest")
+        self.config = os.path.join(root, "config.yaml")
+        self.config_history = os.path.join(root, "config_history.jsonl")
 
     def step(self, n: int) -> str:
         return os.path.join(self.root, f"step_{n}")

@@ -16,9 +16,10 @@ import sys
 import time
 
 import torch
+from omegaconf import OmegaConf
 from transformers import set_seed
 
-from . import checkpoint, modes, parallel, synthetic
+from . import checkpoint, drift, modes, parallel, synthetic
 from .attention import packing_layout, resolve
 from .config import ConfigError, load_config
 from .data import DataError, load_source, stop_token_ids, tokenize_examples, trace_eos_id
@@ -114,7 +115,17 @@ def _train(cfg, run: RunDir, device, t_start: float) -> int:
         run.clear()
     parallel.barrier()
     if resume_dir:
+        changes = drift.check(state["config"], cfg.to_dict(), cfg.checkpoint.allow_changes, resume_dir)
         log.info("resuming from %s", resume_dir)
+        if changes and parallel.is_main():
+            log.warning(
+                "resume with changed config (allowed by checkpoint.allow_changes): %s; recorded in %s",
+                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+                run.config_history,
+            )
+            drift.record(run.root, RunDir.step_of(resume_dir), changes)
+    if parallel.is_main() and not os.path.exists(run.config):  # the config the run was started with, kept
+        write_text(run.config, OmegaConf.to_yaml(cfg.to_dict()))
     model, tok, warm_done = build_model(cfg, device, run, resume_dir)
     if state and state.get("master") is not None:
         model.load_state_dict(state["master"])

@@ -57,7 +57,7 @@ def test_an_unusable_latest_falls_back_to_the_newest_complete_checkpoint(base_ru
         assert os.path.exists(marker)
         os.remove(marker)
     with caplog.at_level(logging.INFO):
-        assert main(tiny_args(out, 6)) == 0
+        assert main(tiny_args(out, 6, "checkpoint.allow_changes=[train.steps]")) == 0
     assert not os.path.exists(marker), "the pickle in trainer_state.pt was executed"
     warn = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
     assert (
@@ -77,7 +77,7 @@ def test_no_complete_checkpoint_stops_and_deletes_nothing(base_run, tmp_path, ca
         os.remove(os.path.join(out, s, "trainer_state.pt"))
     before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
     metrics = open(os.path.join(out, "metrics.jsonl")).read()
-    assert main(tiny_args(out, 6)) == 2
+    assert main(tiny_args(out, 6, "checkpoint.allow_changes=[train.steps]")) == 2
     err = capsys.readouterr().err
     assert "holds no complete checkpoint" in err and "step_2" in err and "step_4" in err
     assert "Traceback" not in err
@@ -90,7 +90,7 @@ def test_unsafe_rng_file_is_refused_too(base_run, tmp_path):
     shutil.copytree(base_run, out)
     for s in ("step_2", "step_4"):
         torch.save({"torch": Marker(marker)}, os.path.join(out, s, "rng_rank0.pt"))
-    assert main(tiny_args(out, 6)) == 2
+    assert main(tiny_args(out, 6, "checkpoint.allow_changes=[train.steps]")) == 2
     assert not os.path.exists(marker)
 
 
