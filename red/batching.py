@@ -37,6 +37,10 @@ class MicroBatch:
         None  # [b, L-1] packed: sequence k's positions = k, −1 tail; None: row = seq
     )
     seq_row: Tensor | None = None  # [S] packed: the row holding each sequence; None: arange(b)
+    engine_logprobs: Tensor | None = (
+        None  # [b, L-1] the rollout engine's log-probs (online tokens; 0 elsewhere)
+    )
+    entropy: Tensor | None = None  # [b, L-1] float32 token entropies of the policy before the step (passes)
 
     @property
     def loss_mask(self) -> Tensor:
@@ -125,6 +129,7 @@ def collate(batch: RolloutBatch, rows: list[int], pad_id: int) -> MicroBatch:
         per_seq(batch.offline_weight),
         per_tok(batch.old_logprobs, 0.0),
         per_tok(batch.is_weights, 1.0),
+        engine_logprobs=per_tok(batch.engine_logprobs, 0.0),
     )
 
 

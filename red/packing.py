@@ -69,25 +69,36 @@ def packed_groups(lengths: list[int], token_budget: int, layout: str) -> list[li
     return [[row for row in mb if row] for mb in out]
 
 
-def micro_batch_count(lengths: list[int], token_budget: int, layout: str = "off") -> int:
-    """How many micro-batches `micro_batches(..., packing=layout)` makes of sequences with these lengths."""
+def groups(lengths: list[int], token_budget: int, layout: str = "off") -> list[list[list[int]]]:
+    """The one planner: micro-batches -> rows -> sequence indices for `layout` ("off": padded, one sequence per
+    row, red/batching.py; "rows" / "flat": packed, `packed_groups`). Deterministic for the same lengths."""
     if layout == "off":
-        return len(token_budget_groups(lengths, token_budget))
-    return len(packed_groups(lengths, token_budget, layout))
+        return [[[i] for i in mb] for mb in token_budget_groups(lengths, token_budget)]
+    return packed_groups(lengths, token_budget, layout)
+
+
+def micro_batch_count(lengths: list[int], token_budget: int, layout: str = "off") -> int:
+    """How many micro-batches `groups` makes of sequences with these lengths."""
+    return len(groups(lengths, token_budget, layout))
+
+
+def collate_layout(
+    batch: RolloutBatch, rows: list[list[int]], pad_id: int, layout: str = "off"
+) -> MicroBatch:
+    """The MicroBatch of one planned micro-batch (rows of batch rows) in `layout`."""
+    if layout == "off":
+        return collate(batch, [i for row in rows for i in row], pad_id)
+    return collate_packed(batch, rows, pad_id)
 
 
 def micro_batches(
     batch: RolloutBatch, token_budget: int, pad_id: int, packing: str = "off"
 ) -> list[MicroBatch]:
-    """The whole batch as token-budgeted micro-batches (longest first): padded (packing "off", red/batching.py)
-    or packed (packing "flat" / "rows", see the module docstring)."""
-    if packing == "off":
-        return [
-            collate(batch, rows, pad_id) for rows in token_budget_groups(batch.lengths.tolist(), token_budget)
-        ]
+    """The whole batch as token-budgeted micro-batches (longest first), padded or packed. (The trainer's step
+    builds them once, as a red/plan.py Plan.)"""
     return [
-        collate_packed(batch, rows, pad_id)
-        for rows in packed_groups(batch.lengths.tolist(), token_budget, packing)
+        collate_layout(batch, mb, pad_id, packing)
+        for mb in groups(batch.lengths.tolist(), token_budget, packing)
     ]
 
 
@@ -144,4 +155,5 @@ def collate_packed(batch: RolloutBatch, rows: list[list[int]], pad_id: int) -> M
         per_tok(batch.is_weights, 1.0),
         sequence_ids=sid,
         seq_row=seq_row,
+        engine_logprobs=per_tok(batch.engine_logprobs, 0.0),
     )

@@ -1,8 +1,12 @@
 """One optimizer step of each kind, composing the stages (see red/records.py for the record they pass on).
 
 RL:  draw prompts -> engine.generate (n - k online) + k teacher traces -> rewards.score -> dynamic sampling with
-     refill -> update.old_policy_pass (log p_old, entropy) -> w from the entropy-change ratio, advantages, r̄
-     -> TIS weights -> update.policy_update -> one metrics reduction.
+     refill -> the step's plan (red/plan.py, built once) -> advantages, r̄ -> [old-policy pass] -> w from the
+     entropy-change ratio -> [TIS weights] -> update.update -> one metrics reduction.
+     On-policy (`on_policy`: one epoch, no TIS) there is no old-policy pass: the update's own detached
+     log-probs are the old ones (ρ ≡ 1) and its forward gives the pre-step entropies; RED's w, which the
+     offline loss needs, comes from the online part of the update (run first) and a no-grad pass over the
+     offline rows only.
 SFT: k teacher traces per prompt -> update.policy_update (NLL) -> one metrics reduction.
 `tr` is the loop's Trainer (red/loop.py): config, policy, engine (synced lazily), verifier, stage state.
 """
@@ -23,48 +27,56 @@ from .algorithm import (
     group_kinds,
     group_share_key,
     refill,
-    sample_mean_entropy,
     teacher_only_advantages,
 )
 from .metrics import batch_sums, finish_rollout_metrics
+from .plan import Plan
 from .records import RolloutBatch
 from .rollout.base import SamplingConfig
 from .rollout.mismatch import logprob_mismatch
-from .update import finish_metrics, old_policy_pass, policy_update
+from .update import finish_metrics, forward_pass, update
 
 log = logging.getLogger("red.step")
 
 
-def _prepare(tr, batch: RolloutBatch, loss_cfg) -> dict:
-    """Global normaliser (sequences, or tokens for token_mean), tokens, kept groups and the most micro-batches
-    any rank has, in one reduction."""
-    from .packing import micro_batch_count
+def on_policy(cfg) -> bool:
+    """Whether the update is provably on-policy: one optimizer step per rollout batch (policy_update makes one),
+    one PPO epoch (train.ppo_epochs = 1) and no TIS correction (rollout.is_correction = none, which needs the old
+    log-probs before the loss). Then the old policy is the one the update's forward runs: its detached log-probs
+    are the old log-probs (ρ ≡ 1, no separate pass) and its entropies are the pre-step entropies."""
+    return cfg.train.ppo_epochs == 1 and cfg.rollout.is_correction != "tis"
 
-    micro = micro_batch_count(batch.lengths.tolist(), tr.cfg.train.micro_batch_tokens, tr.policy.packing)
+
+def _plan(tr, batch: RolloutBatch, loss_cfg, split: bool = False) -> tuple[Plan, dict]:
+    """The step's plan (red/plan.py), built once, padded to the most micro-batches any rank has; and the global
+    normaliser (sequences, or tokens for token_mean), tokens and kept groups — all in one reduction."""
+    p = tr.policy
+    plan = Plan.build(batch, tr.cfg.train.micro_batch_tokens, p.pad_id, p.packing, p.device, split)
+    first, second = plan.counts()
     sums, mx = parallel.reduce(
         {
             "norm": batch.B if loss_cfg.loss_agg != "token_mean" else int(batch.response_len.sum()),
             "tokens": int(batch.lengths.sum()),
             "groups_kept": batch.G,
         },
-        {"micro": micro},
+        {"first": first, "second": second},
     )
-    return {**sums, "micro": int(mx["micro"])}
+    plan.pad((int(mx["first"]), int(mx["second"])))
+    return plan, sums
 
 
-def _update(tr, batch, loss_cfg, pre: dict, use_old: bool) -> dict:
+def _update(tr, plan: Plan, loss_cfg, pre: dict, use_old: bool, between=None) -> dict:
     upd = {}
     for _ in range(tr.cfg.train.ppo_epochs):
-        upd = policy_update(
+        upd = update(
             tr.policy,
-            batch,
+            plan,
             loss_cfg,
-            tr.cfg.train.micro_batch_tokens,
             tr.opt,
             tr.cfg.optim.grad_clip,
             pre["norm"],
-            pre["micro"],
             use_old=use_old,
+            between=between,
         )
     tr.engine_stale = True  # synced lazily, right before the next generate
     return upd
@@ -78,9 +90,11 @@ def sft_step(tr, phase) -> dict:
         offline_weight=torch.ones(batch.B),
     )
     t = time.perf_counter()
-    upd = _update(
-        tr, batch, tr.loss_cfg[phase.mode], _prepare(tr, batch, tr.loss_cfg[phase.mode]), use_old=False
+    plan, pre = _plan(tr, batch, tr.loss_cfg[phase.mode])
+    plan.set_sequences(
+        advantages=batch.advantage, group_accuracy=batch.group_accuracy, offline_weight=batch.offline_weight
     )
+    upd = _update(tr, plan, tr.loss_cfg[phase.mode], pre, use_old=False)
     grad_norm = upd.pop("grad_norm")
     sums, _ = parallel.reduce({**upd, "tokens": int(batch.response_len.sum())})
     m = finish_metrics(sums)
@@ -129,25 +143,18 @@ def rl_step(tr, phase) -> dict:
 
     t = time.perf_counter()
     loss_cfg = tr.loss_cfg[phase.mode]
-    pre = _prepare(tr, batch, loss_cfg)
+    skip_old = on_policy(cfg)
+    # w from this step's entropies, needed before the offline tokens' loss: the update runs the online
+    # sequences first and learns H_on from its own forward; only the offline rows get a no-grad pass (H_off)
+    split = skip_old and k > 0 and not tr.weight.fixed
+    plan, pre = _plan(tr, batch, loss_cfg, split)
+    timers["time_plan"] = time.perf_counter() - t
     if pre["groups_kept"] == 0:
         sums, maxes = parallel.reduce(rsums, rmax)
         log.warning("step %d: every group was dropped by dynamic sampling; no update", tr.step + 1)
         no_share = {group_share_key(kind): None for kind in GROUP_KINDS}  # no kept group: no share
         return {**finish_rollout_metrics(sums, maxes, tr), **timers, **no_share, "skipped_update": 1}
-    batch = old_policy_pass(
-        tr.policy, batch, cfg.train.micro_batch_tokens, loss_cfg.temperature, pre["micro"]
-    )
-    timers["time_old_pass"] = time.perf_counter() - t
-
-    h = sample_mean_entropy(batch.entropy.double(), batch.response_mask())
     off = batch.is_offline
-    hs, _ = parallel.reduce(
-        {"h_on": h[~off].sum(), "c_on": (~off).sum(), "h_off": h[off].sum(), "c_off": off.sum()}
-    )
-    h_on = hs["h_on"] / hs["c_on"] if hs["c_on"] else None
-    h_off = hs["h_off"] / hs["c_off"] if hs["c_off"] else None
-    w, w_raw = tr.weight.update(h_on, h_off)
     acc, grouped_off = batch.grouped(batch.correct.float()), batch.grouped(off)
     adv = group_advantages(
         batch.grouped(batch.reward),
@@ -161,13 +168,45 @@ def rl_step(tr, phase) -> dict:
     batch = batch.replace(
         advantage=adv.reshape(-1),
         group_accuracy=rbar.repeat_interleave(batch.n),
-        offline_weight=torch.full((batch.B,), float(w)),
+        offline_weight=torch.ones(batch.B),
     )
-    batch, mismatch = _is_weights(batch, cfg)
-
+    plan.set_sequences(
+        advantages=batch.advantage, group_accuracy=batch.group_accuracy, offline_weight=batch.offline_weight
+    )
     t = time.perf_counter()
-    upd = _update(tr, batch, loss_cfg, pre, use_old=True)
+    if not skip_old:
+        forward_pass(tr.policy, plan.batches, loss_cfg.temperature)
+    elif split:
+        forward_pass(tr.policy, plan.second, loss_cfg.temperature)
+    timers["time_old_pass"] = time.perf_counter() - t
+    ent: dict = {}
+
+    def weigh():
+        """H_on, H_off from the plan's entropies (pre-step policy) -> w, set on every sequence."""
+        rows, h = plan.sequence_means("entropy")
+        o = off[rows]
+        hs, _ = parallel.reduce(
+            {"h_on": h[~o].sum(), "c_on": (~o).sum(), "h_off": h[o].sum(), "c_off": o.sum()}
+        )
+        ent["h_on"] = hs["h_on"] / hs["c_on"] if hs["c_on"] else None
+        ent["h_off"] = hs["h_off"] / hs["c_off"] if hs["c_off"] else None
+        ent["w"], ent["w_raw"] = tr.weight.update(ent["h_on"], ent["h_off"])
+        plan.set_sequences(offline_weight=torch.full((batch.B,), float(ent["w"])))
+
+    mismatch = {}
+    if not skip_old:
+        weigh()
+        mismatch = _mismatch(plan, cfg)
+    t = time.perf_counter()
+    upd = _update(tr, plan, loss_cfg, pre, use_old=not skip_old, between=weigh if split else None)
     timers["time_update"] = time.perf_counter() - t
+    if skip_old:
+        if not split:  # w ≡ 1 here (fixed, or no offline rows): the entropies are the update's own
+            weigh()
+            assert ent["w"] == 1.0, "the offline weight was needed before the update"
+        mismatch = _mismatch(plan, cfg)
+    w, w_raw, h_on, h_off = ent["w"], ent["w_raw"], ent["h_on"], ent["h_off"]
+    batch = batch.replace(offline_weight=torch.full((batch.B,), float(w)))
     grad_norm = upd.pop("grad_norm")
     sums, maxes = parallel.reduce(
         {
@@ -211,12 +250,20 @@ def rl_step(tr, phase) -> dict:
     return m
 
 
-def _is_weights(batch: RolloutBatch, cfg) -> tuple[RolloutBatch, dict]:
-    """Engine/trainer log-prob mismatch on online tokens; with rollout.is_correction=tis its truncated IS weights."""
-    if batch.engine_logprobs is None or not bool((~batch.is_offline).any()):
-        return batch, {}
-    mask = batch.response_mask() & ~batch.is_offline[:, None]
-    mm = logprob_mismatch(batch.engine_logprobs, batch.old_logprobs, mask, cap=cfg.rollout.is_cap)
+def _mismatch(plan: Plan, cfg) -> dict:
+    """Engine/trainer log-prob mismatch on online tokens, in the plan's layout (the trainer's old log-probs:
+    the old pass's, or the update's own before its step); with rollout.is_correction=tis its truncated IS
+    weights are set on each micro-batch (the old pass ran, so this comes before the update)."""
+    mbs = [mb for mb in plan.batches if len(mb.rows) and mb.engine_logprobs is not None]
+    masks = [mb.loss_mask & ~mb.offline_mask for mb in mbs]
+    if not mbs or not any(bool(m.any()) for m in masks):
+        return {}
+    eng = torch.cat([mb.engine_logprobs[m] for mb, m in zip(mbs, masks)])
+    old = torch.cat([mb.old_logprobs[m] for mb, m in zip(mbs, masks)])
+    mm = logprob_mismatch(eng, old, torch.ones_like(eng, dtype=torch.bool), cap=cfg.rollout.is_cap)
     if cfg.rollout.is_correction == "tis":
-        batch = batch.replace(is_weights=mm.is_weights)
-    return batch, mm.metrics()
+        for mb, m in zip(mbs, masks):
+            mb.is_weights = logprob_mismatch(
+                mb.engine_logprobs, mb.old_logprobs, m, cfg.rollout.is_cap
+            ).is_weights
+    return mm.metrics()

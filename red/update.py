@@ -19,8 +19,7 @@ import contextlib
 import torch
 
 from . import parallel
-from .batching import dummy_micro_batch
-from .packing import micro_batches
+from .plan import Plan
 from .records import RolloutBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,64 +91,83 @@ class Policy:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def padded_micro_batches(policy: Policy, batch: RolloutBatch, budget: int, count: int | None):
-    """Micro-batches on the device, padded with zero-loss dummies to `count` (the most any rank has), so that
-    every rank runs the same number of forwards and backwards (FSDP2 all-gathers, DDP's synced backward)."""
-    mbs = micro_batches(batch, budget, policy.pad_id, policy.packing) if batch.B else []
-    mbs += [dummy_micro_batch(policy.pad_id) for _ in range(max((count or 0) - len(mbs), 0 if mbs else 1))]
-    return [mb.to(policy.device) for mb in mbs]
+def _plan(policy: Policy, batch: RolloutBatch, budget: int, count: int | None) -> Plan:
+    """The plan of a whole batch in the policy's layout, padded with dummies to `count` micro-batches."""
+    return Plan.build(
+        batch,
+        budget,
+        policy.pad_id,
+        policy.packing,
+        policy.device,
+        counts=None if count is None else (count, 0),
+    )
 
 
 @torch.no_grad()
-def old_policy_pass(
-    policy: Policy, batch: RolloutBatch, budget: int, temperature: float, count: int | None = None
-) -> RolloutBatch:
-    """The batch with old_logprobs and entropy [B, R] (float32, response-aligned) from
-    red_kernels.linear_logprobs, micro-batched."""
+def forward_pass(policy: Policy, mbs: list, temperature: float) -> None:
+    """One no-grad forward of the policy over the micro-batches `mbs` (eval mode): writes `old_logprobs` and
+    `entropy` ([b, L-1] float32, on the device, 0 off the loss tokens) into each, from red_kernels.linear_logprobs.
+    """
     from red_kernels import linear_logprobs
 
-    width = batch.response.shape[1]
-    logp, ent = torch.zeros(batch.B, width), torch.zeros(batch.B, width)
     was_training = policy.model.training
     policy.model.eval()
     try:
-        for mb in padded_micro_batches(policy, batch, budget, count):
+        for mb in mbs:
 
             def fn(mb=mb):
                 h, w, b = policy.hidden_and_head(mb)  # red_kernels turns autocast off inside itself
                 return linear_logprobs(h, w, mb.targets, bias=b, temperature=temperature)
 
             lp, e = policy.call(fn)
-            if len(mb.rows):
-                rows = mb.rows.cpu()
-                logp[rows] = mb.to_response(lp.float(), width).cpu()
-                ent[rows] = mb.to_response(e.float(), width).cpu()
+            mb.old_logprobs, mb.entropy = lp.float(), e.float()
     finally:
         policy.model.train(was_training)
-    return batch.replace(old_logprobs=logp, entropy=ent)
 
 
-def policy_update(
+def old_policy_pass(
+    policy: Policy, batch: RolloutBatch, budget: int, temperature: float, count: int | None = None
+) -> RolloutBatch:
+    """The batch with old_logprobs and entropy [B, R] (float32, response-aligned): `forward_pass` over the
+    batch's own plan, read back. (The trainer's step keeps them in its plan instead: red/step.py.)"""
+    plan = _plan(policy, batch, budget, count)
+    forward_pass(policy, plan.batches, temperature)
+    return batch.replace(old_logprobs=plan.response("old_logprobs"), entropy=plan.response("entropy"))
+
+
+def update(
     policy: Policy,
-    batch: RolloutBatch,
+    plan: Plan,
     loss_cfg,
-    budget: int,
     opt,
     grad_clip: float,
     normalizer: float,
-    count: int | None = None,
     use_old: bool = True,
+    between=None,
 ) -> dict:
-    """One optimizer step over this rank's part of the batch: red_loss per micro-batch with the global
-    normaliser (sequences or tokens of the whole batch, all ranks), gradients reduced once (last micro-batch),
-    clipped, AdamW, gradients freed. Returns this rank's metric sums (reduce them with `finish_metrics`)."""
+    """One optimizer step over this rank's plan: red_loss per micro-batch with the global normaliser
+    (sequences or tokens of the whole batch, all ranks), gradients reduced once (last micro-batch), clipped,
+    AdamW, gradients freed. Returns this rank's metric sums (reduce them with `finish_metrics`).
+
+    use_old=False: on-policy (ρ ≡ 1), the loss takes no old log-probs. A micro-batch without old_logprobs /
+    entropy gets the forward's own detached values (computed before the optimizer step, so they are the
+    pre-step policy's: exactly what an old-policy pass would give, up to float round-off).
+    between(): called once after the plan's first part (see Plan, split=True), before the second part's
+    forwards; it may set the second part's per-sequence inputs (the offline weight w)."""
     from red_kernels import red_loss
 
-    mbs = padded_micro_batches(policy, batch, budget, count)
+    mbs = plan.batches
     opt.zero_grad(set_to_none=True)
     stats: dict = {}
     policy.model.train()
+
+    def add(k, v):
+        stats[k] = stats.get(k, 0.0) + v
+
     for i, mb in enumerate(mbs):
+        if i == plan.n_first and between is not None:
+            between()
+            between = None
 
         def fn(mb=mb):
             h, w, b = policy.hidden_and_head(mb)
@@ -176,12 +194,12 @@ def policy_update(
                 out.loss * parallel.world_size()
             )  # the wrappers average gradients; the global normaliser wants a sum
             (policy.scaler.scale(loss) if policy.scaler else loss).backward()
+        if mb.old_logprobs is None:
+            mb.old_logprobs = out.logprobs
+        if mb.entropy is None:
+            mb.entropy = out.entropy
         n_on = (mb.loss_mask & ~mb.offline_mask).sum().double()
         n_off = mb.offline_mask.sum().double()
-
-        def add(k, v):
-            return stats.__setitem__(k, stats.get(k, 0.0) + v)
-
         add("loss", out.loss.detach().double())
         for k, v in out.metrics.items():
             if k in SUM_KEYS:
@@ -190,6 +208,8 @@ def policy_update(
                 wgt = n_off if k in OFFLINE_MEANS else n_on
                 add(f"{k}@sum", torch.as_tensor(v).double() * wgt)
                 add(f"{k}@weight", wgt)
+    if between is not None:
+        between()
     params = policy.parameters()
     if policy.scaler:
         policy.scaler.unscale_(opt)
@@ -204,6 +224,21 @@ def policy_update(
     out = {k: float(v) for k, v in stats.items()}
     out["grad_norm"] = float(norm)
     return out
+
+
+def policy_update(
+    policy: Policy,
+    batch: RolloutBatch,
+    loss_cfg,
+    budget: int,
+    opt,
+    grad_clip: float,
+    normalizer: float,
+    count: int | None = None,
+    use_old: bool = True,
+) -> dict:
+    """`update` over the batch's own plan (its old_logprobs / is_weights [B, R], if any, placed in the layout)."""
+    return update(policy, _plan(policy, batch, budget, count), loss_cfg, opt, grad_clip, normalizer, use_old)
 
 
 def finish_metrics(sums: dict) -> dict:
