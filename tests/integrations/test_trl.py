@@ -233,14 +233,36 @@ def test_adapter_passes_softcap_and_scale_as_trl_applies_them(tiny, monkeypatch)
     )  # the transform mattered
 
 
-def test_refuses_zero3_and_the_moe_aux_loss_with_a_clear_error(tiny, monkeypatch):
+def test_refuses_zero3_at_construction_with_the_reason(tiny, monkeypatch):
+    """ZeRO-3 is refused by add_red_lm_head and by both trainers before anything is built (the trainers' own
+    __init__ is never reached)."""
     import red_kernels.integrations.trl as adapter
 
-    model = copy.deepcopy(tiny[0])
-    monkeypatch.setattr(adapter, "_zero3_enabled", lambda: True)
-    with pytest.raises(NotImplementedError, match="ZeRO-3"):
-        adapter.add_red_lm_head(model)
-    monkeypatch.setattr(adapter, "_zero3_enabled", lambda: False)
-    model.config.output_router_logits = True
-    with pytest.raises(NotImplementedError, match="output_router_logits"):
-        adapter.add_red_lm_head(model)
+    monkeypatch.setattr(adapter, "_zero3_enabled", lambda args=None: True)
+    with pytest.raises(NotImplementedError, match="ZeRO-3.*outside any gather"):
+        adapter.add_red_lm_head(copy.deepcopy(tiny[0]))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the stock trainer was constructed before the refusal")
+
+    for cls, base in (
+        (adapter.REDKernelsGRPOTrainer, trl.GRPOTrainer),
+        (adapter.REDKernelsSFTTrainer, trl.SFTTrainer),
+    ):
+        monkeypatch.setattr(base, "__init__", never)
+        with pytest.raises(NotImplementedError, match="Use ZeRO-1/2 or FSDP2"):
+            cls(model="unused", args=None)
+
+
+def test_zero3_is_read_from_the_training_arguments():
+    import red_kernels.integrations.trl as adapter
+
+    class Plugin:
+        zero_stage = 3
+
+    class Args:
+        deepspeed_plugin = Plugin()
+
+    assert adapter._zero3_enabled(Args())
+    Plugin.zero_stage = 2
+    assert not adapter._zero3_enabled(Args())
