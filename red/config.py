@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -270,9 +271,16 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def resolve_config_path(name) -> str:
-    """An existing file, else a config packaged in red/configs (name with or without .yaml)."""
+    """An existing file, else, for a bare name (no directory part), a config packaged in red/configs (with or
+    without .yaml). A path with a directory that does not exist is an error, never a packaged namesake."""
     if os.path.isfile(str(name)):
         return str(name)
+    if os.path.dirname(str(name)):
+        kind = "is a directory, not a YAML file" if os.path.isdir(str(name)) else "does not exist"
+        raise ConfigError(
+            f"config file {name!r} {kind}; give an existing YAML file, or a bare name for a packaged config "
+            f"(e.g. --config default)"
+        )
     base = os.path.basename(str(name))
     for cand in (base, base + ".yaml"):
         p = importlib.resources.files("red").joinpath("configs", cand)
@@ -284,8 +292,18 @@ def resolve_config_path(name) -> str:
 def load_yaml(path) -> dict:
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as e:  # yaml.YAMLError and OmegaConf's own
-        raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except Exception as e:  # yaml.YAMLError (with the position) and OmegaConf's own
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, cm = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and cm is not None and mark is not cm:
+            what += f", {ctx} at line {cm.line + 1}"
+        raise ConfigError(
+            f"config file {path}: not valid YAML{where} ({what}); fix the syntax there"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data
@@ -332,28 +350,89 @@ CHOICES = {
     "train.parallel": ("ddp", "fsdp2"),
 }
 
-# key -> (lower bound, inclusive?) for plain numeric limits
-MINIMUM = {
-    "rollout.n": 1,
-    "rollout.temperature": 0,
-    "rollout.max_new_tokens": 1,
-    "rollout.batch_size": 1,
-    "rollout.is_cap": 1,
-    "algorithm.max_refill": 0,
-    "train.steps": 1,
-    "train.prompts_per_step": 1,
-    "train.micro_batch_tokens": 1,
-    "train.ppo_epochs": 1,
-    "data.max_prompt_len": 1,
-    "eval.n": 1,
-    "eval.every": 0,
-    "checkpoint.keep": 1,
-    "checkpoint.every": 0,
-    "reward.workers": 1,
-    "reward.overlong_buffer": 1,
-    "loss.clip_eps_low": 0,
-    "loss.clip_eps_high": 0,
+INF = math.inf
+
+# Every numeric key's range: key -> (low, high, low_open, high_open) (None: unbounded). Null values (keys whose
+# null means "derived", e.g. eval.max_new_tokens) are not checked; every float must be finite. Checked when the
+# config loads, before any model or data.
+RANGES: dict[str, tuple] = {
+    "seed": (0, None, False, False),
+    "threads": (1, None, False, False),
+    "data.max_prompt_len": (1, None, False, False),
+    "data.eval_limit": (1, None, False, False),
+    "data.synthetic_train_size": (1, None, False, False),
+    "data.synthetic_eval_size": (1, None, False, False),
+    "rollout.n": (1, None, False, False),
+    "rollout.num_offline": (0, None, False, False),
+    "rollout.temperature": (0, None, False, False),
+    "rollout.top_p": (0, 1, True, False),
+    "rollout.max_new_tokens": (1, None, False, False),
+    "rollout.batch_size": (1, None, False, False),
+    "rollout.is_cap": (1, None, False, False),
+    "reward.format_reward": (None, None, False, False),
+    "reward.overlong_buffer": (1, None, False, False),
+    "reward.workers": (1, None, False, False),
+    "reward.timeout_s": (0, None, True, False),
+    "algorithm.max_refill": (0, None, False, False),
+    "algorithm.w_min": (0, None, True, False),
+    "algorithm.w_max": (0, None, True, False),
+    "algorithm.w_eps": (0, None, True, False),
+    "algorithm.entropy_ema": (0, 1, False, True),
+    "algorithm.sft_steps": (0, None, False, False),
+    "loss.clip_eps_low": (0, None, False, False),
+    "loss.clip_eps_high": (0, None, False, False),
+    "loss.dual_clip": (1, None, True, False),
+    "loss.shaping_gamma": (0, None, True, False),
+    "loss.r_min": (0, 0.5, True, True),
+    "loss.sft_coef": (0, None, False, False),
+    "loss.entropy_coef": (None, None, False, False),
+    "loss.kl_coef": (0, None, False, False),
+    "loss.loss_const": (0, None, True, False),
+    "optim.lr": (0, None, True, False),
+    "optim.weight_decay": (0, None, False, False),
+    "optim.grad_clip": (0, None, True, False),
+    "optim.warmup_steps": (0, None, False, False),
+    "optim.min_lr_ratio": (0, 1, False, False),
+    "train.steps": (1, None, False, False),
+    "train.prompts_per_step": (1, None, False, False),
+    "train.micro_batch_tokens": (1, None, False, False),
+    "train.ppo_epochs": (1, None, False, False),
+    "sft.lr": (0, None, True, False),
+    "sft.warmup_steps": (0, None, False, False),
+    "sft.min_lr_ratio": (0, 1, False, False),
+    "warmup.steps": (0, None, False, False),
+    "warmup.batch_size": (1, None, False, False),
+    "warmup.lr": (0, None, True, False),
+    "warmup.warmup_steps": (0, None, False, False),
+    "eval.every": (0, None, False, False),
+    "eval.n": (1, None, False, False),
+    "eval.temperature": (0, None, False, False),
+    "eval.max_new_tokens": (1, None, False, False),
+    "log.samples_every": (0, None, False, False),
+    "log.samples_max": (0, None, False, False),
+    "log.truncation_warn": (0, 1, False, False),
+    "checkpoint.every": (0, None, False, False),
+    "checkpoint.keep": (1, None, False, False),
 }
+
+
+def range_text(low, high, low_open, high_open) -> str:
+    """(0, 1, True, False) -> "in (0, 1]"; (1, None, False, False) -> ">= 1"; no bounds -> "finite"."""
+    if low is None and high is None:
+        return "finite"
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def in_range(v, low, high, low_open, high_open) -> bool:
+    if isinstance(v, float) and not math.isfinite(v):
+        return False
+    return (low is None or (v > low if low_open else v >= low)) and (
+        high is None or (v < high if high_open else v <= high)
+    )
 
 
 def _get(cfg, key):
@@ -369,42 +448,21 @@ def validate(cfg: Config) -> None:
     for key, options in CHOICES.items():
         v = _get(cfg, key)
         _check(v in options, key, f"must be one of {', '.join(options)}, got {v!r}")
-    for key, lo in MINIMUM.items():
+    for key, spec in RANGES.items():
         v = _get(cfg, key)
-        _check(v >= lo, key, f"must be >= {lo}, got {v}")
-    a, r, _t, o = cfg.algorithm, cfg.rollout, cfg.train, cfg.optim
+        if v is not None:
+            _check(in_range(v, *spec), key, f"must be {range_text(*spec)}, got {v}")
+    a, r, o = cfg.algorithm, cfg.rollout, cfg.optim
     _check(
-        0 <= r.num_offline <= r.n,
-        "rollout.num_offline",
-        f"must be in [0, rollout.n={r.n}], got {r.num_offline}",
+        r.num_offline <= r.n, "rollout.num_offline", f"must be in [0, rollout.n={r.n}], got {r.num_offline}"
     )
-    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
-    _check(a.w_min > 0, "algorithm.w_min", f"must be > 0, got {a.w_min}")
     if a.w_max is not None:
         _check(a.w_max >= a.w_min, "algorithm.w_max", f"must be >= algorithm.w_min={a.w_min}, got {a.w_max}")
-    _check(a.w_eps > 0, "algorithm.w_eps", f"must be > 0, got {a.w_eps}")
-    if a.entropy_ema is not None:
-        _check(
-            0 <= a.entropy_ema < 1, "algorithm.entropy_ema", f"must be in [0, 1) or null, got {a.entropy_ema}"
-        )
-    if cfg.loss.r_min is not None:
-        _check(0 < cfg.loss.r_min < 0.5, "loss.r_min", f"must be in (0, 0.5), got {cfg.loss.r_min}")
-    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(
         len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
         "optim.betas",
         f"must be two numbers in [0, 1), got {o.betas}",
     )
-    _check(o.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {o.grad_clip}")
-    sf = cfg.sft
-    _check(sf.lr is None or sf.lr > 0, "sft.lr", f"must be > 0 or null (optim.lr), got {sf.lr}")
-    _check(sf.warmup_steps >= 0, "sft.warmup_steps", f"must be >= 0, got {sf.warmup_steps}")
-    _check(
-        sf.min_lr_ratio is None or 0 <= sf.min_lr_ratio <= 1,
-        "sft.min_lr_ratio",
-        f"must be in [0, 1] or null (optim.min_lr_ratio), got {sf.min_lr_ratio}",
-    )
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     if cfg.warmup.enabled:
         _check(
             cfg.warmup.steps >= 1, "warmup.steps", f"must be >= 1 when warmup.enabled, got {cfg.warmup.steps}"

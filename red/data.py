@@ -46,22 +46,49 @@ class Example:
 
 
 def read_rows(path: str):
-    """Yield (row_number, dict) from a .jsonl/.json/.parquet file; row numbers are 1-based data rows."""
+    """Yield (row_number, dict) from a .jsonl/.json/.parquet file; row numbers are 1-based data rows. Every
+    unreadable input (missing, a directory, not UTF-8, not JSON, a row that is not an object, a broken parquet)
+    is a DataError naming the file, the row where known, and the fix."""
+    if os.path.isdir(path):
+        raise DataError(
+            f"data {path} is a directory: give a .jsonl, .json or .parquet file (or synthetic:<task>)"
+        )
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        yield from enumerate(pq.read_table(path).to_pylist(), 1)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's ArrowInvalid / OSError for a file that is not parquet
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(
+                f"{path}: not a readable parquet file ({first}); rewrite it or use .jsonl"
+            ) from None
+        yield from enumerate(table.to_pylist(), 1)
         return
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         if path.endswith(".json"):
-            data = json.load(fh)
+            raw = fh.read()
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8"
+                ) from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); fix the file") from None
             if not isinstance(data, list):
                 raise DataError(f"{path}: a .json data file must hold a list of rows")
             yield from enumerate(data, 1)
             return
-        for i, line in enumerate(fh, 1):
+        for i, raw_line in enumerate(fh, 1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path} row {i}: not UTF-8 text (byte {e.start} of the line); re-encode the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -69,8 +96,27 @@ def read_rows(path: str):
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} row {i}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(
+                    f'{path} row {i}: expected a JSON object ({{"problem": ..., "answer": ...}}), '
+                    f"got {type(row).__name__}"
+                )
             yield i, row
+
+
+def _no_binary(v, col, where: str) -> None:
+    """Text columns must hold text: bytes (e.g. a parquet binary column) are a DataError naming the column, never
+    trained on as the text "b'...'"."""
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        raise DataError(
+            f"{where}, column {col!r}: expected text, got binary data ({len(bytes(v))} bytes); store the column "
+            f"as strings (decode it as UTF-8 when writing the file)"
+        )
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            _no_binary(x, col, where)
+    elif isinstance(v, dict):
+        for x in v.values():
+            _no_binary(x, col, where)
 
 
 def detect_layout(row: dict) -> str:
@@ -99,9 +145,13 @@ def _texts(v) -> list[str]:
     return [t for t in ([_text(x) for x in v] if isinstance(v, list) else [_text(v)]) if t]
 
 
-def _pick(row: dict, key: str | None, names: tuple):
-    """row[key] when a key is given, else the value of the first of `names` in the row (None if none is)."""
-    return row.get(key or next((k for k in names if k in row), None))
+def _pick(row: dict, key: str | None, names: tuple, where: str = ""):
+    """row[key] when a key is given, else the value of the first of `names` in the row (None if none is); text
+    only (DataError naming the column for binary data)."""
+    col = key or next((k for k in names if k in row), None)
+    v = row.get(col)
+    _no_binary(v, col, where)
+    return v
 
 
 def _gold_from_solution(sol: str | None) -> str | None:
@@ -119,7 +169,7 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
     where = f"{path} row {row_no}"
     messages = None
     if layout == "luffy":
-        prompt = row.get(keys.get("problem") or "prompt")
+        prompt = _pick(row, keys.get("problem"), ("prompt",), where)
         if isinstance(prompt, str):
             try:
                 prompt = json.loads(prompt)
@@ -130,33 +180,37 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
         messages = [{"role": m.get("role"), "content": m.get("content")} for m in prompt]
         users = [m["content"] for m in messages if m.get("role") == "user"]
         problem = users[-1] if users else None
-        rm = row.get("reward_model")
+        rm = _pick(row, None, ("reward_model",), where)
         answer = _text(
-            row.get(keys["answer"])
+            _pick(row, keys["answer"], (), where)
             if keys.get("answer")
             else rm.get("ground_truth")
             if isinstance(rm, dict)
             else None
         )
-        traces = _texts(row.get(keys.get("trace") or "target"))
-        source = str(row.get("data_source") or os.path.basename(path))
+        traces = _texts(_pick(row, keys.get("trace"), ("target",), where))
+        source = str(_pick(row, None, ("data_source",), where) or os.path.basename(path))
     else:
-        problem = _text(_pick(row, keys.get("problem"), ("problem", "question", "Problem", "query")))
+        problem = _text(_pick(row, keys.get("problem"), ("problem", "question", "Problem", "query"), where))
         answer = _text(
             _pick(
-                row, keys.get("answer"), ("answer", "final_answer", "ground_truth", "gold", "expected_answer")
+                row,
+                keys.get("answer"),
+                ("answer", "final_answer", "ground_truth", "gold", "expected_answer"),
+                where,
             )
         )
         if layout == "openr1" and not keys.get("trace"):
-            gens = row.get("generations") or []
+            gens = _pick(row, None, ("generations",), where) or []
             ok = row.get("correctness_math_verify")
             if isinstance(ok, list) and len(ok) == len(gens):
                 gens = [g for g, c in zip(gens, ok) if c]
             traces = [g for g in (_text(x) for x in gens) if g]
-            if not traces and _text(row.get("solution")):
-                traces = [_text(row.get("solution"))]
+            solution = _text(_pick(row, None, ("solution",), where))
+            if not traces and solution:
+                traces = [solution]
         else:
-            traces = _texts(_pick(row, keys.get("trace"), ("trace", "teacher", "target", "solution")))
+            traces = _texts(_pick(row, keys.get("trace"), ("trace", "teacher", "target", "solution"), where))
         # gsm8k: the 'answer' is a worked solution ending in '#### n'
         if answer and "####" in answer:
             traces = traces or [
@@ -165,10 +219,10 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
             ]
             answer = _gold_from_solution(answer)
         if answer is None:
-            answer = _gold_from_solution(_text(row.get("solution")))
+            answer = _gold_from_solution(_text(_pick(row, None, ("solution",), where)))
         if answer and answer.startswith("$") and answer.endswith("$") and len(answer) > 1:
             answer = answer.strip("$").strip() or None
-        source = str(row.get("data_source") or os.path.splitext(os.path.basename(path))[0])
+        source = str(_pick(row, None, ("data_source",), where) or os.path.splitext(os.path.basename(path))[0])
     if not problem:
         raise DataError(
             f"{where}: no problem text (looked for {keys.get('problem') or 'problem/question/prompt'})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections import defaultdict
 
@@ -147,6 +148,45 @@ def _from_config(cfg) -> dict:
     }
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_flags(args) -> None:
+    """Ranges of the evaluation flags (ConfigError naming the flag), before any model loads."""
+    from .config import ConfigError
+
+    for flag, v, ok, want in (
+        ("--n", args.n, args.n >= 1, ">= 1"),
+        ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 = greedy)"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+        ("--max-prompt-len", args.max_prompt_len, args.max_prompt_len >= 1, ">= 1"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+        ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
+    ):
+        if not ok:
+            raise ConfigError(f"{flag}: must be {want}, got {v}")
+
+
+def check_model_dir(path: str) -> None:
+    """A local --model must be a directory with config.json and tokenizer files (ConfigError naming what is
+    missing); a name that is not a local path is left to the hub."""
+    from .config import ConfigError
+
+    local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1
+    if not local:
+        return
+    if not os.path.isdir(path):
+        raise ConfigError(f"--model {path}: no such directory; give a model directory (e.g. a run's step_N)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"--model {path}: no config.json, not a Hugging Face model directory")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"--model {path}: no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); save the tokenizer into it "
+            f"(tokenizer.save_pretrained) or evaluate a run's step_N, which has one"
+        )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m red.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="HF model directory (e.g. a run's step_N)")
@@ -183,34 +223,46 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import ConfigError, DataConfig, load_config
-    from .data import load_source, tokenize_examples
+    from .data import DataError, load_source, tokenize_examples
     from .rollout.hf_engine import HFEngine
 
-    cfg = None
-    if args.config or args.overrides:
+    try:
+        cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+        for key, value in (_from_config(cfg) if cfg is not None else FLAG_DEFAULTS).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        args.data = args.data or (list(cfg.data.eval) if cfg is not None else None)
+        if not args.data:
+            ap.error("--data is required (or a --config whose data.eval lists the eval sets)")
+        check_flags(args)
+        if cfg is not None:
+            # the engine a config builds (vLLM: max_model_len) is sized for these flags, not the training limits
+            cfg.eval.max_new_tokens = max(cfg.eval.max_new_tokens or 0, args.max_new_tokens)
+            cfg.data.max_prompt_len = max(cfg.data.max_prompt_len, args.max_prompt_len)
+        fields = dict(
+            columns=args.columns,
+            system_prompt=args.system_prompt,
+            prompt_template=args.prompt_template,
+            max_prompt_len=args.max_prompt_len,
+            bad_rows="skip",
+            overlong_trace="truncate",
+        )
+        dcfg = dataclasses.replace(cfg.data, **fields) if cfg is not None else DataConfig(**fields)
+        reads = {spec: load_source(spec, dcfg, split="heldout", limit=args.limit) for spec in args.data}
+        check_model_dir(args.model)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         try:
-            cfg = load_config(args.config, args.overrides)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    for key, value in (_from_config(cfg) if cfg is not None else FLAG_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.data = args.data or (list(cfg.data.eval) if cfg is not None else None)
-    if not args.data:
-        ap.error("--data is required (or a --config whose data.eval lists the eval sets)")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
-    fields = dict(
-        columns=args.columns,
-        system_prompt=args.system_prompt,
-        prompt_template=args.prompt_template,
-        max_prompt_len=args.max_prompt_len,
-        bad_rows="skip",
-        overlong_trace="truncate",
-    )
-    dcfg = dataclasses.replace(cfg.data, **fields) if cfg is not None else DataConfig(**fields)
+            tok = AutoTokenizer.from_pretrained(args.model)
+            model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"--model {args.model}: cannot be loaded ({first}); give a model directory with config.json, "
+                f"weights and a tokenizer (e.g. a run's step_N)"
+            ) from None
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if cfg is not None:
         from .data import stop_token_ids, trace_eos_id
         from .rollout.factory import make_engine
@@ -224,7 +276,7 @@ def main(argv=None) -> int:
     results = {"model": args.model, "versions": package_versions(), "datasets": {}}
     try:
         for spec in args.data:
-            examples, skipped = load_source(spec, dcfg, split="heldout", limit=args.limit)
+            examples, skipped = reads[spec]
             items, rep = tokenize_examples(
                 examples, tok, dcfg, args.max_new_tokens, tok.eos_token_id, name=spec, with_traces=False
             )

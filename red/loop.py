@@ -5,6 +5,7 @@ step they are stale, and `generate` (rollouts or evaluation) loads them first; S
 
 from __future__ import annotations
 
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -18,6 +19,7 @@ from .modes import loss_config, offline_weight_settings
 from .records import STATUSES
 from .rollout.weight_sync import engine_weights
 from .step import rl_step, sft_step
+from .stop import Stopped
 from .update import make_optimizer
 
 
@@ -92,14 +94,14 @@ class Trainer:
         # the checkpoint's optimizer state carries its hyperparameters: the config's win (they differ only
         # when checkpoint.allow_changes let them, red/drift.py); the current lr is recomputed from the
         # schedule (same formula as the scheduler's own step, so unchanged settings give the same bits)
-        stage = self.stage
-        self.sched.base_lrs = [stage.lr for _ in self.opt.param_groups]
+        lr = self.stage.schedule_of(last).lr
+        self.sched.base_lrs = [lr for _ in self.opt.param_groups]
         for g, f in zip(self.opt.param_groups, self.sched.lr_lambdas, strict=True):
             g.update(
-                initial_lr=stage.lr,
-                lr=stage.lr * f(self.sched.last_epoch),
+                initial_lr=lr,
+                lr=lr * f(self.sched.last_epoch),
                 betas=tuple(self.cfg.optim.betas),
-                weight_decay=stage.weight_decay,
+                weight_decay=self.stage.weight_decay,
             )
         self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
 
@@ -244,18 +246,36 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
         bar.set_postfix(
             {k: f"{v:.3g}" for k, v in post.items() if isinstance(v, (int, float))}, refresh=False
         )
-        if stage.main and (
+        saved = stage.main and (
             step == stage.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-        ):
-            checkpoint.save(
-                tr.run,
-                step,
-                tr.policy.model,
-                tr.tok,
-                tr.policy.compute,
-                tr.opt,
-                {"trainer": tr.state_dict(), "summary": summary, "config": cfg.to_dict()},
-                cfg.checkpoint.keep,
+        )
+        if saved:
+            save_checkpoint(tr, step, summary)
+        signum = tr.stop.requested() if getattr(tr, "stop", None) else None
+        if signum:
+            bar.close()
+            name = signal.Signals(signum).name
+            if not stage.main:
+                raise Stopped(signum, f"stopped by {name} in the warm-up stage (step {step}): nothing saved")
+            if not saved:
+                save_checkpoint(tr, step, summary)
+            raise Stopped(
+                signum,
+                f"stopped by {name} after step {step}: checkpoint {tr.run.step(step)} written; run the same "
+                f"command to resume",
             )
     bar.close()
     tr.last_metrics = m
+
+
+def save_checkpoint(tr: Trainer, step: int, summary) -> None:
+    checkpoint.save(
+        tr.run,
+        step,
+        tr.policy.model,
+        tr.tok,
+        tr.policy.compute,
+        tr.opt,
+        {"trainer": tr.state_dict(), "summary": summary, "config": tr.cfg.to_dict()},
+        tr.cfg.checkpoint.keep,
+    )

@@ -40,6 +40,12 @@ class Mode:
             check(r.n - r.num_offline >= 1, "rollout.n", f"mode {name} needs >= 1 online sample (n - k >= 1)")
         if self.kind != "sft":
             check(r.n >= 2, "rollout.n", f"a group needs >= 2 members, got {r.n}")
+            check(
+                r.temperature > 0,
+                "rollout.temperature",
+                f"mode {name} samples rollout.n answers per prompt; at temperature 0 (greedy) they are all the "
+                f"same, no group has any reward spread and dynamic sampling drops every one: use > 0 (e.g. 1.0)",
+            )
         if self.kind == "sft_then_rl":
             s, total = cfg.algorithm.sft_steps, cfg.train.steps
             check(

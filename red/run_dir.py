@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import socket
-import time
 
 _STEP = re.compile(r"^step_(\d+)$")
 log = logging.getLogger("red.run_dir")
@@ -73,45 +72,44 @@ class RunLock:
             return None
 
     def acquire(self) -> None:
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                h = self._holder()
-                if h is None:  # unreadable: a writer mid-write, or torn by a crash long ago
-                    try:
-                        age = time.time() - os.path.getmtime(self.path)
-                    except OSError:
-                        continue
-                    if age < 10:
-                        raise RunLockError(
-                            f"{os.path.dirname(self.path)} is being locked by another run right now "
-                            f"({self.path}); choose another output_dir or retry"
-                        ) from None
-                    log.warning("%s is unreadable (%.0f s old): taken over", self.path, age)
-                elif h.get("host") != self.me["host"] or _alive(h["pid"], h.get("proc_start")):
-                    raise RunLockError(
-                        f"{os.path.dirname(self.path)} is in use by another run: pid {h['pid']} on host "
-                        f"{h.get('host')}, started {h.get('started')} (lock file {self.path}). Wait for it to "
-                        f"end, choose another output_dir, or delete the lock file if that run is gone."
-                    ) from None
-                else:
-                    log.warning(
-                        "%s: the run that held it (pid %d on %s, started %s) is gone: lock taken over",
-                        self.path,
-                        h["pid"],
-                        h.get("host"),
-                        h.get("started"),
-                    )
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.me, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            return
-        raise RunLockError(f"{self.path}: could not take the lock (another run keeps taking it)")
+        """Take the lock: the file is written whole under a unique name and hard-linked into place (link fails
+        if the lock exists), so a crash never leaves a torn lock."""
+        mine = f"{self.path}.{self.me['pid']}.{self.me['host']}"
+        with open(mine, "w") as fh:
+            json.dump(self.me, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            for _ in range(3):
+                try:
+                    os.link(mine, self.path)
+                    return
+                except FileExistsError:
+                    self._take_over_or_raise()
+            raise RunLockError(f"{self.path}: could not take the lock (another run keeps taking it)")
+        finally:
+            os.remove(mine)
+
+    def _take_over_or_raise(self) -> None:
+        h = self._holder()
+        if h is None:
+            log.warning("%s is unreadable: taken over", self.path)
+        elif h.get("host") != self.me["host"] or _alive(h["pid"], h.get("proc_start")):
+            raise RunLockError(
+                f"{os.path.dirname(self.path)} is in use by another run: pid {h['pid']} on host "
+                f"{h.get('host')}, started {h.get('started')} (lock file {self.path}). Wait for it to "
+                f"end, choose another output_dir, or delete the lock file if that run is gone."
+            )
+        else:
+            log.warning(
+                "%s: the run that held it (pid %d on %s, started %s) is gone: lock taken over",
+                self.path,
+                h["pid"],
+                h.get("host"),
+                h.get("started"),
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
 
     def release(self) -> None:
         h = self._holder()

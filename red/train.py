@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -29,10 +30,12 @@ from .metrics import MetricsFileError, MetricsLogger
 from .rewards import Verifier
 from .rollout.factory import choose_engine
 from .run_dir import RunDir, RunLock, RunLockError, json_ready, write_text
+from .stop import GracefulStop, StopNow, Stopped
 from .update import Policy
 
 log = logging.getLogger("red.train")
 # errors in what the user gave (config, data, run folder): one line on stderr and exit status 2, no traceback
+FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
 USER_ERRORS = (checkpoint.ResumeError, ConfigError, DataError, MetricsFileError, RunLockError)
 
 
@@ -57,10 +60,15 @@ def build_model(cfg, device, run: RunDir, resume_dir):
     return model.float().to(device), tok, bool(resume_dir or warm)
 
 
-def load_items(cfg, tok, eos_id, spec, split="train", seed=0, need_traces=False):
-    ex, skipped = load_source(
+def read_examples(cfg, spec, split="train", seed=0):
+    """(examples, skipped-row reports) of a data spec: read (and its errors raised) before any model loads."""
+    return load_source(
         spec, cfg.data, split=split, seed=seed, limit=None if split == "train" else cfg.data.eval_limit
     )
+
+
+def load_items(cfg, tok, eos_id, spec, split="train", seed=0, need_traces=False, read=None):
+    ex, skipped = read or read_examples(cfg, spec, split, seed)
     max_len = (
         cfg.rollout.max_new_tokens
         if split == "train"
@@ -94,6 +102,21 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT / SIGTERM: the state is saved, the message says where
+        print(e.message, file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except StopNow as e:
+        print(f"stopped at once by a second {e}: the step in flight is lost", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except OSError as e:  # a folder that cannot be written (read-only, full, a file in the way): say which
+        if e.filename is None or e.errno not in FS_ERRNOS:
+            raise
+        print(
+            f"error: {e.filename}: {e.strerror} ({errno.errorcode.get(e.errno, e.errno)}); output_dir must be a "
+            f"writable folder with free space, data files readable",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def train(cfg) -> int:
@@ -107,12 +130,12 @@ def train(cfg) -> int:
     set_seed(cfg.seed)
     run = RunDir(cfg.output_dir)
     os.makedirs(run.root, exist_ok=True)
-    with RunLock(run.root) if parallel.is_main() else contextlib.nullcontext():
-        return _train(cfg, run, device, t_start)
+    with RunLock(run.root) if parallel.is_main() else contextlib.nullcontext(), GracefulStop() as stop:
+        return _train(cfg, run, device, t_start, stop)
 
 
-def _train(cfg, run: RunDir, device, t_start: float) -> int:
-    """The run itself, holding the folder's lock (rank 0)."""
+def _train(cfg, run: RunDir, device, t_start: float, stop: GracefulStop | None = None) -> int:
+    """The run itself, holding the folder's lock (rank 0); `stop` tells the loop about SIGINT / SIGTERM."""
     resume_dir, state = checkpoint.find_resume(run, cfg.checkpoint.resume, cfg.train.steps)
     if cfg.checkpoint.resume == "never" and parallel.is_main():
         run.clear()
@@ -127,17 +150,21 @@ def _train(cfg, run: RunDir, device, t_start: float) -> int:
                 run.config_history,
             )
             drift.record(run.root, RunDir.step_of(resume_dir), changes)
-    if parallel.is_main() and not os.path.exists(run.config):  # the config the run was started with, kept
+    if parallel.is_main() and not resume_dir:  # the config the run starts with; a resume never rewrites it
         write_text(run.config, OmegaConf.to_yaml(cfg.to_dict()))
+    train_read = read_examples(cfg, cfg.data.train, seed=cfg.seed)
+    eval_read = [(spec, read_examples(cfg, spec, split="heldout")) for spec in cfg.data.eval]
     model, tok, warm_done = build_model(cfg, device, run, resume_dir)
     if state and state.get("master") is not None:
         model.load_state_dict(state["master"])
     eos_id = trace_eos_id(tok, cfg.data.eos_token)
     train_items, skipped, rep = load_items(
-        cfg, tok, eos_id, cfg.data.train, seed=cfg.seed, need_traces=modes.uses_traces(cfg)
+        cfg, tok, eos_id, cfg.data.train, seed=cfg.seed, need_traces=modes.uses_traces(cfg), read=train_read
     )
     eval_items = [
-        it for spec in cfg.data.eval for it in load_items(cfg, tok, eos_id, spec, split="heldout")[0]
+        it
+        for spec, read in eval_read
+        for it in load_items(cfg, tok, eos_id, spec, split="heldout", read=read)[0]
     ]
     for uid, it in enumerate(eval_items):
         it.uid = uid
@@ -156,6 +183,7 @@ def _train(cfg, run: RunDir, device, t_start: float) -> int:
     engine = make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id))
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s)
     tr = Trainer(cfg, policy, tok, engine, verifier, run)
+    tr.stop = stop
     summary = (state or {}).get("summary") or {"versions": package_versions(), **info}
     summary["precision"] = policy.precision()
     summary["attention"] = {"implementation": model.config._attn_implementation, "packing": policy.packing}
