@@ -41,6 +41,10 @@ class ResumeError(RuntimeError):
     pass
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite numbers the run cannot go on from; nothing non-finite was saved."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is incomplete or cannot be loaded safely; the message names the file."""
 
@@ -111,6 +115,12 @@ def save(
     """Write step_N (all ranks call: rank 0 writes the model and state, each rank its RNG state)."""
     final = run.step(step)
     weights = full_state(model)
+    bad = non_finite(weights)
+    if bad:  # every rank holds the full state: all raise
+        raise NonFiniteError(
+            f"step {step}: {len(bad)} weight tensors are not finite (e.g. {bad[0]}): not saved; the last good "
+            f"checkpoint ({run.latest() or 'none'}) is intact"
+        )
     optim = get_optimizer_state_dict(model, opt, options=FULL)
     state = {**trainer_state, "optimizer": optim, "master": weights if dtype != torch.float32 else None}
     tmp = temporary(final)  # every rank writes into it; rank 0 commits it

@@ -133,6 +133,7 @@ class TrainConfig:
     packing: bool = True  # pack sequences into rows (no padding) where the attention supports it
     ppo_epochs: int = 1
     parallel: str = "ddp"  # ddp | fsdp2 (world size 1: no wrapper)
+    max_nonfinite_steps: int = 3  # this many steps in a row with a non-finite loss/gradient stop the run
 
 
 @dataclass
@@ -397,6 +398,7 @@ RANGES: dict[str, tuple] = {
     "train.prompts_per_step": (1, None, False, False),
     "train.micro_batch_tokens": (1, None, False, False),
     "train.ppo_epochs": (1, None, False, False),
+    "train.max_nonfinite_steps": (1, None, False, False),
     "sft.lr": (0, None, True, False),
     "sft.warmup_steps": (0, None, False, False),
     "sft.min_lr_ratio": (0, 1, False, False),

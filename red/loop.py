@@ -5,13 +5,17 @@ step they are stale, and `generate` (rollouts or evaluation) loads them first; S
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 import warnings
 from contextlib import nullcontext
 
+import torch
+
 from . import checkpoint, parallel
 from .algorithm import EntropyRatioWeight
+from .checkpoint import NonFiniteError
 from .data import PromptStream
 from .eval import evaluate, summarise
 from .metrics import write_samples
@@ -21,6 +25,8 @@ from .rollout.weight_sync import engine_weights
 from .step import rl_step, sft_step
 from .stop import Stopped
 from .update import make_optimizer
+
+log = logging.getLogger("red.loop")
 
 
 class Trainer:
@@ -36,6 +42,7 @@ class Trainer:
             run,
         )
         self.engine_stale = False
+        self.nonfinite_streak = 0  # steps in a row whose update was skipped (non-finite loss or gradient)
         self.last_samples: list = []
 
     def begin(self, stage, items) -> None:
@@ -207,6 +214,7 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
         phase = stage.phase_at(tr.step)
         if tr.phase_changes_optimizer():
             tr.new_optimizer(tr.step)
+        skipped_before = tr.policy.skipped_updates
         m = (sft_step if phase.mode == "sft" else rl_step)(tr, phase)
         with warnings.catch_warnings():  # a step whose groups were all dropped made no optimizer step
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
@@ -228,7 +236,12 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
             m.update(eval_row(ev), time_eval=time.perf_counter() - t)
             if step == stage.steps:
                 summary["eval_after"] = ev
+        skipped = tr.policy.skipped_updates > skipped_before
+        tr.nonfinite_streak = tr.nonfinite_streak + 1 if skipped else 0
+        m.update(update_skipped_nonfinite=int(skipped), updates_skipped_total=tr.policy.skipped_updates)
+        weights_ok = finite_weights(tr.policy.model)
         logger.log(m)
+        check_numerics(tr, step, skipped, weights_ok)
         if stage.main and cfg.log.samples_every and step % cfg.log.samples_every == 0:
             write_samples(tr.run.samples, step, tr.last_samples)
         bar.update(1)
@@ -266,6 +279,41 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
             )
     bar.close()
     tr.last_metrics = m
+
+
+def finite_weights(model) -> bool:
+    """Whether every parameter is finite on every rank (local shards under FSDP2; one reduction)."""
+    ok = all(
+        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters()
+    )
+    if parallel.world_size() > 1:
+        ok = parallel.reduce(maxes={"bad": float(not ok)})[1]["bad"] == 0
+    return ok
+
+
+def check_numerics(tr: Trainer, step: int, skipped: bool, weights_ok: bool) -> None:
+    """Stop (NonFiniteError) when the weights went non-finite, or after train.max_nonfinite_steps skipped
+    updates in a row; a single skipped update is logged and training goes on."""
+    last = tr.run.latest() or "none yet"
+    if not weights_ok:
+        raise NonFiniteError(
+            f"step {step}: the optimizer step made the weights non-finite (NaN/inf; is optim.lr sane?): stopping "
+            f"before anything is saved; the last good checkpoint ({last}) is intact"
+        )
+    limit = tr.cfg.train.max_nonfinite_steps
+    if skipped and parallel.is_main():
+        log.warning(
+            "step %d: non-finite loss or gradient norm, update skipped (%d in a row; the run stops at %d)",
+            step,
+            tr.nonfinite_streak,
+            limit,
+        )
+    if tr.nonfinite_streak >= limit:
+        raise NonFiniteError(
+            f"steps {step - limit + 1}..{step}: a non-finite loss or gradient in {limit} steps in a row (updates "
+            f"skipped; train.max_nonfinite_steps={limit}): stopping; the last good checkpoint ({last}) is intact. "
+            f"Lower optim.lr or check the data, then resume"
+        )
 
 
 def save_checkpoint(tr: Trainer, step: int, summary) -> None:

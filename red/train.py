@@ -3,6 +3,10 @@
 With no arguments it runs the embedded default (red/configs/default.yaml): a tiny Qwen2 model and a BPE tokenizer
 built in-process, a labelled warm-up SFT stage on an easier task, then RED on the synthetic task family, and
 ends with `held-out accuracy: X% -> Y%`. Outputs: see red/run_dir.py.
+
+Exit status: 0 done; 2 bad input (config, data, run folder: one `error:` line naming the file/key and the fix);
+3 stopped on non-finite numbers (the last good checkpoint intact); 130 / 143 stopped by SIGINT / SIGTERM after
+writing a checkpoint (run the same command to resume).
 """
 
 from __future__ import annotations
@@ -102,6 +106,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except checkpoint.NonFiniteError as e:  # training diverged: stopped with the last good checkpoint intact
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     except Stopped as e:  # SIGINT / SIGTERM: the state is saved, the message says where
         print(e.message, file=sys.stderr, flush=True)
         return 128 + e.signum

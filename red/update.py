@@ -15,6 +15,7 @@ keeps its own precision under autocast (it turns autocast off inside itself), so
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -34,6 +35,7 @@ class Policy:
     packing = (
         "off"  # micro-batch layout (red/packing.py): off | rows | flat; set from red.attention.packing_layout
     )
+    skipped_updates = 0  # optimizer steps skipped for a non-finite loss or gradient (red/loop.py reads it)
 
     def __init__(self, model, dtype: str = "float32", parallel_kind: str = "ddp", pad_id: int = 0):
         self.model, self.pad_id, self.dtype_name = model, pad_id, dtype
@@ -215,14 +217,21 @@ def update(
         policy.scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    if policy.scaler:
+    out = {k: float(v) for k, v in stats.items()}
+    out["grad_norm"] = float(norm)
+    bad = not (math.isfinite(out["grad_norm"]) and math.isfinite(out.get("loss", 0.0)))
+    if parallel.world_size() > 1:  # every rank skips or none does
+        bad = parallel.reduce(maxes={"bad": float(bad)})[1]["bad"] > 0
+    if policy.scaler:  # float16: the scaler skips non-finite steps itself (overflow lowers the scale)
         policy.scaler.step(opt)
         policy.scaler.update()
+    elif (
+        bad
+    ):  # a non-finite loss or gradient: no update (red/loop.py counts these and stops after N in a row)
+        policy.skipped_updates += 1
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)  # no gradient memory through the rollouts
-    out = {k: float(v) for k, v in stats.items()}
-    out["grad_norm"] = float(norm)
     return out
 
 
