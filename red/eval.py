@@ -189,7 +189,11 @@ def check_model_dir(path: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m red.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="HF model directory (e.g. a run's step_N)")
+    ap.add_argument(
+        "--model",
+        required=True,
+        help="HF model directory, a run folder or its `latest` pointer (e.g. runs/red-default/latest)",
+    )
     ap.add_argument(
         "--data", action="append", help="eval file (.jsonl/.parquet) or synthetic:<task> (repeatable)"
     )
@@ -224,7 +228,9 @@ def main(argv=None) -> int:
 
     from .config import ConfigError, DataConfig, load_config
     from .data import DataError, load_source, tokenize_examples
+    from .models import no_hub_kernels
     from .rollout.hf_engine import HFEngine
+    from .run_dir import model_dir
 
     try:
         cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
@@ -249,11 +255,15 @@ def main(argv=None) -> int:
         )
         dcfg = dataclasses.replace(cfg.data, **fields) if cfg is not None else DataConfig(**fields)
         reads = {spec: load_source(spec, dcfg, split="heldout", limit=args.limit) for spec in args.data}
-        check_model_dir(args.model)
+        try:  # a run folder or its `latest` pointer -> the checkpoint it names
+            path = model_dir(args.model) if os.path.exists(args.model) else args.model
+        except FileNotFoundError as e:
+            raise ConfigError(f"--model {e}") from None
+        check_model_dir(path)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         try:
-            tok = AutoTokenizer.from_pretrained(args.model)
-            model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **no_hub_kernels()).to(device)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(

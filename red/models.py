@@ -112,6 +112,19 @@ def check_config_overrides(model, overrides: dict | None) -> None:
                     raise ConfigError(f"{where}: rotary module has max length {m.original_max_seq_len}")
 
 
+def no_hub_kernels() -> dict:
+    """`from_pretrained` keywords that keep Hugging Face Hub kernels off: {"use_kernels": False} where the installed
+    transformers has them (5.x; from 5.2x `use_kernels` defaults to True), else {}.
+
+    Why off: the kernel that matters for RL post-training is red_kernels' fused lm_head + log-prob, which these
+    loads do not touch; Hub kernels swap other layers (RMSNorm, MLP, attention) at load time for code fetched from
+    the Hub, so a load could reach the network (and fail offline) and the numerics would depend on what the Hub
+    served that day."""
+    from transformers import PreTrainedModel
+
+    return {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
+
+
 def load_pretrained(
     path: str,
     dtype: str = "float32",
@@ -133,7 +146,9 @@ def load_pretrained(
         raise ConfigError(f"config key 'model.dtype': {dtype!r} is not one of {sorted(DTYPES)}")
     cfg = apply_config_overrides(AutoConfig.from_pretrained(path), config_overrides)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=DTYPES[dtype], **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=cfg, dtype=DTYPES[dtype], **kw, **no_hub_kernels()
+    )
     check_config_overrides(model, config_overrides)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
@@ -169,7 +184,7 @@ def smollm2_dir(cache_root: str | None = None) -> str:
     gguf = smollm2_gguf()
     d, name = os.path.dirname(gguf), os.path.basename(gguf)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32, **no_hub_kernels())
     cfg = src.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config

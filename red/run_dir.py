@@ -230,3 +230,28 @@ class RunDir:
             p = os.path.join(self.root, name)
             if name in self.NAMES or _STEP.match(name) or name.startswith(".tmp_"):
                 shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+
+
+def model_dir(path: str) -> str:
+    """The HF model directory `path` stands for: a directory with config.json itself; a run's `latest` pointer
+    file -> the checkpoint it names; a run folder -> its `latest` checkpoint, else its newest step_N, else its
+    warm-up model. FileNotFoundError naming what was looked for otherwise."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    if os.path.isfile(path) and os.path.basename(path) == "latest":
+        run = RunDir(os.path.dirname(path) or ".")
+        name = run.latest_name()
+        if name and os.path.isfile(os.path.join(run.root, name, "config.json")):
+            return os.path.join(run.root, name)
+        raise FileNotFoundError(f"{path}: names {name!r}, which is not a model directory in {run.root}")
+    if os.path.isdir(path):
+        run = RunDir(path)
+        candidates = [run.latest()] + [d for _, d in reversed(run.steps())] + [run.warmup]
+        for d in candidates:
+            if d and os.path.isfile(os.path.join(d, "config.json")):
+                return d
+        raise FileNotFoundError(
+            f"{path}: neither a model directory (config.json) nor a run folder with a checkpoint (step_N/, "
+            "latest) or a warm-up model"
+        )
+    raise FileNotFoundError(f"{path}: no such model directory, run folder or `latest` pointer")

@@ -52,3 +52,27 @@ def test_atomic_write_replaces_on_success_and_keeps_the_old_on_failure(tmp_path)
             raise RuntimeError("crash")
     RunDir(str(tmp_path)).clear()  # checkpoint.resume=never also removes the leftover
     assert os.listdir(tmp_path) == []
+
+
+def test_model_dir_accepts_a_model_a_run_folder_and_its_latest_pointer(tmp_path):
+    from red.run_dir import model_dir
+
+    run = tmp_path / "run"
+    for d in ("warmup", "step_2", "step_4"):
+        (run / d).mkdir(parents=True)
+        (run / d / "config.json").write_text("{}")
+    (run / "step_4" / "trainer_state.pt").write_text("")
+    assert model_dir(str(run / "step_2")) == str(run / "step_2")
+    with pytest.raises(FileNotFoundError, match="run folder"):
+        model_dir(str(tmp_path))  # no checkpoint, no warm-up model
+    assert model_dir(str(run)) == str(run / "step_4")  # no pointer yet: the newest step
+    (run / "latest").write_text("step_2\n")
+    assert model_dir(str(run / "latest")) == str(run / "step_2")
+    (run / "latest").write_text("step_9\n")
+    with pytest.raises(FileNotFoundError, match="names 'step_9'"):
+        model_dir(str(run / "latest"))
+    for d in ("step_2", "step_4"):
+        (run / d / "config.json").unlink()
+    assert model_dir(str(run)) == str(run / "warmup")
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        model_dir(str(tmp_path / "nope"))

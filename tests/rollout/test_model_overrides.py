@@ -122,3 +122,18 @@ def test_dtype_parameter_sets_the_parameter_dtype(saved, dtype, expected):
     assert {p.dtype for p in model.parameters()} == {expected}
     with pytest.raises(ConfigError, match="model.dtype"):
         load_pretrained(str(path), "fp8")
+
+
+def test_loads_keep_hub_kernels_off_offline(saved, monkeypatch):
+    """transformers >= 5.2x defaults `use_kernels=True` (layers swapped for Hub code at load): our loads pass
+    False, so an offline load never reaches the Hub and the numerics are the checkpoint's own layers."""
+    import transformers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path, _ = saved
+    model, _ = load_pretrained(str(path))
+    assert model.use_kernels is False
+    if hasattr(transformers.PreTrainedModel, "set_use_kernels"):
+        from red.models import no_hub_kernels
+
+        assert no_hub_kernels() == {"use_kernels": False}
