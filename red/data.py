@@ -45,13 +45,78 @@ class Example:
 # ------------------------------------------------------------------------------------------ reading files
 
 
+def _split_suffix(spec: str) -> tuple[str, str | None]:
+    """'x@test' -> ('x', 'test'); no '@' -> (x, None)."""
+    base, at, split = spec.rpartition("@")
+    return (base, split or None) if at and base else (spec, None)
+
+
+def _dataset_rows(ds):
+    return enumerate((dict(r) for r in ds), 1)
+
+
+def _hf_rows(spec: str):
+    """Rows of `hf:NAME[:CONFIG][@SPLIT]` (split default train) via datasets.load_dataset: a Hub name (cached
+    or downloaded; HF_DATASETS_OFFLINE=1 keeps it to the cache) or a local dataset folder."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data spec {spec!r}: needs the `datasets` package (pip install datasets)") from None
+    rest, split = _split_suffix(spec[len("hf:") :])
+    name, _, config = rest.partition(":") if not os.path.exists(rest) else (rest, "", "")
+    if not name:
+        raise DataError(
+            f"data spec {spec!r}: expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:openai/gsm8k:main@test"
+        )
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:  # unknown name/config/split, offline without a cache, ...
+        err = e.__cause__ or e  # datasets wraps a builder's error ("An error occurred while generating ...")
+        msg = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"data spec {spec!r}: datasets.load_dataset failed: {msg}") from None
+    return _dataset_rows(ds)
+
+
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, f))
+        for f in ("dataset_info.json", "dataset_dict.json", "state.json")
+    )
+
+
+def _saved_rows(path: str, split: str | None):
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        split = split or "train"
+        if split not in ds:
+            raise DataError(
+                f"{path}: no split {split!r} in the saved dataset (splits: {', '.join(ds)}); use {path}@SPLIT"
+            )
+        ds = ds[split]
+    elif split:
+        raise DataError(f"{path}: a single saved split; drop '@{split}'")
+    return _dataset_rows(ds)
+
+
 def read_rows(path: str):
-    """Yield (row_number, dict) from a .jsonl/.json/.parquet file; row numbers are 1-based data rows. Every
-    unreadable input (missing, a directory, not UTF-8, not JSON, a row that is not an object, a broken parquet)
-    is a DataError naming the file, the row where known, and the fix."""
+    """Yield (row_number, dict) from a .jsonl/.json/.parquet file, a save_to_disk folder (FOLDER[@SPLIT]) or a
+    Hugging Face dataset (hf:NAME[:CONFIG][@SPLIT]); row numbers are 1-based data rows. Every unreadable input
+    (missing, a plain directory, not UTF-8, not JSON, a row that is not an object, a broken parquet) is a
+    DataError naming the file, the row where known, and the fix."""
+    if path.startswith("hf:"):
+        yield from _hf_rows(path)
+        return
+    folder, split = _split_suffix(path)
+    if is_saved_dataset(path) or is_saved_dataset(folder):
+        yield from _saved_rows(path, None) if is_saved_dataset(path) else _saved_rows(folder, split)
+        return
     if os.path.isdir(path):
         raise DataError(
-            f"data {path} is a directory: give a .jsonl, .json or .parquet file (or synthetic:<task>)"
+            f"data {path} is a directory: give a .jsonl, .json or .parquet file, a folder written by datasets' "
+            "save_to_disk, hf:NAME[:CONFIG][@SPLIT] (or synthetic:<task>)"
         )
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
@@ -119,12 +184,59 @@ def _no_binary(v, col, where: str) -> None:
             _no_binary(x, col, where)
 
 
+PROBLEM_COLUMNS = ("problem", "question", "Problem", "query", "prompt")
+ANSWER_COLUMNS = ("answer", "final_answer", "ground_truth", "gold", "expected_answer")
+TRACE_COLUMNS = ("trace", "teacher", "target", "solution")
+
+
 def detect_layout(row: dict) -> str:
+    """luffy (chat `prompt` + `reward_model`), openr1 (`problem` + `generations`), else plain (which also reads a
+    flat prompt/answer/target row)."""
     if "prompt" in row and "reward_model" in row:
         return "luffy"
     if "generations" in row and "problem" in row:
         return "openr1"
     return "plain"
+
+
+def describe_layout(row: dict, layout: str, keys: dict) -> str:
+    """Which column feeds the problem, the gold answer and the teacher traces (for the one detection log line)."""
+    if layout == "luffy":
+        cols = (
+            keys.get("problem") or "prompt",
+            keys.get("answer") or "reward_model.ground_truth",
+            keys.get("trace") or "target",
+        )
+    else:
+        first = {
+            k: keys.get(k) or next((c for c in names if c in row), None)
+            for k, names in (
+                ("problem", PROBLEM_COLUMNS),
+                ("answer", ANSWER_COLUMNS),
+                ("trace", TRACE_COLUMNS),
+            )
+        }
+        trace = first["trace"]
+        if layout == "openr1" and not keys.get("trace"):
+            trace = "generations" + (" (math-verify-correct)" if "correctness_math_verify" in row else "")
+        cols = (first["problem"], first["answer"], trace)
+    name = "flat prompt/answer/target" if layout == "plain" and cols[0] == "prompt" else layout
+    return (
+        f"layout {name}: problem <- {cols[0]}, answer <- {cols[1]}, teacher traces <- {cols[2] or '(none)'}"
+    )
+
+
+def _missing(where: str, what: str, key: str, given: str | None, names, row: dict) -> DataError:
+    """The error for a row without a problem / gold answer: which column was read and which key maps it."""
+    cols = ", ".join(map(str, row)) or "none"
+    if given:
+        return DataError(
+            f"{where}: no {what}: column {given!r} (data.{key}) is missing or empty (row columns: {cols})"
+        )
+    return DataError(
+        f"{where}: no {what}: none of the columns {'/'.join(names)} holds it (row columns: {cols}); "
+        f"name yours with data.{key}=COLUMN"
+    )
 
 
 def _text(v):
@@ -191,15 +303,8 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
         traces = _texts(_pick(row, keys.get("trace"), ("target",), where))
         source = str(_pick(row, None, ("data_source",), where) or os.path.basename(path))
     else:
-        problem = _text(_pick(row, keys.get("problem"), ("problem", "question", "Problem", "query"), where))
-        answer = _text(
-            _pick(
-                row,
-                keys.get("answer"),
-                ("answer", "final_answer", "ground_truth", "gold", "expected_answer"),
-                where,
-            )
-        )
+        problem = _text(_pick(row, keys.get("problem"), PROBLEM_COLUMNS, where))
+        answer = _text(_pick(row, keys.get("answer"), ANSWER_COLUMNS, where))
         if layout == "openr1" and not keys.get("trace"):
             gens = _pick(row, None, ("generations",), where) or []
             ok = row.get("correctness_math_verify")
@@ -210,7 +315,7 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
             if not traces and solution:
                 traces = [solution]
         else:
-            traces = _texts(_pick(row, keys.get("trace"), ("trace", "teacher", "target", "solution"), where))
+            traces = _texts(_pick(row, keys.get("trace"), TRACE_COLUMNS, where))
         # gsm8k: the 'answer' is a worked solution ending in '#### n'
         if answer and "####" in answer:
             traces = traces or [
@@ -223,14 +328,13 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
         if answer and answer.startswith("$") and answer.endswith("$") and len(answer) > 1:
             answer = answer.strip("$").strip() or None
         source = str(_pick(row, None, ("data_source",), where) or os.path.splitext(os.path.basename(path))[0])
+    luffy = layout == "luffy"
     if not problem:
-        raise DataError(
-            f"{where}: no problem text (looked for {keys.get('problem') or 'problem/question/prompt'})"
-        )
+        names = ("prompt",) if luffy else PROBLEM_COLUMNS
+        raise _missing(where, "problem text", "problem_key", keys.get("problem"), names, row)
     if not answer:
-        raise DataError(
-            f"{where}: no gold answer (looked for {keys.get('answer') or 'answer/final_answer/ground_truth'})"
-        )
+        names = ("reward_model.ground_truth",) if luffy else ANSWER_COLUMNS
+        raise _missing(where, "gold answer", "answer_key", keys.get("answer"), names, row)
     return Example(
         problem=problem, answer=answer, traces=traces, source=source, row=row_no, messages=messages
     )
@@ -246,8 +350,12 @@ def load_examples(
     """Read a data file. Returns (examples, skipped-row reports). bad_rows='error' raises on the first bad row."""
     keys = {k: v for k, v in (keys or {}).items() if v}
     out, skipped, layout = [], [], None if columns == "auto" else columns
+    described = False
     for row_no, row in read_rows(path):
-        layout = layout or detect_layout(row)
+        if not described:  # the first row decides (data.columns=auto) and is described in one line
+            layout = layout or detect_layout(row)
+            log.info("%s: %s", path, describe_layout(row, layout, keys))
+            described = True
         try:
             out.append(row_to_example(row, layout, row_no, path, keys))
         except DataError as e:
