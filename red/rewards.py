@@ -13,8 +13,10 @@ thread. Each worker parses a gold answer once and caches it.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import multiprocessing as mp
 import re
+import time
 from fractions import Fraction
 
 import pebble
@@ -22,6 +24,7 @@ import torch
 
 from .records import STATUSES, RolloutBatch
 
+log = logging.getLogger("red.rewards")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
@@ -65,7 +68,13 @@ _GOLD_CACHE: dict = {}
 
 
 def _worker_init():
+    import signal
+
     import math_verify  # noqa: F401  (import once per worker)
+
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C reaches the whole process group: the trainer decides
 
 
 def _verify_in_worker(gold: str, pred: str, timeout_s: int) -> str:
@@ -92,6 +101,35 @@ def _verify_in_worker(gold: str, pred: str, timeout_s: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------- main side
+class RateLimitedLog:
+    """Counts events by kind and logs a warning at most once per `every_s` seconds (the first at once), with the
+    counts since the previous warning, the totals and one example."""
+
+    def __init__(self, logger, what: str, every_s: float = 60.0, clock=time.monotonic):
+        self.logger, self.what, self.every_s, self.clock = logger, what, every_s, clock
+        self.total: dict[str, int] = {}
+        self.pending: dict[str, int] = {}
+        self.example = ""
+        self.last: float | None = None
+
+    def add(self, kind: str, example: str = "") -> None:
+        self.total[kind] = self.total.get(kind, 0) + 1
+        self.pending[kind] = self.pending.get(kind, 0) + 1
+        self.example = self.example or example
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        now = self.clock()
+        if not self.pending or not (force or self.last is None or now - self.last >= self.every_s):
+            return
+        since = ", ".join(f"{n} {k}" for k, n in self.pending.items())
+        total = ", ".join(f"{n} {k}" for k, n in self.total.items())
+        self.logger.warning(
+            "%s: %s (total %s)%s", self.what, since, total, f"; e.g. {self.example}" * bool(self.example)
+        )
+        self.pending, self.example, self.last = {}, "", now
+
+
 class Verifier:
     """Grades responses. `grade(golds, responses) -> list[status]`. The process pool starts on first need."""
 
@@ -105,8 +143,12 @@ class Verifier:
         self.outer_timeout_s = outer_timeout_s if outer_timeout_s is not None else 3 * timeout_s + 30
         self._pool: pebble.ProcessPool | None = None
         self._cache: dict[tuple[str, str], str] = {}
+        self.events = RateLimitedLog(
+            log, f"verifier (reward.timeout_s={timeout_s}, worker limit {self.outer_timeout_s:.0f} s)"
+        )
 
     def close(self):
+        self.events.flush(force=True)  # what the rate limit held back
         if self._pool is not None:
             self._pool.stop()
             self._pool.join()
@@ -135,11 +177,18 @@ class Verifier:
                 self._pool.schedule(self.task, args=(*key, t), timeout=self.outer_timeout_s) for key in todo
             ]
             for key, fut in zip(todo, futures):
+                example = f"gold {key[0][:40]!r} vs answer {key[1][:40]!r}"
                 try:
                     status = fut.result()
                     self._cache[key] = status
-                except (cf.TimeoutError, pebble.ProcessExpired):
+                    if status == "timeout":
+                        self.events.add("math-verify timeouts", example)
+                except cf.TimeoutError:  # pebble killed the worker and starts a new one
                     status = "timeout"
+                    self.events.add("worker restarts after running past the limit", example)
+                except pebble.ProcessExpired as e:  # the worker died (e.g. out of memory); pebble restarts it
+                    status = "timeout"
+                    self.events.add(f"worker restarts after it died (exit {e.exitcode})", example)
                 for i in todo[key]:
                     out[i] = status
         return out  # type: ignore[return-value]
