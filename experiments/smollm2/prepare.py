@@ -19,7 +19,8 @@ import json
 import os
 import re
 
-GSM8K = "/work/shared/data/gsm8k.jsonl"
+# benchmark files: --bench-dir, else $RED_BENCH_DIR, else ../shared/data (relative to where it runs)
+BENCH_DIR = os.environ.get("RED_BENCH_DIR", os.path.join("..", "shared", "data"))
 
 
 def easy_gsm8k(src: str, n: int = 100, max_steps: int = 2, max_chars: int = 300) -> list[dict]:
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--root", default="runs/smollm2")
     ap.add_argument("--config", default="red/configs/smollm2-135m.yaml")
     ap.add_argument("--base-score", action="store_true")
+    ap.add_argument("--bench-dir", default=BENCH_DIR, help="folder holding gsm8k.jsonl (default: %(default)s)")
     a = ap.parse_args()
     from red.models import smollm2_dir
 
@@ -92,7 +94,7 @@ def main() -> None:
     link = os.path.join(a.root, "model")
     if not os.path.exists(link):
         os.symlink(smollm2_dir(), link)
-    rows = easy_gsm8k(GSM8K)
+    rows = easy_gsm8k(os.path.join(a.bench_dir, "gsm8k.jsonl"))
     with open(os.path.join(a.root, "data", "gsm8k_easy.jsonl"), "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     print(f"model: {link} -> {os.path.realpath(link)}; held-out: {len(rows)} GSM8K problems")
