@@ -52,6 +52,8 @@ def test_an_unusable_latest_falls_back_to_the_newest_complete_checkpoint(base_ru
     out, marker = str(tmp_path / "run"), str(tmp_path / "pickle-ran")
     shutil.copytree(base_run, out)
     _break(os.path.join(out, "step_4"), how, marker)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as fh:  # and a crash tore the last metrics row
+        fh.write('{"step": 5, "lo')
     if how == "pickle":  # the crafted file is live: an unsafe load would run it
         torch.load(os.path.join(out, "step_4", "trainer_state.pt"), weights_only=False)
         assert os.path.exists(marker)
@@ -65,7 +67,9 @@ def test_an_unusable_latest_falls_back_to_the_newest_complete_checkpoint(base_ru
         and "step_4" in warn[0]
         and warn[0].rstrip().endswith("step_2, the newest complete checkpoint")
     )
-    assert any("row(s) after step 2" in r.getMessage() for r in caplog.records)  # steps 3, 4 of the old run
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("2 row(s) after step 2" in m for m in msgs)  # steps 3, 4 of the old run
+    assert any("torn last line 6" in m for m in msgs)
     assert metric_steps(out) == [0, 1, 2, 3, 4, 5, 6]
     assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_2", "step_4", "step_6"]
 
@@ -102,6 +106,21 @@ def test_metrics_trim_repairs_a_torn_line_and_drops_rows_past_the_checkpoint(tmp
     assert path.read_text() == '{"step": 0}\n{"step": 1}\n{"step": 2}\n'
     msgs = [r.getMessage() for r in caplog.records]
     assert any("torn last line 5" in m for m in msgs) and any("1 row(s) after step 2" in m for m in msgs)
+
+
+def test_a_full_or_read_only_output_folder_names_the_path(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import red.train as train_mod
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(train_mod, "write_text", full)
+    assert main(tiny_args(str(tmp_path / "run"), 2)) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'run' / 'config.yaml'}: No space left on device (ENOSPC)" in err
+    assert "Traceback" not in err
 
 
 def test_metrics_trim_refuses_a_broken_middle_line(tmp_path):
