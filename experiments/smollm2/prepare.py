@@ -86,7 +86,9 @@ def main() -> None:
     ap.add_argument("--root", default="runs/smollm2")
     ap.add_argument("--config", default="red/configs/smollm2-135m.yaml")
     ap.add_argument("--base-score", action="store_true")
-    ap.add_argument("--bench-dir", default=BENCH_DIR, help="folder holding gsm8k.jsonl (default: %(default)s)")
+    ap.add_argument(
+        "--bench-dir", default=BENCH_DIR, help="folder holding gsm8k.jsonl (default: %(default)s)"
+    )
     a = ap.parse_args()
     from red.models import smollm2_dir
 
