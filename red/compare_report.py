@@ -28,45 +28,62 @@ def _mean(xs):
 
 
 def write_markdown(res: dict, path: str, command: str) -> None:
-    b, base = res["budget"], res["baseline"]
+    b, base, arms = res["budget"], res["baseline"], res["arms"]
+    split = "held-out" if res.get("split", "heldout") == "heldout" else res["split"]
     lines = [
-        f"# red.compare: {', '.join(res['modes'])} ({b['config']})",
+        f"# red.compare: {', '.join(arms)} ({b['config']})",
         "",
-        f"Budget per run (every mode): {b['train_steps']} steps x {b['prompts_per_step']} prompts x "
-        f"group {b['group_size']} ({b['samples']} samples), response budget {b['max_new_tokens']} tokens; "
-        f"SFT steps by mode: {b['sft_steps']}. Overrides: `{' '.join(b['overrides']) or '-'}`.",
+        f"Budget per run (every arm unless its overrides say otherwise): {b['train_steps']} steps x "
+        f"{b['prompts_per_step']} prompts x group {b['group_size']} ({b['samples']} samples), response budget "
+        f"{b['max_new_tokens']} tokens; SFT steps by arm: {b['sft_steps']}. Common overrides: "
+        f"`{' '.join(b['overrides']) or '-'}`. Seeds: {res.get('seeds')}.",
         "",
-        "Held-out accuracy (greedy unless eval.n/temperature say otherwise) after training; mean over seeds "
-        f"with a Student-t 95% interval; the difference to `{base}` is paired by seed.",
+        "Arms: "
+        + "; ".join(f"`{n}` = {d['mode']} {' '.join(d['overrides']) or ''}".strip() for n, d in arms.items()),
         "",
-        "| mode | seeds | held-out acc % | 95% CI | Δ vs "
-        + base
-        + " (pts) | 95% CI | len mean | len correct "
-        "| len wrong | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"{split.capitalize()} accuracy (greedy unless eval.n/temperature say otherwise) after training; mean "
+        f"over seeds with a Student-t 95% interval; the difference to `{base}` is paired by seed. H_on end: mean "
+        "online token entropy (nats) over the last steps (collapse towards uniform above 0.8 ln V).",
+        "",
+        f"| arm | seeds | {split} acc % | 95% CI | Δ vs {base} (pts) | 95% CI | H_on end | len mean | "
+        "len correct | len wrong | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for m, d in res["modes"].items():
+    if res.get("base"):
+        accs = [v["accuracy"] for v in res["base"].values()]
+        lines.append(f"| base (warm-up) | {len(accs)} | {_pct(_mean(accs))} | | | | | | | | |")
+    for m, d in arms.items():
         runs, acc = d["runs"], d["heldout_acc"]
         p = res["paired_vs_baseline"].get(m)
         delta = ("—", "—") if p is None else (_num(100 * p["diff_mean"]) if p["n"] else "n/a", _ci(p))
+        ent = d.get("final_entropy_online", {}).get("mean")
         lines.append(
             f"| {m} | {acc['n']} | {_pct(acc['mean'])} | {_ci(acc)} | {delta[0]} | {delta[1]} | "
-            f"{_num(d['len_mean']['mean'])} | {_num(_mean([r['len_correct_mean'] for r in runs]))} | "
+            f"{_num(ent, '{:.2f}')} | {_num(d['len_mean']['mean'])} | "
+            f"{_num(_mean([r['len_correct_mean'] for r in runs]))} | "
             f"{_num(_mean([r['len_wrong_mean'] for r in runs]))} | "
             f"{_num(_mean([r['wall_s'] for r in runs]), '{:.0f}')} |"
         )
     sources = sorted(
-        {s for d in res["modes"].values() for r in d["runs"] for s in r.get("heldout_acc_per_source", {})}
+        {s for d in arms.values() for r in d["runs"] for s in r.get("heldout_acc_per_source", {})}
     )
     if len(sources) > 1:
         lines += [
             "",
-            "Held-out accuracy % by source (mean over seeds):",
+            f"{split.capitalize()} accuracy % by source (mean over seeds):",
             "",
-            "| mode | " + " | ".join(sources) + " |",
+            "| arm | " + " | ".join(sources) + " |",
             "|---|" + "---|" * len(sources),
         ]
-        for m, d in res["modes"].items():
+        if res.get("base"):
+            lines.append(
+                "| base (warm-up) | "
+                + " | ".join(
+                    _pct(_mean([v["per_source"].get(s) for v in res["base"].values()])) for s in sources
+                )
+                + " |"
+            )
+        for m, d in arms.items():
             lines.append(
                 f"| {m} | "
                 + " | ".join(
@@ -78,20 +95,22 @@ def write_markdown(res: dict, path: str, command: str) -> None:
         "",
         "Per run:",
         "",
-        "| mode | seed | held-out acc % | len mean | wall s | output |",
-        "|---|---|---|---|---|---|",
+        f"| arm | seed | {split} acc % | len mean | H_on end | 0.8 ln V | teacher-only share | wall s | output |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for m, d in res["modes"].items():
+    for m, d in arms.items():
         for r in d["runs"]:
             lines.append(
                 f"| {m} | {r['seed']} | {_pct(r['heldout_acc'])} | {_num(r['len_mean'])} | "
+                f"{_num(r.get('final_entropy_online'), '{:.2f}')} | {_num(r.get('entropy_limit'), '{:.2f}')} | "
+                f"{_num(r.get('teacher_only_share'), '{:.2f}')} | "
                 f"{_num(r['wall_s'], '{:.0f}')} | `{r['output_dir']}` |"
             )
     if res.get("failed"):
         lines += [
             "",
             "FAILED runs (see their train.log): "
-            + ", ".join(f"{f['mode']} seed {f['seed']}" for f in res["failed"]),
+            + ", ".join(f"{f['arm']} seed {f['seed']}" for f in res["failed"]),
         ]
     v = res["versions"]
     lines += [
@@ -123,7 +142,7 @@ def _curve(runs: list[list[dict]], key: str):
 
 
 def write_plot(metrics: dict[str, list[list[dict]]], path: str) -> None:
-    """metrics: mode -> one metrics.jsonl row list per seed. Mean line, min-max band over seeds."""
+    """metrics: arm -> one metrics.jsonl row list per seed. Mean line, min-max band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -42,6 +42,9 @@ class ModelConfig:
 class DataConfig:
     train: str = "synthetic:chains"  # file (.jsonl/.parquet) or synthetic:<task>
     eval: list[str] = field(default_factory=lambda: ["synthetic:chains"])
+    # eval.split=validation evaluates these (tuning); null -> data.eval's synthetic tasks on their validation
+    # split (a file in data.eval has no validation split: list validation files here)
+    validation: list[str] | None = None
     columns: str = "auto"  # auto | plain | openr1 | luffy
     problem_key: str | None = None  # explicit column names override the preset
     answer_key: str | None = None
@@ -155,6 +158,7 @@ class WarmupConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 10
+    path: str | None = None  # None -> output_dir/warmup; a finished warm-up there is loaded, not rerun
 
 
 @dataclass
@@ -164,6 +168,9 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy
     max_new_tokens: int | None = None  # None -> rollout.max_new_tokens
     before: bool = True
+    split: str = (
+        "heldout"  # heldout (final numbers) | validation (tuning: data.validation, disjoint problems)
+    )
 
 
 @dataclass
@@ -348,6 +355,7 @@ CHOICES = {
     "data.overlong_trace": ("reject", "truncate"),
     "data.bad_rows": ("error", "skip"),
     "checkpoint.resume": ("auto", "never"),
+    "eval.split": ("heldout", "validation"),
     "train.parallel": ("ddp", "fsdp2"),
 }
 
@@ -480,6 +488,14 @@ def validate(cfg: Config) -> None:
             name in keys or name in SECTIONS,
             "checkpoint.allow_changes",
             f"{name!r} is not a config key or section (e.g. optim.lr, train.steps, eval)",
+        )
+    if cfg.eval.split == "validation" and cfg.data.validation is None:
+        files = [s for s in cfg.data.eval if not s.startswith("synthetic:")]
+        _check(
+            not files,
+            "data.validation",
+            f"eval.split=validation needs validation files for {files} (a file has no validation split; "
+            "list files disjoint from the held-out ones)",
         )
     _check("{problem}" in cfg.data.prompt_template, "data.prompt_template", "must contain '{problem}'")
     MODES[a.mode].check(cfg, _check)

@@ -377,6 +377,15 @@ def load_examples(
     return out, skipped
 
 
+def eval_sources(cfg) -> tuple[list[str], str]:
+    """(data specs, split) that a run evaluates: data.eval on the held-out split, or with eval.split=validation
+    data.validation (default: data.eval's synthetic tasks) on the validation split — problems disjoint from
+    both training and held-out."""
+    if cfg.eval.split == "validation":
+        return list(cfg.data.validation if cfg.data.validation is not None else cfg.data.eval), "validation"
+    return list(cfg.data.eval), "heldout"
+
+
 def load_source(spec: str, cfg, split: str = "train", seed: int = 0, limit: int | None = None):
     """A data spec (file path or synthetic:<task>) -> (examples, skipped reports)."""
     if spec.startswith("synthetic:"):

@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import ConfigError, DataConfig, load_config
-    from .data import DataError, load_source, tokenize_examples
+    from .data import DataError, eval_sources, load_source, tokenize_examples
     from .models import no_hub_kernels
     from .rollout.hf_engine import HFEngine
     from .run_dir import model_dir
@@ -237,7 +237,9 @@ def main(argv=None) -> int:
         for key, value in (_from_config(cfg) if cfg is not None else FLAG_DEFAULTS).items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
-        args.data = args.data or (list(cfg.data.eval) if cfg is not None else None)
+        split = "heldout"
+        if cfg is not None and not args.data:
+            args.data, split = eval_sources(cfg)  # eval.split=validation: the validation problems
         if not args.data:
             ap.error("--data is required (or a --config whose data.eval lists the eval sets)")
         check_flags(args)
@@ -254,7 +256,7 @@ def main(argv=None) -> int:
             overlong_trace="truncate",
         )
         dcfg = dataclasses.replace(cfg.data, **fields) if cfg is not None else DataConfig(**fields)
-        reads = {spec: load_source(spec, dcfg, split="heldout", limit=args.limit) for spec in args.data}
+        reads = {spec: load_source(spec, dcfg, split=split, limit=args.limit) for spec in args.data}
         try:  # a run folder or its `latest` pointer -> the checkpoint it names
             path = model_dir(args.model) if os.path.exists(args.model) else args.model
         except FileNotFoundError as e:

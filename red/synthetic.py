@@ -32,12 +32,22 @@ import hashlib
 import random
 from itertools import accumulate
 
-# task -> (kinds, list lengths (both drawn uniformly), teacher style)
-TASKS = {
-    "chains_warmup": (("largest",), (3, 4, 5, 6), "concise"),
-    "chains": (("largest", "smallest"), (5, 6, 7, 8), "verbose"),
-    "chains_concise": (("largest", "smallest"), (5, 6, 7, 8), "concise"),
+# task -> (kinds, list lengths (both drawn uniformly), teacher style, base habits)
+# base habits (warm-up only): kind -> per-list-length probability that a warm-up trace is CAREFUL (the correct
+# running-extremum procedure); otherwise it is the kind's HABIT: a one-line guess of the last number for
+# "largest", the running LARGEST for "smallest" (the student confuses the two). None: always careful.
+WARMUP_CAREFUL = {
+    "largest": {5: 0.8, 6: 0.65, 7: 0.35, 8: 0.2},
+    "smallest": {5: 0.06, 6: 0.06, 7: 0.06, 8: 0.06},
 }
+WARMUP_KINDS = ("largest",) * 3 + ("smallest",)  # the warm-up sees "smallest" in 1 of 4 problems
+LENGTHS = (5, 6, 7, 8)
+TASKS = {
+    "chains_warmup": (WARMUP_KINDS, LENGTHS, "concise", WARMUP_CAREFUL),
+    "chains": (("largest", "smallest"), LENGTHS, "verbose", None),
+    "chains_concise": (("largest", "smallest"), LENGTHS, "concise", None),
+}
+SPLITS = ("train", "validation", "heldout")
 CHECKS = (1, 2)  # redundant re-checks in a verbose trace, drawn uniformly
 CHECK_PHRASES = ("Wait, let me check: {a}.", "Hmm, check again: {a}.", "Wait, is it {a}? Yes.")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -55,47 +65,65 @@ TINY_MODEL = dict(
 )
 
 
+def split_of(key: bytes) -> str:
+    """Deterministic split of the problem space by a hash of the problem: 1 in 8 held out for the final
+    evaluation, 1 in 8 for validation (tuning), the rest for training; the three are disjoint."""
+    h = hashlib.blake2b(key, digest_size=2).digest()[0] % 8
+    return "heldout" if h == 0 else "validation" if h == 1 else "train"
+
+
 def is_heldout(numbers) -> bool:
-    """Deterministic split of the problem space: 1 in 8 number lists is held out for evaluation."""
-    h = hashlib.blake2b(bytes(numbers), digest_size=2).digest()
-    return h[0] % 8 == 0
+    return split_of(bytes(numbers)) == "heldout"
 
 
 def make_example(
-    kind: str, numbers: list[int], style: str = "concise", rng: random.Random | None = None
+    kind: str,
+    numbers: list[int],
+    style: str = "concise",
+    rng: random.Random | None = None,
+    careful: bool = True,
 ) -> dict:
     """kind 'largest' | 'smallest' over one-digit numbers -> problem, answer, step-by-step trace.
 
-    style 'verbose' adds 1-2 redundant re-checks (drawn from `rng`) before the answer sentence."""
-    run = list(accumulate(numbers, max if kind == "largest" else min))
-    cur = run[-1]
+    style 'verbose' adds 1-2 redundant re-checks (drawn from `rng`) before the answer sentence. careful=False
+    writes the kind's habit instead (see WARMUP_CAREFUL): a wrong-procedure trace, as a base model's
+    pre-training data may hold; `answer` stays the correct one."""
+    rng = rng or random.Random(repr(numbers))
+    answer = max(numbers) if kind == "largest" else min(numbers)
     problem = f"Find the {kind}:" + "".join(f" {x}" for x in numbers)
-    trace = f"Running {kind}:" + "".join(f" {x}" for x in run) + "."
+    if not careful and kind == "largest":
+        cur = numbers[-1]
+        trace = f"Guess: {cur}."
+    else:
+        does = kind if careful else "largest"
+        run = list(accumulate(numbers, max if does == "largest" else min))
+        cur = run[-1]
+        trace = f"Running {does}:" + "".join(f" {x}" for x in run) + "."
     if style == "verbose":
-        rng = rng or random.Random(repr(numbers))
         for _ in range(rng.choice(CHECKS)):
-            trace += " " + rng.choice(CHECK_PHRASES).format(a=cur, kind=kind)
+            trace += " " + rng.choice(CHECK_PHRASES).format(a=cur)
     trace += f" So \\boxed{{{cur}}}."
-    return {"problem": problem, "answer": str(cur), "traces": [trace], "source": f"synthetic/{kind}"}
+    return {"problem": problem, "answer": str(answer), "traces": [trace], "source": f"synthetic/{kind}"}
 
 
 def generate(task: str, n: int, seed: int, split: str = "train") -> list[dict]:
-    """n examples of `task` (a key of TASKS) from the train or heldout part, deterministic."""
+    """n examples of `task` (a key of TASKS) from the train, validation or heldout part, deterministic."""
     if task not in TASKS and task != "wordproblems":
         raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join(TASKS)}, wordproblems)")
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if task == "wordproblems":
         return generate_word_problems(n, seed, split)
-    kinds, lengths, style = TASKS[task]
+    kinds, lengths, style, habits = TASKS[task]
     rng = random.Random(f"{task}/{split}/{seed}")
     out = []
     while len(out) < n:
         kind = kinds[rng.randrange(len(kinds))]
         numbers = [rng.randrange(10) for _ in range(lengths[rng.randrange(len(lengths))])]
-        if is_heldout(numbers) != (split == "heldout"):
+        if split_of(bytes(numbers)) != split:
             continue
-        out.append(make_example(kind, numbers, style, rng))
+        careful = habits is None or rng.random() < habits[kind][len(numbers)]
+        out.append(make_example(kind, numbers, style, rng, careful))
     return out
 
 
@@ -145,7 +173,7 @@ def generate_word_problems(n: int, seed: int, split: str) -> list[dict]:
     out = []
     while len(out) < n:
         ex = word_problem(rng)
-        if is_heldout(ex["problem"].encode()) == (split == "heldout"):
+        if split_of(ex["problem"].encode()) == split:
             out.append(ex)
     return out
 

@@ -27,7 +27,7 @@ from transformers import set_seed
 from . import checkpoint, drift, modes, parallel, synthetic
 from .attention import packing_layout, resolve
 from .config import ConfigError, load_config
-from .data import DataError, load_source, stop_token_ids, tokenize_examples, trace_eos_id
+from .data import DataError, eval_sources, load_source, stop_token_ids, tokenize_examples, trace_eos_id
 from .eval import package_versions
 from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsFileError, MetricsLogger
@@ -43,16 +43,23 @@ FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
 USER_ERRORS = (checkpoint.ResumeError, ConfigError, DataError, MetricsFileError, RunLockError)
 
 
+def warmup_dir(cfg, run: RunDir) -> str:
+    """Where the warm-up model is (to be) saved: warmup.path (shared by runs, e.g. red.compare's arms of one
+    seed), else output_dir/warmup."""
+    return cfg.warmup.path or run.warmup
+
+
 def build_model(cfg, device, run: RunDir, resume_dir):
     """(model with float32 parameters, tokenizer, whether the warm-up is already done)."""
     from .models import load_pretrained
 
     attn = resolve(cfg.model.attn_implementation, device, cfg.model.dtype)
-    warm = cfg.warmup.enabled and os.path.isfile(os.path.join(run.warmup, "config.json"))
+    warm_dir = warmup_dir(cfg, run)
+    warm = cfg.warmup.enabled and os.path.isfile(os.path.join(warm_dir, "config.json"))
     if resume_dir or warm:
         if warm and not resume_dir:
-            log.info("warm-up already done: loading %s", run.warmup)
-        model, tok = load_pretrained(resume_dir or run.warmup, "float32", attn_implementation=attn)
+            log.info("warm-up already done: loading %s", warm_dir)
+        model, tok = load_pretrained(resume_dir or warm_dir, "float32", attn_implementation=attn)
     elif cfg.model.path:
         model, tok = load_pretrained(cfg.model.path, "float32", cfg.model.config_overrides, attn)
     else:
@@ -97,12 +104,18 @@ def main(argv=None) -> int:
         "--config", default=None, help="YAML file or a packaged config name (default: default.yaml)"
     )
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
+    ap.add_argument(
+        "--warmup-only",
+        action="store_true",
+        help="run (or load) the warm-up, evaluate that base model, write summary.json and stop (red.compare "
+        "shares one warm-up per seed between its arms this way)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        return train(load_config(args.config, args.overrides))
+        return train(load_config(args.config, args.overrides), warmup_only=args.warmup_only)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -126,7 +139,7 @@ def main(argv=None) -> int:
         return 2
 
 
-def train(cfg) -> int:
+def train(cfg, warmup_only: bool = False) -> int:
     t_start = time.perf_counter()
     if cfg.rollout.engine == "vllm":  # a missing vLLM stops the run before any model is built
         choose_engine("vllm", on_cuda=True)
@@ -138,10 +151,12 @@ def train(cfg) -> int:
     run = RunDir(cfg.output_dir)
     os.makedirs(run.root, exist_ok=True)
     with RunLock(run.root) if parallel.is_main() else contextlib.nullcontext(), GracefulStop() as stop:
-        return _train(cfg, run, device, t_start, stop)
+        return _train(cfg, run, device, t_start, stop, warmup_only)
 
 
-def _train(cfg, run: RunDir, device, t_start: float, stop: GracefulStop | None = None) -> int:
+def _train(
+    cfg, run: RunDir, device, t_start: float, stop: GracefulStop | None = None, warmup_only: bool = False
+) -> int:
     """The run itself, holding the folder's lock (rank 0); `stop` tells the loop about SIGINT / SIGTERM."""
     resume_dir, state = checkpoint.find_resume(run, cfg.checkpoint.resume, cfg.train.steps)
     if cfg.checkpoint.resume == "never" and parallel.is_main():
@@ -160,7 +175,8 @@ def _train(cfg, run: RunDir, device, t_start: float, stop: GracefulStop | None =
     if parallel.is_main() and not resume_dir:  # the config the run starts with; a resume never rewrites it
         write_text(run.config, OmegaConf.to_yaml(cfg.to_dict()))
     train_read = read_examples(cfg, cfg.data.train, seed=cfg.seed)
-    eval_read = [(spec, read_examples(cfg, spec, split="heldout")) for spec in cfg.data.eval]
+    specs, split = eval_sources(cfg)
+    eval_read = [(spec, read_examples(cfg, spec, split=split)) for spec in specs]
     model, tok, warm_done = build_model(cfg, device, run, resume_dir)
     if state and state.get("master") is not None:
         model.load_state_dict(state["master"])
@@ -169,9 +185,7 @@ def _train(cfg, run: RunDir, device, t_start: float, stop: GracefulStop | None =
         cfg, tok, eos_id, cfg.data.train, seed=cfg.seed, need_traces=modes.uses_traces(cfg), read=train_read
     )
     eval_items = [
-        it
-        for spec, read in eval_read
-        for it in load_items(cfg, tok, eos_id, spec, split="heldout", read=read)[0]
+        it for spec, read in eval_read for it in load_items(cfg, tok, eos_id, spec, split=split, read=read)[0]
     ]
     for uid, it in enumerate(eval_items):
         it.uid = uid
@@ -217,7 +231,7 @@ def _train(cfg, run: RunDir, device, t_start: float, stop: GracefulStop | None =
                     f"[warm-up stage] done in {time.perf_counter() - t0:.0f}s: final NLL {m['nll']:.3f}, "
                     f"teacher-token prob {m.get('teacher_prob', float('nan')):.3f}"
                 )
-                checkpoint.save_model(model, tok, run.warmup, policy.compute)
+                checkpoint.save_model(model, tok, warmup_dir(cfg, run), policy.compute)
                 continue
             tr.begin(stage, train_items)
             if state:
@@ -230,13 +244,16 @@ def _train(cfg, run: RunDir, device, t_start: float, stop: GracefulStop | None =
                 resume_step=tr.step if state else None,
             ) as logger:
                 if not state:
-                    before = tr.evaluate(eval_items) if cfg.eval.before else None
+                    before = tr.evaluate(eval_items) if cfg.eval.before or warmup_only else None
                     summary["eval_before"] = before
                     logger.log({"step": 0, "stage": stage.name, **info, **eval_row(before)})
                     if before is not None:
                         say(
-                            f"held-out accuracy before {stage.name} (the base model): {100 * before['accuracy']:.1f}%"
+                            f"{split.replace('heldout', 'held-out')} accuracy before {stage.name} (the base model): {100 * before['accuracy']:.1f}%"
                         )
+                if warmup_only:
+                    summary["warmup_only"] = True
+                    break
                 say(
                     f"[{stage.name} stage] steps {tr.step + 1}..{stage.steps}: {stage.prompts_per_step} prompts x "
                     f"{cfg.rollout.n} ({stage.phases[-1].k} teacher) per step on {stage.data}"
@@ -261,7 +278,8 @@ def _train(cfg, run: RunDir, device, t_start: float, stop: GracefulStop | None =
         print(
             f"outputs: {cfg.output_dir} (metrics.jsonl, dynamics.png, {os.path.basename(run.latest() or '')})"
         )
-        print(f"held-out accuracy: {fmt(before)} -> {fmt(after)}", flush=True)
+        name = "held-out" if split == "heldout" else split
+        print(f"{name} accuracy: {fmt(before)} -> {fmt(after)}", flush=True)
     return 0
 
 

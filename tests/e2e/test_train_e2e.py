@@ -155,3 +155,21 @@ def test_teacher_only_groups_in_the_trainer(tmp_path, stats, choice, adv_off):
     assert row["kept_frac_teacher_only"] == 1.0
     assert row["kept_frac_all_correct"] == 0.0 and row["kept_frac_all_wrong"] == 0.0
     assert abs(row["adv_offline_mean"] - adv_off) < 1e-4 and math.isfinite(row["loss"])
+
+
+def test_warmup_only_then_a_run_from_the_shared_warmup_on_validation(tmp_path):
+    """`--warmup-only` trains the warm-up into warmup.path, evaluates that base model and stops; a run given
+    the same warmup.path loads it instead of training one (red.compare's one warm-up per seed), and with
+    eval.split=validation evaluates the validation problems (disjoint from held-out)."""
+    shared = str(tmp_path / "w" / "warmup")
+    tiny = [a for a in TINY if not a.startswith("warmup.")] + ["warmup.enabled=true", "warmup.steps=2"]
+    warm = [f"warmup.path={shared}", *tiny, "data.synthetic_eval_size=6"]
+    assert main(["--warmup-only", f"output_dir={tmp_path / 'w'}", *warm]) == 0
+    s = json.load(open(tmp_path / "w" / "summary.json"))
+    assert s["warmup_only"] and s["eval_before"]["accuracy"] >= 0 and "eval_after" not in s
+    assert os.path.isfile(os.path.join(shared, "config.json"))
+    out = tmp_path / "run"
+    assert main([f"output_dir={out}", "train.steps=1", "eval.split=validation", *warm]) == 0
+    assert not (out / "warmup_metrics.jsonl").exists() and not (out / "warmup").exists()
+    s = json.load(open(out / "summary.json"))
+    assert s["eval_before"]["per_source"]["all"]["problems"] == 6
