@@ -139,6 +139,18 @@ def main(argv=None) -> int:
         return 2
 
 
+def ratio_distributions(rollout) -> str:
+    """The one log line saying which two distributions the importance ratios (mismatch/*, is_correction) compare."""
+    sampler = (
+        "full softmax" if rollout.top_p >= 1 else f"top-p={rollout.top_p:g} truncated, renormalised softmax"
+    )
+    return (
+        f"importance ratios compare the sampler's {sampler} with the trainer's full softmax, both at temperature "
+        f"{rollout.temperature:g}"
+        + ("" if rollout.top_p >= 1 else " (not the same distribution: biased ratios)")
+    )
+
+
 def train(cfg, warmup_only: bool = False) -> int:
     t_start = time.perf_counter()
     if cfg.rollout.engine == "vllm":  # a missing vLLM stops the run before any model is built
@@ -204,6 +216,7 @@ def _train(
     engine = make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id))
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s)
     tr = Trainer(cfg, policy, tok, engine, verifier, run)
+    log.info(ratio_distributions(cfg.rollout))
     tr.stop = stop
     summary = (state or {}).get("summary") or {"versions": package_versions(), **info}
     summary["precision"] = policy.precision()

@@ -30,6 +30,17 @@ def check_positive(name, value, allow_none=False):
         )
 
 
+def check_top_k(top_k):
+    """None, or an int k ≥ 1 (a bool is not a k), else ValueError naming top_k."""
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(
+            f"top_k must be None (full softmax) or an int >= 1 (the sampler's top-k), got {top_k!r}; "
+            "a sampler's top_k=0 or -1 means no truncation: pass None"
+        )
+
+
 def check_linear_inputs(
     hidden,
     weight,
@@ -42,6 +53,7 @@ def check_linear_inputs(
     softcap=None,
     logit_scale=1.0,
     vocab=None,
+    top_k=None,
 ):
     """Validate the (hidden, weight, targets, bias, temperature, softcap, logit_scale) of a fused linear op.
     vocab: the global vocabulary size for the target range check (default weight.shape[0])."""
@@ -88,6 +100,7 @@ def check_linear_inputs(
         raise ValueError(f"temperature must be finite, got {temperature!r}")
     check_positive("softcap", softcap, allow_none=True)
     check_positive("logit_scale", logit_scale)
+    check_top_k(top_k)
     if check_values:
         vocab = weight.shape[0] if vocab is None else vocab
         valid = targets != ignore_index

@@ -92,6 +92,23 @@ def scatter_rows(values, index, n, shape):
     return out.index_copy(0, index, values).reshape(shape)
 
 
+def _top_k_backend(name, backend, process_group):
+    """The backend a top_k call runs on: the chunked 'torch' path when Triton was only the automatic choice."""
+    if process_group is not None:
+        raise NotImplementedError(
+            "top_k with process_group (vocabulary-parallel shards) is not supported: the k-th largest logit of a "
+            "row needs every rank's vocabulary. Gather the head, or score the full softmax (top_k=None)."
+        )
+    if name != "triton":
+        return name
+    if backend is None:
+        return "torch"
+    raise NotImplementedError(
+        "top_k is implemented by the chunked backend only (the Triton kernels sweep the vocabulary in tiles, with "
+        "no per-row k-th-largest threshold): pass backend='torch' or backend=None."
+    )
+
+
 @without_autocast
 def linear_logprobs(
     hidden,
@@ -110,6 +127,7 @@ def linear_logprobs(
     process_group=None,
     vocab_start=None,
     reduce_hidden_grad=True,
+    top_k=None,
 ):
     """Per-token log-probabilities of `targets` and full-vocabulary entropy, without materialising logits.
 
@@ -143,6 +161,23 @@ def linear_logprobs(
         reduce_hidden_grad: with process_group, all-reduce dX so every rank holds the full hidden gradient
             (the reduce of a Megatron `copy_to_tensor_parallel_region`); False for frameworks that already
             reduce it — then each rank's dX is its shard's partial sum.
+        top_k: None (default: p is the full softmax), or k ≥ 1 to score the distribution a top-k sampler draws
+            from: p is renormalised over the tokens whose z is at least the row's k-th largest z (ties at the
+            boundary kept, as transformers' TopKLogitsWarper keeps them), so logprobs and entropy are those of the
+            truncated distribution and ratios against a top-k sampler's log-probs compare like with like. A target
+            outside that set (possible once the policy has moved away from the sampler) is scored within the set
+            plus itself, which keeps its log-prob finite. The set is piecewise constant: no gradient flows through
+            the threshold. Exact on the chunked 'torch' backend, which holds each row's whole vocabulary in one
+            block; the Triton kernels sweep the vocabulary in tiles and do not implement it: with backend=None a
+            top_k call runs the 'torch' path (on CUDA too), with backend='triton' it raises NotImplementedError.
+            Not with process_group (the k-th largest would need the vocabulary of every rank).
+
+            There is no top_p: which tokens a nucleus keeps depends on the sorted cumulative mass of the whole row,
+            which tile statistics cannot give in one sweep (an exact threshold needs a search over repeated sweeps
+            of the vocabulary GEMM, or a full-row sort), and samplers differ in how they combine it with top_k and
+            temperature and break ties (vLLM applies top-k first, then top-p on the renormalised rest), so a
+            kernel-side top_p could not promise the sampler's own distribution. With top_p < 1 the ratios compare
+            the sampler's truncated distribution with this op's one; measure the gap (mismatch metrics) instead.
 
     Returns:
         (logprobs, entropy): float32 tensors shaped like `targets`; differentiable w.r.t. hidden, weight
@@ -152,6 +187,8 @@ def linear_logprobs(
     name = backends.resolve(
         backend, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     )
+    if top_k is not None:
+        name = _top_k_backend(name, backend, process_group)
     shard = vocab_parallel.setup(process_group, weight, hidden, vocab_start, reduce_hidden_grad, name)
     vocab_parallel.checked(
         shard,
@@ -166,10 +203,11 @@ def linear_logprobs(
             softcap=softcap,
             logit_scale=logit_scale,
             vocab=None if shard is None else shard.vocab,
+            top_k=top_k,
         ),
     )
     zmap = backends.LogitMap(
-        float(temperature), float(logit_scale), None if softcap is None else float(softcap)
+        float(temperature), float(logit_scale), None if softcap is None else float(softcap), top_k
     )
     if name == "reference":
         logp, ent = reference_logprobs(
@@ -181,6 +219,7 @@ def linear_logprobs(
             ignore_index,
             softcap=zmap.softcap,
             logit_scale=zmap.logit_scale,
+            top_k=top_k,
         )
         return logp.float(), (ent.float() if return_entropy else None)
     x, y, index = compact_rows(hidden, targets, ignore_index)

@@ -22,10 +22,20 @@ def reference_logits(hidden, weight, bias=None, temperature=1.0, softcap=None, l
 
 
 def reference_logprobs(
-    hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, *, softcap=None, logit_scale=1.0
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    temperature=1.0,
+    ignore_index=-100,
+    *,
+    softcap=None,
+    logit_scale=1.0,
+    top_k=None,
 ):
     """log p(targets) and entropy, both [...] like targets, computed in float64 with autograd.
 
+    With top_k, p is the softmax over the tokens whose logit is at least the row's k-th largest, plus the target.
     Ignored rows give 0. Returned tensors are float64 and differentiable w.r.t. hidden/weight/bias
     (which are upcast to float64 inside, so gradients flow back in their own dtype).
     """
@@ -33,11 +43,16 @@ def reference_logprobs(
     z = reference_logits(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature, softcap, logit_scale
     )
-    logp_all = torch.log_softmax(z, dim=-1)
     valid = y != ignore_index
     safe_y = torch.where(valid, y, torch.zeros_like(y))
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = z.detach().sort(dim=-1, descending=True).values[:, top_k - 1 : top_k]
+        keep = (z.detach() >= kth) | torch.nn.functional.one_hot(safe_y, z.shape[-1]).bool()
+        z = z.masked_fill(~keep, float("-inf"))
+    logp_all = torch.log_softmax(z, dim=-1)
     logp = logp_all.gather(1, safe_y[:, None]).squeeze(1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    p_all = logp_all.exp()
+    entropy = -(p_all * torch.where(p_all > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
     zero = torch.zeros_like(logp)
     logp = torch.where(valid, logp, zero)
     entropy = torch.where(valid, entropy, zero)

@@ -35,11 +35,15 @@ BACKENDS = ("triton", "torch", "reference")
 
 
 class LogitMap(NamedTuple):
-    """z = logit_scale·u / temperature, or softcap·tanh(logit_scale·u / softcap) / temperature; u = x·Wᵀ + b."""
+    """z = logit_scale·u / temperature, or softcap·tanh(logit_scale·u / softcap) / temperature; u = x·Wᵀ + b.
+
+    top_k: None (the full softmax), or k — the distribution is truncated to the tokens whose z is at least the
+    row's k-th largest z (ties at the boundary kept), plus the target, and renormalised (chunked backend only)."""
 
     temperature: float = 1.0
     logit_scale: float = 1.0
     softcap: float | None = None
+    top_k: int | None = None
 
     def factor(self, z):
         """∂z/∂u given z: the number s/τ, or with a softcap the tensor s·(1 − (τ·z/c)²)/τ (overwrites z)."""

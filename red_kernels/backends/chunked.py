@@ -52,12 +52,34 @@ def _logits(x, w32, b32, zm):
     return z if k == 1.0 else z.mul_(k)
 
 
+def _dropped(z, y, top_k):
+    """[c, V] bool: the tokens outside the top-k truncation (z below the row's k-th largest value, and not the
+    target), or None without truncation. The kept set is piecewise constant in z, so it carries no gradient."""
+    if top_k is None or top_k >= z.shape[1]:
+        return None
+    kth = torch.topk(z, top_k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    drop = z < kth
+    rows = torch.arange(z.shape[0], device=z.device)
+    drop[rows[y >= 0], y[y >= 0]] = False  # the target is always scored (finite log-prob)
+    return drop
+
+
+def _shift(z, m, drop):
+    """(zs, e) = (z − m, exp(z − m)) in place, with e = 0 and zs = 0 on dropped tokens (so e·zs stays 0)."""
+    zs = z.sub_(m[:, None])
+    e = zs.exp()
+    if drop is not None:
+        e.masked_fill_(drop, 0.0)
+        zs.masked_fill_(drop, 0.0)
+    return zs, e
+
+
 def stats(x, w32, b32, y, zm, keep=False):
-    """((m, logs, ezs, zy_s) [c], cache) for one chunk; cache = (zs, e, s) when keep (e = exp(z − m), p = e/s)."""
+    """((m, logs, ezs, zy_s) [c], cache) for one chunk; cache = (zs, e, s) when keep (e = exp(z − m), p = e/s).
+    With zm.top_k the sums run over the kept tokens only (m, the row maximum, is always kept)."""
     z = _logits(x, w32, b32, zm)
     m = z.amax(dim=1)
-    zs = z.sub_(m[:, None])  # shifted logits, ≤ 0 (in place)
-    e = zs.exp()
+    zs, e = _shift(z, m, _dropped(z, y, getattr(zm, "top_k", None)))  # shifted logits, ≤ 0 (in place)
     s = e.sum(dim=1)
     logs = s.log()
     ezs = torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1) / s  # row dots without a block temporary
@@ -71,8 +93,9 @@ def dz(x, w32, b32, y, zm, st, g_lp, g_h, cache=None, out=None):
     g_lp·(1[y] − p) − g_H·p·(zs − ezs)  =  e·(a·zs + c) + g_lp·1[y],  a = −g_H/s,  c = (g_H·ezs − g_lp)/s."""
     m, logs, ezs, _ = st
     if cache is None:
-        zs = _logits(x, w32, b32, zm).sub_(m[:, None])
-        e, s = zs.exp(), logs.exp()
+        z = _logits(x, w32, b32, zm)
+        zs, e = _shift(z, m, _dropped(z, y, getattr(zm, "top_k", None)))
+        s = logs.exp()
     else:
         zs, e, s = cache
     factor = zm.factor(None if zm.softcap is None else zs + m[:, None])  # ∂z/∂u: a number, or a [c, V] block

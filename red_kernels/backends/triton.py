@@ -160,6 +160,12 @@ def dz_rows(n, vocab, x, dtype, chunk_size=None):
 def _zmap_args(zm, lean):
     """Kernel scalars of a LogitMap and its HAS_SOFTCAP flag: (tau, scale, softcap) for the baseline kernels;
     folded (k_in, k_out, k_t, k_d) for the lean ones (see triton_lean.py)."""
+    if getattr(zm, "top_k", None) is not None:
+        raise NotImplementedError(
+            "top_k truncation is implemented by the chunked ('torch') backend only: the Triton kernels sweep the "
+            "vocabulary in tiles and have no per-row k-th-largest threshold. Use backend='torch' (or backend=None, "
+            "which picks it when top_k is set)."
+        )
     tau, s, cap = float(zm.temperature), float(zm.logit_scale), zm.softcap
     if not lean:
         return (tau, s, 1.0 if cap is None else float(cap)), cap is not None
