@@ -83,6 +83,7 @@ class RewardConfig:
     overlong_buffer: int = 256  # B of the soft overlong penalty; L_max = rollout.max_new_tokens
     workers: int = 2
     timeout_s: float = 10.0
+    fn: str | None = None  # package.module:callable, a user reward instead of math-verify (red/rewards.py)
 
 
 @dataclass

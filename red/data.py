@@ -40,6 +40,7 @@ class Example:
     source: str = ""
     row: int = -1
     messages: list | None = None  # chat messages of the prompt when the file gives them (luffy layout)
+    fields: dict = field(default_factory=dict)  # the row's columns but the teacher traces (for reward.fn)
 
 
 # ------------------------------------------------------------------------------------------ reading files
@@ -187,6 +188,7 @@ def _no_binary(v, col, where: str) -> None:
 PROBLEM_COLUMNS = ("problem", "question", "Problem", "query", "prompt")
 ANSWER_COLUMNS = ("answer", "final_answer", "ground_truth", "gold", "expected_answer")
 TRACE_COLUMNS = ("trace", "teacher", "target", "solution")
+_BULKY_COLUMNS = ("generations", "target")  # long teacher traces, not kept in Example.fields
 
 
 def detect_layout(row: dict) -> str:
@@ -335,8 +337,15 @@ def row_to_example(row: dict, layout: str, row_no: int, path: str, keys: dict) -
     if not answer:
         names = ("reward_model.ground_truth",) if luffy else ANSWER_COLUMNS
         raise _missing(where, "gold answer", "answer_key", keys.get("answer"), names, row)
+    fields = {k: v for k, v in row.items() if k not in _BULKY_COLUMNS}
     return Example(
-        problem=problem, answer=answer, traces=traces, source=source, row=row_no, messages=messages
+        problem=problem,
+        answer=answer,
+        traces=traces,
+        source=source,
+        row=row_no,
+        messages=messages,
+        fields=fields,
     )
 
 
@@ -505,7 +514,14 @@ def tokenize_examples(
             continue
         items.append(
             PromptItem(
-                prompt_ids=ids, answer=ex.answer, trace_ids=traces, source=ex.source, row=ex.row, uid=uid
+                prompt_ids=ids,
+                answer=ex.answer,
+                trace_ids=traces,
+                source=ex.source,
+                row=ex.row,
+                uid=uid,
+                problem=ex.problem,
+                fields=ex.fields,
             )
         )
     for what, rows in (

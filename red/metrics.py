@@ -178,6 +178,10 @@ def finish_rollout_metrics(s: dict, mx: dict, tr) -> dict:
         draws=int(s["draws"] / D.world_size()),
     )
     out.update({k: v for k, v in s.items() if k.startswith("status_")})
+    n_parts = s.get("reward_part_n") or 0
+    out.update(
+        {"reward/" + k.split("/", 1)[1]: v / n_parts for k, v in s.items() if k.startswith("reward_part/")}
+    )
     tf, cfg = out["truncated_frac"], tr.cfg
     if tf is not None and tf > cfg.log.truncation_warn and D.is_main():
         log.warning(

@@ -13,7 +13,7 @@ Token tensors are right-padded with 0: prompt [B, P], response [B, R]. Per-token
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,6 +32,8 @@ class PromptItem:
     source: str
     row: int
     uid: int  # index in the dataset (stable across resumes)
+    problem: str = ""  # the problem text (reward.fn's `prompt`)
+    fields: dict = field(default_factory=dict)  # the data row's columns but the traces (reward.fn's `row`)
 
 
 def _pad(rows: list, dtype) -> Tensor:

@@ -8,6 +8,15 @@ Exact matches and plain numbers are decided in-process (they are unambiguous); e
 math-verify in a pebble process pool, so SymPy hangs cannot stall or crash the trainer (pebble kills a worker
 that runs past its timeout and starts a new one) and math-verify's SIGALRM timeouts run in each worker's main
 thread. Each worker parses a gold answer once and caches it.
+
+A user reward (`reward.fn=package.module:callable`) replaces math-verify and runs in the same pool:
+    fn(prompt: str, response: str, answer: str, row: dict) -> float | dict[str, float]
+prompt is the problem text, response the decoded completion, answer the row's gold answer, row the data row's
+columns (teacher traces left out). A float is the reward; a dict gives named parts whose sum is the reward and
+each of which is logged per step as `reward/<name>` (mean over the step's scored responses). A response counts
+as correct (accuracy, dynamic sampling, RED's accuracy shift) when its reward is >= 1. One that raises scores 0
+(status wrong), one that runs past reward.timeout_s is killed with its worker and scores 0 (status timeout);
+both are counted in rate-limited warnings. The format reward does not apply; the overlong penalty does.
 """
 
 from __future__ import annotations
@@ -100,6 +109,45 @@ def _verify_in_worker(gold: str, pred: str, timeout_s: int) -> str:
         return "wrong"
 
 
+def load_reward_fn(spec: str):
+    """The callable `package.module:name` names (ConfigError naming reward.fn when it cannot be imported)."""
+    import importlib
+
+    from .config import ConfigError
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"config key 'reward.fn': expected package.module:callable, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"config key 'reward.fn': cannot load {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ConfigError(f"config key 'reward.fn': {spec!r} is not callable")
+    return fn
+
+
+def reward_parts(out) -> dict[str, float]:
+    """A reward function's result as named parts: a number -> {"reward": x}; a dict -> its items as floats."""
+    parts = dict(out) if isinstance(out, dict) else {"reward": out}
+    bad = {k: v for k, v in parts.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+    if bad or not parts:
+        raise TypeError(f"must return a number or a non-empty dict of numbers, got {out!r}")
+    return {str(k): float(v) for k, v in parts.items()}
+
+
+_FN_CACHE: dict = {}
+
+
+def _custom_in_worker(spec: str, prompt: str, response: str, answer: str, row: dict) -> dict:
+    """{"parts": {...}} or {"error": "Type: message"}: a user reward never crashes its worker."""
+    try:
+        fn = _FN_CACHE.get(spec) or _FN_CACHE.setdefault(spec, load_reward_fn(spec))
+        return {"parts": reward_parts(fn(prompt, response, answer, row))}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 # ------------------------------------------------------------------------------------------- main side
 class RateLimitedLog:
     """Counts events by kind and logs a warning at most once per `every_s` seconds (the first at once), with the
@@ -135,9 +183,22 @@ class Verifier:
 
     task = staticmethod(_verify_in_worker)  # (gold, pred, timeout_s) -> status, run in a worker process
 
-    def __init__(self, workers: int = 2, timeout_s: float = 10.0, outer_timeout_s: float | None = None):
+    def __init__(
+        self,
+        workers: int = 2,
+        timeout_s: float = 10.0,
+        outer_timeout_s: float | None = None,
+        fn: str | None = None,
+    ):
         """timeout_s: math-verify's own limit in the worker; outer_timeout_s: how long a task may run in its
-        worker (default 3·timeout_s + 30) before pebble kills that worker and the pair counts as 'timeout'."""
+        worker (default 3·timeout_s + 30) before pebble kills that worker and the pair counts as 'timeout'.
+        fn: a user reward `package.module:callable` (imported here once to fail early; see the module
+        docstring), run by `grade_custom` with timeout_s as its worker limit."""
+        self.fn = fn
+        if fn:
+            load_reward_fn(fn)
+        self._part_sums: dict[str, float] = {}
+        self._part_count = 0
         self.workers = workers
         self.timeout_s = timeout_s
         self.outer_timeout_s = outer_timeout_s if outer_timeout_s is not None else 3 * timeout_s + 30
@@ -168,10 +229,7 @@ class Verifier:
             else:
                 todo.setdefault((g, p), []).append(i)
         if todo:
-            if self._pool is None:
-                self._pool = pebble.ProcessPool(
-                    self.workers, initializer=_worker_init, context=mp.get_context("spawn")
-                )
+            self._ensure_pool()
             t = max(1, int(self.timeout_s))
             futures = [
                 self._pool.schedule(self.task, args=(*key, t), timeout=self.outer_timeout_s) for key in todo
@@ -193,6 +251,57 @@ class Verifier:
                     out[i] = status
         return out  # type: ignore[return-value]
 
+    def _ensure_pool(self) -> pebble.ProcessPool:
+        if self._pool is None:
+            self._pool = pebble.ProcessPool(
+                self.workers, initializer=_worker_init, context=mp.get_context("spawn")
+            )
+        return self._pool
+
+    def grade_custom(self, prompts, responses, answers, rows) -> list[tuple[str, float, dict]]:
+        """(status, reward, parts) per response from the user reward `self.fn`, each call in a pool worker
+        killed after timeout_s; parts are also summed for `take_parts`."""
+        pool = self._ensure_pool()
+        futures = [
+            pool.schedule(_custom_in_worker, args=(self.fn, *args), timeout=self.timeout_s)
+            for args in zip(prompts, responses, answers, rows)
+        ]
+        out = []
+        for fut, response in zip(futures, responses):
+            example = f"response {response[:40]!r}"
+            try:
+                res = fut.result()
+            except cf.TimeoutError:
+                self.events.add("reward.fn calls killed after reward.timeout_s", example)
+                out.append(("timeout", 0.0, {}))
+                continue
+            except pebble.ProcessExpired as e:
+                self.events.add(f"reward.fn workers died (exit {e.exitcode})", example)
+                out.append(("timeout", 0.0, {}))
+                continue
+            if "error" in res:
+                self.events.add("reward.fn errors (scored 0)", f"{res['error'][:120]} on {example}")
+                out.append(("wrong", 0.0, {}))
+                continue
+            parts = res["parts"]
+            total = sum(parts.values())
+            for k, v in parts.items():
+                self._part_sums[k] = self._part_sums.get(k, 0.0) + v
+            out.append(("correct" if total >= 1.0 else "wrong", total, parts))
+        self._part_count += len(responses)
+        return out
+
+    def take_parts(self) -> dict:
+        """Sums of the user reward's parts since the last call, as `reward_part/<name>` plus `reward_part_n`
+        (responses scored), for the step's metric reduction; {} without parts."""
+        if not self._part_sums:
+            self._part_count = 0
+            return {}
+        out = {f"reward_part/{k}": v for k, v in sorted(self._part_sums.items())}
+        out["reward_part_n"] = self._part_count
+        self._part_sums, self._part_count = {}, 0
+        return out
+
     def grade(self, golds: list[str], responses: list[str]) -> list[str]:
         return self.grade_answers(golds, [extract_boxed(r) for r in responses])
 
@@ -212,6 +321,16 @@ def score(batch: RolloutBatch, tokenizer, verifier: Verifier, rcfg, max_new_toke
     (+ the soft overlong penalty when rcfg.overlong_penalty)."""
     rows = [batch.response[i, :n].tolist() for i, n in enumerate(batch.response_len.tolist())]
     texts = tokenizer.batch_decode(rows, skip_special_tokens=True) if rows else []
+    if getattr(verifier, "fn", None):  # a user reward (reward.fn)
+        items = [it for it in batch.items for _ in range(batch.n)]
+        graded = verifier.grade_custom(
+            [it.problem for it in items], texts, [it.answer for it in items], [it.fields for it in items]
+        )
+        status = torch.tensor([STATUSES.index(st) for st, _, _ in graded], dtype=torch.long)
+        reward = torch.tensor([r for _, r, _ in graded], dtype=torch.float32)
+        if rcfg.overlong_penalty:
+            reward = reward + overlong_penalty(batch.response_len, max_new_tokens, rcfg.overlong_buffer)
+        return batch.replace(texts=tuple(texts), status=status, reward=reward)
     preds = [extract_boxed(t) for t in texts]
     golds = [it.answer for it in batch.items for _ in range(batch.n)]
     status = torch.tensor([STATUSES.index(s) for s in verifier.grade_answers(golds, preds)], dtype=torch.long)

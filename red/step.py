@@ -140,6 +140,8 @@ def rl_step(tr, phase) -> dict:
     drawn = RolloutBatch.cat([b for b, _ in parts])
     batch = RolloutBatch.cat([b.select_groups(keep) for b, keep in parts])
     rsums, rmax = batch_sums(drawn, ds)
+    take_parts = getattr(tr.verifier, "take_parts", None)  # reward.fn's named parts, summed over this step
+    rsums.update(take_parts() if take_parts else {})
 
     t = time.perf_counter()
     loss_cfg = tr.loss_cfg[phase.mode]

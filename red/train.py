@@ -214,7 +214,7 @@ def _train(
     policy = Policy(model, cfg.model.dtype, cfg.train.parallel, pad_id)
     policy.packing = packing_layout(model.config._attn_implementation, device, cfg.train.packing)
     engine = make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id))
-    verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s)
+    verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s, fn=cfg.reward.fn)
     tr = Trainer(cfg, policy, tok, engine, verifier, run)
     log.info(ratio_distributions(cfg.rollout))
     tr.stop = stop
