@@ -41,7 +41,18 @@ def _timed(trainer, name, bucket, timers, when=lambda: True):
     setattr(trainer, name, wrapper)
 
 
-def build(trainer_name: str, prompts: int, group: int, max_new: int, steps: int, out: Path, seed: int = 0):
+def build(
+    trainer_name: str,
+    prompts: int,
+    group: int,
+    max_new: int,
+    steps: int,
+    out: Path,
+    seed: int = 0,
+    model_dir: str | None = None,
+    task: str | None = None,
+    template: str = "{problem}",
+):
     import datasets
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -50,13 +61,23 @@ def build(trainer_name: str, prompts: int, group: int, max_new: int, steps: int,
     from red_kernels.integrations.trl import REDKernelsGRPOTrainer
 
     cfg = OmegaConf.load(REPO / "red" / "configs" / "default.yaml")
-    tok = synthetic.build_tokenizer()
-    model = synthetic.build_model(tok, OmegaConf.to_container(cfg.model.tiny), seed=seed)
-    task = str(cfg.data.train).split(":", 1)[1]
-    examples = synthetic.generate(task, prompts * steps, seed=seed)
+    if model_dir:  # e.g. bench/smollm2_step.py's randomly initialised SmolLM2-135M
+        from red.models import load_pretrained
+
+        model, tok = load_pretrained(model_dir, "float32")
+    else:
+        tok = synthetic.build_tokenizer()
+        model = synthetic.build_model(tok, OmegaConf.to_container(cfg.model.tiny), seed=seed)
+    task = task or str(cfg.data.train).split(":", 1)[1]
+    if task == "wordproblems":
+        examples = synthetic.generate_word_problems(prompts * steps, seed=seed, split="train")
+    else:
+        examples = synthetic.generate(task, prompts * steps, seed=seed)
     data = datasets.Dataset.from_dict(
         {
-            "prompt": [[{"role": "user", "content": ex["problem"]}] for ex in examples],
+            "prompt": [
+                [{"role": "user", "content": template.replace("{problem}", ex["problem"])}] for ex in examples
+            ],
             "answer": [ex["answer"] for ex in examples],
         }
     )
@@ -126,9 +147,15 @@ def main(argv=None):
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=32)
     p.add_argument("--out", type=Path, default=Path("/tmp/bench-trl-step"))
+    p.add_argument("--model", default=None, help="HF model directory (default: the embedded tiny model)")
+    p.add_argument("--task", default=None, help="synthetic task of the prompts (default: data.train)")
+    p.add_argument("--template", default="{problem}", help="prompt text around {problem}")
+    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
-    trainer, steps = build(a.trainer, a.prompts, a.group, a.max_new, a.steps, a.out)
+    torch.set_num_threads(a.threads)
+    trainer, steps = build(
+        a.trainer, a.prompts, a.group, a.max_new, a.steps, a.out, 0, a.model, a.task, a.template
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(

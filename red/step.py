@@ -39,6 +39,20 @@ from .update import finish_metrics, forward_pass, update
 log = logging.getLogger("red.step")
 
 
+def peak_rss_mib(reset: bool = False) -> float | None:
+    """This process's peak resident memory (VmHWM, MiB) since the last reset; reset=True starts a new window
+    (Linux /proc; None elsewhere). Lets each phase of a step report its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:")), None)
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return hwm
+    except OSError:
+        return None
+
+
 def on_policy(cfg) -> bool:
     """Whether the update is provably on-policy: one optimizer step per rollout batch (policy_update makes one),
     one PPO epoch (train.ppo_epochs = 1) and no TIS correction (rollout.is_correction = none, which needs the old
@@ -108,6 +122,8 @@ def rl_step(tr, phase) -> dict:
     timers = {"time_rollout": 0.0, "time_reward": 0.0}
     need = [tr.per_rank]  # what the most-short rank still needs: every rank draws as many
 
+    peak_rss_mib(reset=True)
+
     def draw(attempt, _):
         items = tr.take_items(need[0])
         t = time.perf_counter()
@@ -143,6 +159,7 @@ def rl_step(tr, phase) -> dict:
     take_parts = getattr(tr.verifier, "take_parts", None)  # reward.fn's named parts, summed over this step
     rsums.update(take_parts() if take_parts else {})
 
+    mem = {"mem_rollout": peak_rss_mib(reset=True)}  # peak RSS MiB of each phase (rollout includes reward)
     t = time.perf_counter()
     loss_cfg = tr.loss_cfg[phase.mode]
     skip_old = on_policy(cfg)
@@ -181,6 +198,7 @@ def rl_step(tr, phase) -> dict:
     elif split:
         forward_pass(tr.policy, plan.second, loss_cfg.temperature)
     timers["time_old_pass"] = time.perf_counter() - t
+    mem["mem_old_pass"] = peak_rss_mib(reset=True)
     ent: dict = {}
 
     def weigh():
@@ -202,6 +220,7 @@ def rl_step(tr, phase) -> dict:
     t = time.perf_counter()
     upd = _update(tr, plan, loss_cfg, pre, use_old=not skip_old, between=weigh if split else None)
     timers["time_update"] = time.perf_counter() - t
+    mem["mem_update"] = peak_rss_mib(reset=True)
     if skip_old:
         if not split:  # w ≡ 1 here (fixed, or no offline rows): the entropies are the update's own
             weigh()
@@ -228,6 +247,7 @@ def rl_step(tr, phase) -> dict:
     m = {
         **finish_rollout_metrics(sums, maxes, tr),
         **timers,
+        **mem,
         **mismatch,
         **finish_metrics({k: v for k, v in sums.items() if k in upd}),
     }

@@ -265,11 +265,12 @@ def make_optimizer(model, lr, betas, weight_decay, total, warmup, min_ratio):
     trainer's schedule before it used transformers' formula; values unchanged)."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    # on CPU the multi-tensor (foreach) step builds a temporary of every parameter at once (+~300 MiB peak at
+    # SmolLM2-135M, measured) for no speed-up; the per-parameter step computes the same update
+    cpu = all(p.device.type == "cpu" for p in params)
     opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=lr,
-        betas=tuple(betas),
-        weight_decay=weight_decay,
+        params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=False if cpu else None
     )
     f = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=min_ratio).lr_lambdas[0]
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: f(step + 1) if step < warmup else f(step))
