@@ -142,6 +142,7 @@ def add_red_lm_head(
     cast_lm_head_to_fp32: bool = False,
     return_entropy: bool = True,
     outputs: tuple[str, ...] | None = None,
+    top_k: int | None = None,
 ) -> None:
     """Route `model(..., labels=labels, fused_lm_head=True)` through red_kernels.linear_logprobs.
 
@@ -156,6 +157,9 @@ def add_red_lm_head(
     outputs: the per-token fields to compute, among `OUTPUTS` (default: log_probs, and entropy when
     `return_entropy`). `is_top1` (SFTTrainer's token accuracy), `mean_logits` and `log_sum_sq_probs` cost one more
     no-grad sweep of the head over the scored rows; fields not asked for are None, as with TRL.
+    top_k: None (TRL's full softmax), or k: log_probs and entropy of the top-k truncated, renormalised
+    distribution (`linear_logprobs(top_k=k)`), the one a top-k sampler draws from; the extra fields stay
+    full-vocabulary statistics.
     """
     if outputs is None:
         outputs = ("log_probs", "entropy") if return_entropy else ("log_probs",)
@@ -205,7 +209,14 @@ def add_red_lm_head(
         b = None if bias is None else bias.to(dtype)
         with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
             logp, ent = linear_logprobs(
-                x, w, labels, bias=b, temperature=temperature, return_entropy=want_entropy, **extra
+                x,
+                w,
+                labels,
+                bias=b,
+                temperature=temperature,
+                return_entropy=want_entropy,
+                top_k=top_k,
+                **extra,
             )
         mask = labels != -100
         fields = {}
@@ -241,19 +252,38 @@ def _policy(trainer):
     return trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
 
 
+def _truncation(args, truncated_logprobs: bool) -> int | None:
+    """The top-k the trainer scores with: None (TRL's full softmax) unless truncated_logprobs, which needs a
+    top-k-only sampler (GRPOConfig top_k > 0, top_p = 1, no min_p)."""
+    if not truncated_logprobs:
+        return None
+    if (args.top_k or 0) <= 0 or args.top_p < 1.0 or args.min_p:
+        raise ValueError(
+            "truncated_logprobs=True scores the top-k distribution the sampler draws from: it needs GRPOConfig "
+            f"top_k > 0 with top_p=1.0 and min_p=None (got top_k={args.top_k}, top_p={args.top_p}, "
+            f"min_p={args.min_p}); top-p / min-p truncation has no exact kernel (see linear_logprobs' top_k)."
+        )
+    return int(args.top_k)
+
+
 class REDKernelsGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` whose log-probs and entropies (policy, old policy, reference) come from red_kernels.
 
-    Same arguments as `trl.GRPOTrainer`; see this module's docstring for what is handled and what is refused.
+    Same arguments as `trl.GRPOTrainer`, plus `truncated_logprobs` (default False: TRL's numbers, the full
+    softmax). With True and a top-k sampler (GRPOConfig top_k = k > 0, top_p = 1), every pass — policy, old
+    policy, reference — scores the top-k truncated, renormalised distribution the rollouts were drawn from, so
+    the vLLM importance-sampling ratio, the PPO ratio, the KL and the entropies compare like with like (TRL's
+    own ratio is then biased by the truncated mass, trl#6789). See this module's docstring for the rest.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, truncated_logprobs: bool = False, **kwargs):
         _refuse_zero3(kwargs.get("args"))
         super().__init__(*args, **kwargs)
+        top_k = _truncation(self.args, truncated_logprobs)
         fp32 = self.args.cast_lm_head_to_fp32
-        add_red_lm_head(_policy(self), self.temperature, fp32, outputs=("log_probs", "entropy"))
+        add_red_lm_head(_policy(self), self.temperature, fp32, outputs=("log_probs", "entropy"), top_k=top_k)
         if self.ref_model is not None:
-            add_red_lm_head(self.ref_model, self.temperature, fp32, outputs=("log_probs",))
+            add_red_lm_head(self.ref_model, self.temperature, fp32, outputs=("log_probs",), top_k=top_k)
 
 
 class REDKernelsSFTTrainer(SFTTrainer):

@@ -221,3 +221,82 @@ def test_moe_grpo_compute_loss_matches_stock_trl(tiny, tmp_path):
     assert s_aux[0] > 0 and o_aux[0] == pytest.approx(s_aux[0], rel=1e-5)
     torch.testing.assert_close(o_loss, s_loss, rtol=1e-5, atol=1e-7)
     _assert_grads_close(o_grads, s_grads)
+
+
+def test_truncated_logprobs_make_the_vllm_ratio_of_a_top_k_sampler_one(tiny, tmp_path):
+    """Rollouts drawn (in float64) from the policy's own top-k distribution at temperature 0.8, their sampler
+    log-probs recorded as vLLM records them: on-policy, the true importance ratio is 1. Stock TRL scores the full
+    softmax, so its ratio is biased low by the truncated mass; with truncated_logprobs=True it is 1 to fp32."""
+    import os
+
+    from red_kernels.integrations.trl import REDKernelsGRPOTrainer
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    model, tok = tiny
+    path = tmp_path / "policy"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    k, tau = 5, 0.8
+    g = torch.Generator().manual_seed(4)
+    prompt = tok("3*4=")["input_ids"]
+    completions, sampler = [], []
+    with torch.no_grad():
+        for _ in range(4):
+            ids, lps = list(prompt), []
+            for _ in range(5):
+                z = model(input_ids=torch.tensor([ids])).logits[0, -1].double() / tau
+                kth = z.sort(descending=True).values[k - 1]
+                logq = z.masked_fill(z < kth, float("-inf")).log_softmax(-1)
+                t = int(torch.multinomial(logq.exp(), 1, generator=g))
+                ids.append(t)
+                lps.append(float(logq[t]))
+            completions.append(ids[len(prompt) :])
+            sampler.append(lps)
+    rollout = {"prompt_ids": [prompt] * 4, "completion_ids": completions, "logprobs": sampler}
+
+    def scored(cls, **extra):
+        args = trl.GRPOConfig(
+            output_dir=str(tmp_path / cls.__name__),
+            num_generations=4,
+            per_device_train_batch_size=4,
+            max_completion_length=5,
+            temperature=tau,
+            top_k=k,
+            vllm_importance_sampling_mode="token_truncate",
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            disable_tqdm=True,
+        )
+        trainer = cls(
+            model=str(path),
+            reward_funcs=lambda completion_ids, **kw: [float(sum(c) % 5) for c in completion_ids],
+            args=args,
+            train_dataset=datasets.Dataset.from_dict({"prompt": ["3*4="]}),
+            processing_class=tok,
+            rollout_func=lambda p, t: copy.deepcopy(rollout),
+            **extra,
+        )
+        trainer.use_vllm = True  # as with vLLM: the recorded sampler log-probs feed the IS correction
+        trainer._last_loaded_step = trainer.state.global_step
+        return trainer._generate_and_score_completions([{"prompt": "3*4="}] * 4)
+
+    stock = scored(trl.GRPOTrainer)
+    ours = scored(REDKernelsGRPOTrainer, truncated_logprobs=True)
+    sampler_lp = torch.tensor(sampler, dtype=torch.float64)
+    torch.testing.assert_close(ours["old_per_token_logps"].double(), sampler_lp, rtol=1e-5, atol=1e-5)
+    assert float((ours["importance_sampling_ratio"] - 1).abs().max()) < 1e-5
+    stock_log_ratio = stock["old_per_token_logps"].double() - sampler_lp
+    assert (
+        float(stock_log_ratio.max()) < 0 and float(stock_log_ratio.mean()) < -0.05
+    )  # biased low: truncated mass
+    with pytest.raises(ValueError, match="top_k > 0 with top_p=1.0"):
+        REDKernelsGRPOTrainer(
+            model=str(path),
+            reward_funcs=lambda completion_ids, **kw: [0.0] * len(completion_ids),
+            args=trl.GRPOConfig(output_dir=str(tmp_path / "x"), top_p=0.9, report_to="none", use_cpu=True),
+            train_dataset=datasets.Dataset.from_dict({"prompt": ["3*4="]}),
+            processing_class=tok,
+            truncated_logprobs=True,
+        )
