@@ -239,7 +239,7 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
         skipped = tr.policy.skipped_updates > skipped_before
         tr.nonfinite_streak = tr.nonfinite_streak + 1 if skipped else 0
         m.update(update_skipped_nonfinite=int(skipped), updates_skipped_total=tr.policy.skipped_updates)
-        weights_ok = finite_weights(tr.policy.model)
+        signum, weights_ok = step_flags(tr)
         logger.log(m)
         check_numerics(tr, step, skipped, weights_ok)
         if stage.main and cfg.log.samples_every and step % cfg.log.samples_every == 0:
@@ -264,7 +264,6 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
         )
         if saved:
             save_checkpoint(tr, step, summary)
-        signum = tr.stop.requested() if getattr(tr, "stop", None) else None
         if signum:
             bar.close()
             name = signal.Signals(signum).name
@@ -281,14 +280,19 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
     tr.last_metrics = m
 
 
-def finite_weights(model) -> bool:
-    """Whether every parameter is finite on every rank (local shards under FSDP2; one reduction)."""
+def step_flags(tr: Trainer) -> tuple[int | None, bool]:
+    """(the signal that asked the run to stop or None, whether every parameter is finite), the same on every
+    rank: local shards under FSDP2, one small reduction per step when distributed."""
     ok = all(
-        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters()
+        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+        for p in tr.policy.model.parameters()
     )
+    stop = getattr(tr, "stop", None)
+    signum = stop.signum if stop is not None else None
     if parallel.world_size() > 1:
-        ok = parallel.reduce(maxes={"bad": float(not ok)})[1]["bad"] == 0
-    return ok
+        _, mx = parallel.reduce(maxes={"signum": signum or 0, "bad": float(not ok)})
+        signum, ok = int(mx["signum"]) or None, mx["bad"] == 0
+    return signum, ok
 
 
 def check_numerics(tr: Trainer, step: int, skipped: bool, weights_ok: bool) -> None:

@@ -41,10 +41,11 @@ class Mode:
         if self.kind != "sft":
             check(r.n >= 2, "rollout.n", f"a group needs >= 2 members, got {r.n}")
             check(
-                r.temperature > 0,
+                r.temperature > 0 or not cfg.algorithm.dynamic_sampling,
                 "rollout.temperature",
                 f"mode {name} samples rollout.n answers per prompt; at temperature 0 (greedy) they are all the "
-                f"same, no group has any reward spread and dynamic sampling drops every one: use > 0 (e.g. 1.0)",
+                f"same, no group has any reward spread and dynamic sampling drops every one: use > 0 (e.g. 1.0), "
+                f"or algorithm.dynamic_sampling=false for a deterministic test run",
             )
         if self.kind == "sft_then_rl":
             s, total = cfg.algorithm.sft_steps, cfg.train.steps

@@ -3,7 +3,7 @@ a checkpoint and the run exits with 128 + the signal (130 / 143) and one line sa
 stops at once (StopNow, still without a traceback).
 
     with GracefulStop() as stop:     # red/train.py: around the run
-        ... stop.requested() ...     # red/loop.py: after each step (the same answer on every rank)
+        ... stop.signum ...          # red/loop.py: after each step, agreed over ranks (loop.step_flags)
 """
 
 from __future__ import annotations
@@ -51,11 +51,8 @@ class GracefulStop:
             )
 
     def requested(self) -> int | None:
-        """The signal that asked to stop (None: keep going), agreed over ranks (one collective when distributed)."""
-        if parallel.world_size() == 1:
-            return self.signum
-        _, mx = parallel.reduce(maxes={"signum": self.signum or 0})
-        return int(mx["signum"]) or None
+        """The signal that asked to stop (None: keep going), on this rank (red/loop.py agrees over ranks)."""
+        return self.signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -170,6 +170,10 @@ def _train(
     cfg, run: RunDir, device, t_start: float, stop: GracefulStop | None = None, warmup_only: bool = False
 ) -> int:
     """The run itself, holding the folder's lock (rank 0); `stop` tells the loop about SIGINT / SIGTERM."""
+    # bad data stops the run before the folder is touched (resume=never clears it) or a model loads
+    train_read = read_examples(cfg, cfg.data.train, seed=cfg.seed)
+    specs, split = eval_sources(cfg)
+    eval_read = [(spec, read_examples(cfg, spec, split=split)) for spec in specs]
     resume_dir, state = checkpoint.find_resume(run, cfg.checkpoint.resume, cfg.train.steps)
     if cfg.checkpoint.resume == "never" and parallel.is_main():
         run.clear()
@@ -186,9 +190,6 @@ def _train(
             drift.record(run.root, RunDir.step_of(resume_dir), changes)
     if parallel.is_main() and not resume_dir:  # the config the run starts with; a resume never rewrites it
         write_text(run.config, OmegaConf.to_yaml(cfg.to_dict()))
-    train_read = read_examples(cfg, cfg.data.train, seed=cfg.seed)
-    specs, split = eval_sources(cfg)
-    eval_read = [(spec, read_examples(cfg, spec, split=split)) for spec in specs]
     model, tok, warm_done = build_model(cfg, device, run, resume_dir)
     if state and state.get("master") is not None:
         model.load_state_dict(state["master"])

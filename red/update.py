@@ -219,9 +219,9 @@ def update(
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     out = {k: float(v) for k, v in stats.items()}
     out["grad_norm"] = float(norm)
-    bad = not (math.isfinite(out["grad_norm"]) and math.isfinite(out.get("loss", 0.0)))
-    if parallel.world_size() > 1:  # every rank skips or none does
-        bad = parallel.reduce(maxes={"bad": float(bad)})[1]["bad"] > 0
+    # the norm is of the reduced gradients, the same on every rank: all skip or none (no extra collective); a
+    # non-finite loss on any rank makes the reduced gradients, and so the norm, non-finite
+    bad = not math.isfinite(out["grad_norm"])
     if policy.scaler:  # float16: the scaler skips non-finite steps itself (overflow lowers the scale)
         policy.scaler.step(opt)
         policy.scaler.update()

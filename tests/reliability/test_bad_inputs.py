@@ -177,6 +177,9 @@ def test_sft_at_temperature_zero_is_fine_and_every_numeric_key_has_a_range():
     from red.config import RANGES, SECTIONS, Config
 
     load_config(None, ["algorithm.mode=sft", "rollout.temperature=0"])  # no sampled groups in SFT
+    load_config(
+        None, ["rollout.temperature=0", "algorithm.dynamic_sampling=false"]
+    )  # deterministic test runs
     numeric = []
     for f in dataclasses.fields(Config):
         inner = dataclasses.fields(f.default_factory) if f.name in SECTIONS else [f]
