@@ -2,7 +2,7 @@
 
     python -m bench.smollm2_step                      # both shapes, ~8-10 min on 2 idle cores; prints a table
     python -m bench.smollm2_step --record             # + bench/results/trainer-step-<cpu>.json / .md
-    python -m bench.smollm2_step --shape smollm2 --steps 3
+    python -m bench.smollm2_step --shape smollm2 --impl red.train --impl trl
 
 Shapes: `tiny` is bench/test_bench_trainer.py's GRPO case (the embedded tiny Qwen2, 4 prompts x 8, <= 32 new
 tokens, 1 thread); `smollm2` is a randomly initialised model of SmolLM2-135M-Instruct's exact config (V = 49,152;
@@ -201,7 +201,9 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=("tiny", "smollm2", "both"), default="both")
-    p.add_argument("--steps", type=int, default=4, help="steps per run (the first is excluded)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="steps per run, the first excluded (tiny 6, smollm2 3)"
+    )
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=64)
@@ -221,7 +223,8 @@ def main(argv=None) -> int:
         for impl in a.impl or IMPLS:
             with tempfile.TemporaryDirectory(prefix="bench-step-") as d:
                 tmp = Path(d)
-                stdout, rss = run(command(impl, s, a.steps, tmp), tmp / "logs")
+                steps = a.steps or (6 if shape == "tiny" else 3)
+                stdout, rss = run(command(impl, s, steps, tmp), tmp / "logs")
                 impls[impl] = phases(impl, stdout, rss, tmp)
             print(shape, impl, json.dumps(impls[impl]), flush=True)
         ratios = {}
