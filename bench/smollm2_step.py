@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = "{problem}\nPut the final answer in \\boxed{}."
 IMPLS = ("trl", "trl+red_kernels", "red.train")
+MEM_KEYS = ("mem_between", "mem_rollout", "mem_old_pass", "mem_update")  # red.train's per-phase peaks
 
 
 def random_smollm2_dir() -> str:
@@ -132,8 +133,8 @@ def phases(impl: str, stdout: str, rss: float, tmp: Path) -> dict:
             json.loads(ln) for ln in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if ln.strip()
         ]
         steps = [r for r in rows if "time_step" in r]
-        peak = max(r[k] for r in steps for k in ("mem_rollout", "mem_old_pass", "mem_update") if r.get(k))
-        mem = {k: max(r[k] for r in steps) for k in ("mem_rollout", "mem_old_pass", "mem_update")}
+        peak = max([rss] + [r[k] for r in steps for k in MEM_KEYS if r.get(k)])
+        mem = {k: max(r.get(k) or 0.0 for r in steps) for k in MEM_KEYS}
     else:
         steps = json.loads(stdout.strip().splitlines()[-1])["steps"]
         peak, mem = rss, {}

@@ -122,7 +122,7 @@ def rl_step(tr, phase) -> dict:
     timers = {"time_rollout": 0.0, "time_reward": 0.0}
     need = [tr.per_rank]  # what the most-short rank still needs: every rank draws as many
 
-    peak_rss_mib(reset=True)
+    mem_between = peak_rss_mib(reset=True)  # since the last step's update: loading, evaluation, checkpoints
 
     def draw(attempt, _):
         items = tr.take_items(need[0])
@@ -159,7 +159,8 @@ def rl_step(tr, phase) -> dict:
     take_parts = getattr(tr.verifier, "take_parts", None)  # reward.fn's named parts, summed over this step
     rsums.update(take_parts() if take_parts else {})
 
-    mem = {"mem_rollout": peak_rss_mib(reset=True)}  # peak RSS MiB of each phase (rollout includes reward)
+    # peak RSS MiB of each phase (rollout includes reward); their max over the run is the process peak
+    mem = {"mem_between": mem_between, "mem_rollout": peak_rss_mib(reset=True)}
     t = time.perf_counter()
     loss_cfg = tr.loss_cfg[phase.mode]
     skip_old = on_policy(cfg)
