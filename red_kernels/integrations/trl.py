@@ -169,6 +169,7 @@ def add_red_lm_head(
     _refuse_zero3()
     text_config = model.config.get_text_config()
     extra = _transform_kwargs(text_config)
+    op_kwargs = extra if top_k is None else {**extra, "top_k": top_k}
     extra_fields = tuple(f for f in OUTPUTS[2:] if f in outputs)
     want_entropy = "entropy" in outputs
     previous = model.forward
@@ -215,8 +216,7 @@ def add_red_lm_head(
                 bias=b,
                 temperature=temperature,
                 return_entropy=want_entropy,
-                top_k=top_k,
-                **extra,
+                **op_kwargs,
             )
         mask = labels != -100
         fields = {}
