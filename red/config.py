@@ -176,7 +176,8 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = False
+    tensorboard: bool = False  # same as listing tensorboard in report_to
+    report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard, wandb
     progress: bool = True
     samples_every: int = 10
     samples_max: int = 4
@@ -499,4 +500,10 @@ def validate(cfg: Config) -> None:
             "list files disjoint from the held-out ones)",
         )
     _check("{problem}" in cfg.data.prompt_template, "data.prompt_template", "must contain '{problem}'")
+    for name in cfg.log.report_to:
+        _check(
+            name in ("tensorboard", "wandb"),
+            "log.report_to",
+            f"must list tensorboard and/or wandb, got {name!r}",
+        )
     MODES[a.mode].check(cfg, _check)

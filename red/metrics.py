@@ -62,9 +62,17 @@ class MetricsLogger:
     """Rank 0 appends one JSON object per step to `path`; on resume rows after `resume_step` are dropped first
     (they belong to the interrupted run past its last checkpoint) and a torn last line is repaired."""
 
-    def __init__(self, path: str, tensorboard_dir: str | None = None, resume_step: int | None = None):
+    def __init__(
+        self,
+        path: str,
+        tensorboard_dir: str | None = None,
+        resume_step: int | None = None,
+        tracker=None,
+    ):
+        """tracker: an object with log(row) (red.tracking.WandbTracker) that gets every row too."""
         self.path = path
         self.tb = None
+        self.tracker = tracker
         if not D.is_main():
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -87,6 +95,8 @@ class MetricsLogger:
         row = json_ready(row)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(row)
         if self.tb is not None:
             step = row.get("step", 0)
             for k, v in row.items():

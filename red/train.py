@@ -226,6 +226,12 @@ def _train(
     def say(text):
         return parallel.is_main() and print(text, flush=True)
 
+    tracker = None  # W&B beside metrics.jsonl (rank 0); the JSONL stays the source of truth
+    if "wandb" in cfg.log.report_to and parallel.is_main():
+        from .tracking import WandbTracker
+
+        tracker = WandbTracker(run.root, json_ready(cfg.to_dict()), name=cfg.output_dir)
+
     try:
         for stage in modes.plan(cfg):
             if not stage.main:
@@ -254,8 +260,9 @@ def _train(
                     checkpoint.set_rng_state(state["rng"])
             with MetricsLogger(
                 run.metrics,
-                run.tensorboard if cfg.log.tensorboard else None,
+                run.tensorboard if cfg.log.tensorboard or "tensorboard" in cfg.log.report_to else None,
                 resume_step=tr.step if state else None,
+                tracker=tracker,
             ) as logger:
                 if not state:
                     before = tr.evaluate(eval_items) if cfg.eval.before or warmup_only else None
@@ -284,6 +291,10 @@ def _train(
             from .plot import plot_run
 
             plot_run(run.metrics, run.plot, title=f"{cfg.algorithm.mode} — {cfg.output_dir}")
+            if tracker is not None:
+                tracker.log_image("dynamics", run.plot)
+        if tracker is not None:
+            tracker.finish()
         write_text(run.summary, json.dumps(json_ready(summary), indent=2, default=str, allow_nan=False))
 
         def fmt(e):
