@@ -313,8 +313,7 @@ def main(argv=None) -> int:
                 )
     finally:
         verifier.close()
-        if hasattr(engine, "close"):  # the vLLM engine and the process group it made for itself
-            engine.close()
+        engine.close()  # the vLLM engine: its temporary model directory and the process group it made
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=2)

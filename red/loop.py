@@ -1,6 +1,6 @@
 """The loop: runs the stages of a run (red/modes.py) step by step and owns the cadence — evaluation, checkpoints,
-metrics rows, sample completions, the progress bar. The engine's weights are synced lazily: after an optimizer
-step they are stale, and `generate` (rollouts or evaluation) loads them first; SFT steps never sync.
+metrics rows, sample completions, the progress bar. The rollout engine's lifecycle (lazy weight sync, wake,
+sleep, close) is the RolloutSession's (red/rollout/session.py).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import logging
 import signal
 import time
 import warnings
-from contextlib import nullcontext
 
 import torch
 
@@ -21,7 +20,6 @@ from .eval import evaluate, summarise
 from .metrics import write_samples
 from .modes import loss_config, offline_weight_settings
 from .records import STATUSES
-from .rollout.weight_sync import engine_weights
 from .step import rl_step, sft_step
 from .stop import Stopped
 from .update import make_optimizer
@@ -30,18 +28,18 @@ log = logging.getLogger("red.loop")
 
 
 class Trainer:
-    """State of the running stage: optimizer, schedule, prompt stream, offline weight w, step counter."""
+    """Run state: what the run is made of (config, policy, tokenizer, rollout session, verifier, run directory)
+    and the state of the running stage (optimizer, schedule, prompt stream, offline weight w, step counter)."""
 
-    def __init__(self, cfg, policy, tokenizer, engine, verifier, run):
-        self.cfg, self.policy, self.tok, self.engine, self.verifier, self.run = (
+    def __init__(self, cfg, policy, tokenizer, rollout, verifier, run):
+        self.cfg, self.policy, self.tok, self.rollout, self.verifier, self.run = (
             cfg,
             policy,
             tokenizer,
-            engine,
+            rollout,
             verifier,
             run,
         )
-        self.engine_stale = False
         self.nonfinite_streak = 0  # steps in a row whose update was skipped (non-finite loss or gradient)
         self.last_samples: list = []
 
@@ -121,21 +119,6 @@ class Trainer:
             self.cfg.seed * 1_000_003 + self.step * 7_919 + attempt * 104_729 + parallel.rank() * 15_485_863
         ) % 2**62
 
-    def generate(self, prompts, n, sampling):
-        """engine.generate with the current weights: synced here if an optimizer step made them stale, or if the
-        engine dropped them (a level-2 sleep in a step whose groups were all dropped)."""
-        if self.engine_stale or not getattr(self.engine, "weights_valid", True):
-            if not getattr(self.engine, "colocated", False):
-                self.engine.load_weights(engine_weights(self.policy.model))
-            self.engine_stale = False
-        self.engine.wake()
-        with (
-            parallel.gathered(self.policy.model)
-            if getattr(self.engine, "colocated", False)
-            else nullcontext()
-        ):
-            return self.engine.generate(prompts, n, sampling)
-
     def samples(self, batch) -> list:
         """Up to log.samples_max rows: one online sample and the teacher trace of the first groups."""
         out = []
@@ -167,7 +150,7 @@ class Trainer:
         c = self.cfg
         mine = items[parallel.rank() :: parallel.world_size()]
         res = evaluate(
-            self,
+            self.rollout,
             self.tok,
             mine,
             self.verifier,

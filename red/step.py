@@ -8,7 +8,8 @@ RL:  draw prompts -> engine.generate (n - k online) + k teacher traces -> reward
      offline loss needs, comes from the online part of the update (run first) and a no-grad pass over the
      offline rows only.
 SFT: k teacher traces per prompt -> update.policy_update (NLL) -> one metrics reduction.
-`tr` is the loop's Trainer (red/loop.py): config, policy, engine (synced lazily), verifier, stage state.
+`tr` is the loop's Trainer (red/loop.py): config, policy, rollout session (red/rollout/session.py), verifier,
+stage state.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _update(tr, plan: Plan, loss_cfg, pre: dict, use_old: bool, between=None) ->
             use_old=use_old,
             between=between,
         )
-    tr.engine_stale = True  # synced lazily, right before the next generate
+    tr.rollout.weights_changed()  # synced lazily, right before the next generate
     return upd
 
 
@@ -128,7 +129,7 @@ def rl_step(tr, phase) -> dict:
         items = tr.take_items(need[0])
         t = time.perf_counter()
         sampling.seed = tr.seed_for(attempt)
-        rollouts = tr.generate([it.prompt_ids for it in items], cfg.rollout.n - k, sampling)
+        rollouts = tr.rollout.generate([it.prompt_ids for it in items], cfg.rollout.n - k, sampling)
         timers["time_rollout"] += time.perf_counter() - t
         t = time.perf_counter()
         batch = rewards.score(
@@ -152,7 +153,7 @@ def rl_step(tr, phase) -> dict:
     parts, ds = refill(
         draw, tr.per_rank, cfg.algorithm.max_refill, cfg.algorithm.dynamic_sampling, need_more, tog
     )
-    tr.engine.sleep()
+    tr.rollout.sleep()
     drawn = RolloutBatch.cat([b for b, _ in parts])
     batch = RolloutBatch.cat([b.select_groups(keep) for b, keep in parts])
     rsums, rmax = batch_sums(drawn, ds)

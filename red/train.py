@@ -33,6 +33,7 @@ from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsFileError, MetricsLogger
 from .rewards import Verifier
 from .rollout.factory import choose_engine
+from .rollout.session import RolloutSession
 from .run_dir import RunDir, RunLock, RunLockError, json_ready, write_text
 from .stop import GracefulStop, StopNow, Stopped
 from .update import Policy
@@ -214,9 +215,9 @@ def _train(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     policy = Policy(model, cfg.model.dtype, cfg.train.parallel, pad_id)
     policy.packing = packing_layout(model.config._attn_implementation, device, cfg.train.packing)
-    engine = make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id))
+    rollout = RolloutSession(make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id)), model)
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s, fn=cfg.reward.fn)
-    tr = Trainer(cfg, policy, tok, engine, verifier, run)
+    tr = Trainer(cfg, policy, tok, rollout, verifier, run)
     log.info(ratio_distributions(cfg.rollout))
     tr.stop = stop
     summary = (state or {}).get("summary") or {"versions": package_versions(), **info}
@@ -282,8 +283,7 @@ def _train(
                 run_stage(tr, stage, logger, eval_items, summary)
     finally:
         verifier.close()
-        if hasattr(engine, "close"):  # the vLLM engine: its temporary model directory and own process group
-            engine.close()
+        rollout.close()  # the vLLM engine: its temporary model directory and own process group
     after, before = summary.get("eval_after"), summary.get("eval_before")
     summary["wall_time_s"] = time.perf_counter() - t_start
     if parallel.is_main():

@@ -37,10 +37,12 @@ class _RecordLogprobs:
 
 
 class HFEngine:
-    """generate() with left padding in chunks of `batch_size` sequences; stop at any of `stop_token_ids`.
-    `colocated`: it samples from the trainer's own module, so a weight sync has nothing to copy."""
+    """RolloutEngine (red/rollout/base.py): generate() with left padding in chunks of `batch_size` sequences;
+    stop at any of `stop_token_ids`. `colocated`: it samples from the trainer's own module, so a weight sync has
+    nothing to copy and its weights are always valid; sleep, wake and close have nothing to do."""
 
     colocated = True
+    weights_valid = True
 
     def __init__(
         self,
@@ -139,8 +141,24 @@ class HFEngine:
                 if name in params and params[name].data_ptr() != t.data_ptr():
                     params[name].copy_(t)
 
+    @torch.no_grad()
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """[len(token_ids) − 1] float32: temperature-1 log-prob of token t given tokens < t (one forward)."""
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([token_ids], device=device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(input_ids=ids).logits[0, :-1].float()
+        finally:
+            self.model.train(was_training)
+        return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1).cpu()
+
     def sleep(self) -> None:
         pass
 
     def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass

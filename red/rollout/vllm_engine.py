@@ -70,7 +70,8 @@ def _preserved_rng():
 
 
 class VLLMEngine:
-    """RolloutEngine on an in-process `vllm.LLM` (see the module docstring for the weight-sync protocol).
+    """RolloutEngine (red/rollout/base.py) on an in-process `vllm.LLM` (see the module docstring for the
+    weight-sync protocol). Not colocated: it holds its own copy of the weights.
 
     Args:
         model_path: HF model directory (config, tokenizer, safetensors) the engine starts from.
@@ -91,6 +92,8 @@ class VLLMEngine:
         kv_cache_gib: CPU only, VLLM_CPU_KVCACHE_SPACE (whole GiB) when not already set (default 1).
         llm_kwargs: any further `vllm.LLM` arguments (override the defaults above).
     """
+
+    colocated = False
 
     def __init__(
         self,

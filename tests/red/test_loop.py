@@ -49,6 +49,12 @@ class CountingEngine:
     def wake(self):
         self.events.append("wake")
 
+    def prompt_logprobs(self, token_ids):
+        return self.inner.prompt_logprobs(token_ids)
+
+    def close(self):
+        self.events.append("close")
+
 
 def test_sync_only_before_a_generate_that_follows_an_update(tmp_path, monkeypatch):
     events, real = [], factory.make_engine
