@@ -35,7 +35,7 @@ def _batch(case: str, V: int, seed: int = 0):
     if case == "embedded":
         from red import synthetic
         from red.config import load_config
-        from red.data import trace_eos_id
+        from red.models import trace_eos_id
         from red.train import load_items
 
         cfg = load_config(overrides=["data.synthetic_train_size=256"])

@@ -160,6 +160,11 @@ def sample_mean_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return (entropy * m).sum(-1) / m.sum(-1).clamp_min(1)
 
 
+OFFLINE_WEIGHTS = ("entropy_ratio", "fixed")
+"""How the offline weight w is chosen (algorithm.offline_weight): the entropy-change ratio, or fixed at 1
+(EntropyRatioWeight(fixed=True))."""
+
+
 @dataclass
 class EntropyRatioWeight:
     """Offline weight w from the ratio of entropy changes (step 6 of the spec); carries H^{k-1} across steps.

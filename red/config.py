@@ -18,14 +18,13 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from red_kernels.policy_loss import canonical_shaping
+from red_kernels.policy_loss import AGGREGATIONS, SHAPINGS, canonical_shaping
 
-from .algorithm import TEACHER_ONLY_CHOICES
+from .algorithm import OFFLINE_WEIGHTS, TEACHER_ONLY_CHOICES
+from .data import COLUMN_LAYOUTS
+from .errors import ConfigError
 from .modes import MODES
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key."""
+from .rollout.factory import ENGINES
 
 
 @dataclass
@@ -217,6 +216,10 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def eval_max_new_tokens(self) -> int:
+        """The held-out evaluation's generation budget: eval.max_new_tokens, or rollout.max_new_tokens when null."""
+        return self.eval.max_new_tokens or self.rollout.max_new_tokens
+
 
 SECTIONS = {f.name for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING}
 
@@ -345,14 +348,14 @@ CHOICES = {
     "algorithm.mode": tuple(MODES),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
-    "rollout.engine": ("hf", "vllm", "auto"),
+    "rollout.engine": ENGINES,
     "rollout.is_correction": ("none", "tis"),
     "algorithm.adv_stats": ("group", "online"),
     "algorithm.teacher_only_groups": TEACHER_ONLY_CHOICES,
-    "algorithm.offline_weight": ("entropy_ratio", "fixed"),
-    "loss.offline_shaping": ("accuracy_shift", "luffy", "none"),
-    "loss.loss_agg": ("seq_sum_const", "token_mean", "seq_mean"),
-    "data.columns": ("auto", "plain", "openr1", "luffy"),
+    "algorithm.offline_weight": OFFLINE_WEIGHTS,
+    "loss.offline_shaping": SHAPINGS,
+    "loss.loss_agg": AGGREGATIONS,
+    "data.columns": COLUMN_LAYOUTS,
     "data.overlong_prompt": ("reject", "truncate"),
     "data.overlong_trace": ("reject", "truncate"),
     "data.bad_rows": ("error", "skip"),

@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError
 from .records import PromptItem
 
 log = logging.getLogger("red.data")
+
+
+COLUMN_LAYOUTS = ("auto", "plain", "openr1", "luffy")
+"""The values of data.columns (see the module docstring)."""
 
 
 class DataError(ValueError):
@@ -435,24 +438,6 @@ def render_prompt(tokenizer, ex: Example, system_prompt: str | None, template: s
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "\n".join(m["content"] for m in messages) + "\n"
-
-
-def trace_eos_id(tokenizer, chat_eos: str | None) -> int:
-    """The token that ends an assistant turn: `<|im_end|>` for ChatML templates, else the tokenizer's EOS."""
-    for tok in ([chat_eos] if chat_eos else []) + (
-        ["<|im_end|>"] if "<|im_end|>" in (tokenizer.chat_template or "") else []
-    ):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if tid is not None and tid != tokenizer.unk_token_id:
-            return tid
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("config key 'model.path': the tokenizer has no EOS token")
-    return tokenizer.eos_token_id
-
-
-def stop_token_ids(tokenizer, eos_id: int) -> list[int]:
-    """The ids that end a generation: the trace EOS (`trace_eos_id`) and the tokenizer's EOS."""
-    return sorted({eos_id, tokenizer.eos_token_id} - {None})
 
 
 @dataclass

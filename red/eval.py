@@ -19,6 +19,7 @@ import os
 import sys
 from collections import defaultdict
 
+from .data import COLUMN_LAYOUTS
 from .rewards import Verifier, count_statuses
 from .rollout.base import SamplingConfig
 
@@ -137,7 +138,7 @@ def _from_config(cfg) -> dict:
         "n": cfg.eval.n,
         "temperature": cfg.eval.temperature,
         "top_p": 1.0,
-        "max_new_tokens": cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        "max_new_tokens": cfg.eval_max_new_tokens(),
         "max_prompt_len": cfg.data.max_prompt_len,
         "system_prompt": cfg.data.system_prompt,
         "prompt_template": cfg.data.prompt_template,
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, help="samples per problem (avg@n, pass@k for k <= n)")
     ap.add_argument("--temperature", type=float, help="0 = greedy")
     ap.add_argument("--limit", type=int, help="first N rows per file")
-    ap.add_argument("--columns", choices=["auto", "plain", "openr1", "luffy"])
+    ap.add_argument("--columns", choices=COLUMN_LAYOUTS)
     for flag, kind in (
         ("--top-p", float),
         ("--max-new-tokens", int),
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg is not None:
-        from .data import stop_token_ids, trace_eos_id
+        from .models import stop_token_ids, trace_eos_id
         from .rollout.factory import make_engine
 
         engine = make_engine(

@@ -156,7 +156,7 @@ class Trainer:
             self.verifier,
             n=c.eval.n,
             temperature=c.eval.temperature,
-            max_new_tokens=c.eval.max_new_tokens or c.rollout.max_new_tokens,
+            max_new_tokens=c.eval_max_new_tokens(),
             top_p=1.0,
             seed=c.seed,
             keep_records=True,

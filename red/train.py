@@ -27,10 +27,11 @@ from transformers import set_seed
 from . import checkpoint, drift, modes, parallel, synthetic
 from .attention import packing_layout, resolve
 from .config import ConfigError, load_config
-from .data import DataError, eval_sources, load_source, stop_token_ids, tokenize_examples, trace_eos_id
+from .data import DataError, eval_sources, load_source, tokenize_examples
 from .eval import package_versions
 from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsFileError, MetricsLogger
+from .models import load_pretrained, stop_token_ids, trace_eos_id
 from .rewards import Verifier
 from .rollout.factory import choose_engine
 from .rollout.session import RolloutSession
@@ -52,8 +53,6 @@ def warmup_dir(cfg, run: RunDir) -> str:
 
 def build_model(cfg, device, run: RunDir, resume_dir):
     """(model with float32 parameters, tokenizer, whether the warm-up is already done)."""
-    from .models import load_pretrained
-
     attn = resolve(cfg.model.attn_implementation, device, cfg.model.dtype)
     warm_dir = warmup_dir(cfg, run)
     warm = cfg.warmup.enabled and os.path.isfile(os.path.join(warm_dir, "config.json"))
@@ -81,11 +80,7 @@ def read_examples(cfg, spec, split="train", seed=0):
 
 def load_items(cfg, tok, eos_id, spec, split="train", seed=0, need_traces=False, read=None):
     ex, skipped = read or read_examples(cfg, spec, split, seed)
-    max_len = (
-        cfg.rollout.max_new_tokens
-        if split == "train"
-        else (cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
-    )
+    max_len = cfg.rollout.max_new_tokens if split == "train" else cfg.eval_max_new_tokens()
     items, rep = tokenize_examples(
         ex,
         tok,

@@ -10,7 +10,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from ..errors import ConfigError
+
 log = logging.getLogger("red.rollout")
+
+ENGINES = ("hf", "vllm", "auto")
+"""The values of rollout.engine, each built by make_engine."""
+
 
 INSTALL_HINT = (
     "install it with `pip install -c constraints-gpu.txt -e '.[vllm]'` (CUDA) or "
@@ -43,8 +49,6 @@ def vllm_available() -> bool:
 def choose_engine(kind: str, on_cuda: bool) -> str:
     """'hf' or 'vllm' for `rollout.engine=kind` (see the module docstring); raises ConfigError for 'vllm'
     without a usable vLLM."""
-    from ..config import ConfigError
-
     if kind == "auto":
         if not on_cuda:
             log.info("rollout.engine=auto -> hf (no CUDA device: vLLM rollouts are for GPUs)")

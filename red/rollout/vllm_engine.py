@@ -448,7 +448,7 @@ def engine_from_config(cfg, model, tokenizer, stop_token_ids=None) -> VLLMEngine
     try:
         model.config.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-        max_new = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
+        max_new = max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens())
         engine = VLLMEngine(
             model_dir,
             max_prompt_len=cfg.data.max_prompt_len,
