@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-SHAPINGS = ("none", "luffy", "accuracy_shift")
+SHAPINGS = ("accuracy_shift", "luffy", "none")  # RED's first: the order error messages list them in
 SHAPING_ALIASES = {"red": "accuracy_shift"}  # old name -> new name (deprecated)
 AGGREGATIONS = ("seq_sum_const", "token_mean", "seq_mean")
 
