@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
@@ -33,7 +34,7 @@ from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsFileError, MetricsLogger
 from .models import load_pretrained, stop_token_ids, trace_eos_id
 from .rewards import Verifier
-from .rollout.factory import choose_engine
+from .rollout import factory
 from .rollout.session import RolloutSession
 from .run_dir import RunDir, RunLock, RunLockError, json_ready, write_text
 from .stop import GracefulStop, StopNow, Stopped
@@ -148,9 +149,11 @@ def ratio_distributions(rollout) -> str:
 
 
 def train(cfg, warmup_only: bool = False) -> int:
+    """A whole run of a loaded config (red/config.py): device, process group and seed, then `_train` under the
+    run folder's lock with SIGINT / SIGTERM handled. 0 on success; `main` turns the errors into exit statuses."""
     t_start = time.perf_counter()
     if cfg.rollout.engine == "vllm":  # a missing vLLM stops the run before any model is built
-        choose_engine("vllm", on_cuda=True)
+        factory.choose_engine("vllm", on_cuda=True)
     device = parallel.pick_device(cfg.device)
     parallel.init_from_env(device)
     if cfg.threads:
@@ -165,11 +168,46 @@ def train(cfg, warmup_only: bool = False) -> int:
 def _train(
     cfg, run: RunDir, device, t_start: float, stop: GracefulStop | None = None, warmup_only: bool = False
 ) -> int:
-    """The run itself, holding the folder's lock (rank 0); `stop` tells the loop about SIGINT / SIGTERM."""
-    # bad data stops the run before the folder is touched (resume=never clears it) or a model loads
-    train_read = read_examples(cfg, cfg.data.train, seed=cfg.seed)
-    specs, split = eval_sources(cfg)
-    eval_read = [(spec, read_examples(cfg, spec, split=split)) for spec in specs]
+    """The run itself, holding the folder's lock (rank 0); `stop` tells the loop about SIGINT / SIGTERM.
+    Data read -> resume point -> model -> data tokenised -> trainer -> the stages of red/modes.py (warm-up SFT,
+    then the main stage; with `warmup_only`, its first evaluation only) -> summary."""
+    reads = read_run_data(cfg)  # bad data stops the run before the folder is touched or a model loads
+    resume_dir, state = resume_point(cfg, run)
+    model, tok, warm_done = build_model(cfg, device, run, resume_dir)
+    if state and state.get("master") is not None:
+        model.load_state_dict(state["master"])
+    eos_id = trace_eos_id(tok, cfg.data.eos_token)
+    data = tokenize_run_data(cfg, tok, eos_id, *reads)
+    tr = build_trainer(cfg, model, tok, eos_id, device, run)
+    log.info(ratio_distributions(cfg.rollout))
+    tr.stop = stop
+    summary = (state or {}).get("summary") or {"versions": package_versions(), **data.info}
+    summary["precision"] = tr.policy.precision()
+    summary["attention"] = {"implementation": model.config._attn_implementation, "packing": tr.policy.packing}
+    tracker = None  # W&B beside metrics.jsonl (rank 0); the JSONL stays the source of truth
+    if "wandb" in cfg.log.report_to and parallel.is_main():
+        from .tracking import WandbTracker
+
+        tracker = WandbTracker(run.root, json_ready(cfg.to_dict()), name=cfg.output_dir)
+    try:
+        for stage in modes.plan(cfg):
+            if stage.main:
+                run_main_stage(tr, stage, data, state, summary, warmup_only, tracker)
+            elif not warm_done:
+                run_warmup(tr, stage, eos_id)
+    finally:
+        tr.verifier.close()
+        tr.rollout.close()  # the vLLM engine: its temporary model directory and own process group
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    if parallel.is_main():
+        report(cfg, run, summary, data.split, tracker)
+    return 0
+
+
+def resume_point(cfg, run: RunDir):
+    """(checkpoint directory to resume from or None, its trainer state or None). A fresh run
+    (checkpoint.resume=never) clears the folder; a resumed one checks and records config drift. A fresh run
+    writes its config to config.yaml; a resume never rewrites it."""
     resume_dir, state = checkpoint.find_resume(run, cfg.checkpoint.resume, cfg.train.steps)
     if cfg.checkpoint.resume == "never" and parallel.is_main():
         run.clear()
@@ -184,12 +222,31 @@ def _train(
                 run.config_history,
             )
             drift.record(run.root, RunDir.step_of(resume_dir), changes)
-    if parallel.is_main() and not resume_dir:  # the config the run starts with; a resume never rewrites it
+    if parallel.is_main() and not resume_dir:
         write_text(run.config, OmegaConf.to_yaml(cfg.to_dict()))
-    model, tok, warm_done = build_model(cfg, device, run, resume_dir)
-    if state and state.get("master") is not None:
-        model.load_state_dict(state["master"])
-    eos_id = trace_eos_id(tok, cfg.data.eos_token)
+    return resume_dir, state
+
+
+@dataclass
+class RunData:
+    """The main stage's problems: train items, evaluation items (uid = position) of `split` ('heldout' or
+    'validation', red.data.eval_sources), counts for the first metrics row."""
+
+    train: list
+    eval: list
+    split: str
+    info: dict
+
+
+def read_run_data(cfg) -> tuple:
+    """(read of data.train, [(spec, read)] of the evaluation sets, their split): the rows, read with their errors
+    raised."""
+    train_read = read_examples(cfg, cfg.data.train, seed=cfg.seed)
+    specs, split = eval_sources(cfg)
+    return train_read, [(spec, read_examples(cfg, spec, split=split)) for spec in specs], split
+
+
+def tokenize_run_data(cfg, tok, eos_id: int, train_read, eval_read, split: str) -> RunData:
     train_items, skipped, rep = load_items(
         cfg, tok, eos_id, cfg.data.train, seed=cfg.seed, need_traces=modes.uses_traces(cfg), read=train_read
     )
@@ -204,103 +261,104 @@ def _train(
         "eval_problems": len(eval_items),
         **{f"data/{k}": v for k, v in rep.counts().items()},
     }
+    return RunData(train_items, eval_items, split, info)
 
-    from .rollout.factory import make_engine
 
+def build_trainer(cfg, model, tok, eos_id: int, device, run: RunDir) -> Trainer:
+    """The policy (precision, parallel wrapper, micro-batch layout), the rollout session around the engine named
+    by rollout.engine, the verifier, and the Trainer holding them."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     policy = Policy(model, cfg.model.dtype, cfg.train.parallel, pad_id)
     policy.packing = packing_layout(model.config._attn_implementation, device, cfg.train.packing)
-    rollout = RolloutSession(make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id)), model)
+    engine = factory.make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id))
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s, fn=cfg.reward.fn)
-    tr = Trainer(cfg, policy, tok, rollout, verifier, run)
-    log.info(ratio_distributions(cfg.rollout))
-    tr.stop = stop
-    summary = (state or {}).get("summary") or {"versions": package_versions(), **info}
-    summary["precision"] = policy.precision()
-    summary["attention"] = {"implementation": model.config._attn_implementation, "packing": policy.packing}
+    return Trainer(cfg, policy, tok, RolloutSession(engine, model), verifier, run)
 
-    def say(text):
-        return parallel.is_main() and print(text, flush=True)
 
-    tracker = None  # W&B beside metrics.jsonl (rank 0); the JSONL stays the source of truth
-    if "wandb" in cfg.log.report_to and parallel.is_main():
-        from .tracking import WandbTracker
-
-        tracker = WandbTracker(run.root, json_ready(cfg.to_dict()), name=cfg.output_dir)
-
-    try:
-        for stage in modes.plan(cfg):
-            if not stage.main:
-                if warm_done:
-                    continue
-                items = load_items(cfg, tok, eos_id, stage.data, seed=stage.seed, need_traces=True)[0]
-                tr.begin(stage, items)
-                say(
-                    f"[warm-up stage] SFT of the base model on {stage.data} (a different, easier task than "
-                    f"{cfg.data.train}; never the held-out problems): {stage.steps} steps x {stage.prompts_per_step} traces"
-                )
-                t0 = time.perf_counter()
-                with MetricsLogger(run.warmup_metrics) as logger:
-                    run_stage(tr, stage, logger)
-                m = tr.last_metrics
-                say(
-                    f"[warm-up stage] done in {time.perf_counter() - t0:.0f}s: final NLL {m['nll']:.3f}, "
-                    f"teacher-token prob {m.get('teacher_prob', float('nan')):.3f}"
-                )
-                checkpoint.save_model(model, tok, warmup_dir(cfg, run), policy.compute)
-                continue
-            tr.begin(stage, train_items)
-            if state:
-                tr.load_state_dict(state)
-                if "rng" in state:
-                    checkpoint.set_rng_state(state["rng"])
-            with MetricsLogger(
-                run.metrics,
-                run.tensorboard if cfg.log.tensorboard or "tensorboard" in cfg.log.report_to else None,
-                resume_step=tr.step if state else None,
-                tracker=tracker,
-            ) as logger:
-                if not state:
-                    before = tr.evaluate(eval_items) if cfg.eval.before or warmup_only else None
-                    summary["eval_before"] = before
-                    logger.log({"step": 0, "stage": stage.name, **info, **eval_row(before)})
-                    if before is not None:
-                        say(
-                            f"{split.replace('heldout', 'held-out')} accuracy before {stage.name} (the base model): {100 * before['accuracy']:.1f}%"
-                        )
-                if warmup_only:
-                    summary["warmup_only"] = True
-                    break
-                say(
-                    f"[{stage.name} stage] steps {tr.step + 1}..{stage.steps}: {stage.prompts_per_step} prompts x "
-                    f"{cfg.rollout.n} ({stage.phases[-1].k} teacher) per step on {stage.data}"
-                )
-                run_stage(tr, stage, logger, eval_items, summary)
-    finally:
-        verifier.close()
-        rollout.close()  # the vLLM engine: its temporary model directory and own process group
-    after, before = summary.get("eval_after"), summary.get("eval_before")
-    summary["wall_time_s"] = time.perf_counter() - t_start
+def say(text: str) -> None:
+    """A progress line on stdout (rank 0)."""
     if parallel.is_main():
-        if cfg.log.plot:
-            from .plot import plot_run
+        print(text, flush=True)
 
-            plot_run(run.metrics, run.plot, title=f"{cfg.algorithm.mode} — {cfg.output_dir}")
-            if tracker is not None:
-                tracker.log_image("dynamics", run.plot)
-        if tracker is not None:
-            tracker.finish()
-        write_text(run.summary, json.dumps(json_ready(summary), indent=2, default=str, allow_nan=False))
 
-        def fmt(e):
-            return "n/a" if e is None else f"{100 * e['accuracy']:.1f}%"
+def run_warmup(tr: Trainer, stage, eos_id: int) -> None:
+    """The warm-up SFT stage on its own (easier) task, saved as the base model (`warmup_dir`)."""
+    cfg = tr.cfg
+    items = load_items(cfg, tr.tok, eos_id, stage.data, seed=stage.seed, need_traces=True)[0]
+    tr.begin(stage, items)
+    say(
+        f"[warm-up stage] SFT of the base model on {stage.data} (a different, easier task than "
+        f"{cfg.data.train}; never the held-out problems): {stage.steps} steps x {stage.prompts_per_step} traces"
+    )
+    t0 = time.perf_counter()
+    with MetricsLogger(tr.run.warmup_metrics) as logger:
+        run_stage(tr, stage, logger)
+    m = tr.last_metrics
+    say(
+        f"[warm-up stage] done in {time.perf_counter() - t0:.0f}s: final NLL {m['nll']:.3f}, "
+        f"teacher-token prob {m.get('teacher_prob', float('nan')):.3f}"
+    )
+    checkpoint.save_model(tr.policy.model, tr.tok, warmup_dir(cfg, tr.run), tr.policy.compute)
 
-        print(
-            f"outputs: {cfg.output_dir} (metrics.jsonl, dynamics.png, {os.path.basename(run.latest() or '')})"
+
+def run_main_stage(
+    tr: Trainer, stage, data: RunData, state, summary: dict, warmup_only: bool = False, tracker=None
+) -> None:
+    """The main stage, from the checkpoint's step when resuming; a fresh one first evaluates the base model
+    (step 0 row; with `warmup_only` that is all). Evaluations and checkpoints go into `summary` and
+    metrics.jsonl."""
+    cfg = tr.cfg
+    tr.begin(stage, data.train)
+    if state:
+        tr.load_state_dict(state)
+        if "rng" in state:
+            checkpoint.set_rng_state(state["rng"])
+    with MetricsLogger(
+        tr.run.metrics,
+        tr.run.tensorboard if cfg.log.tensorboard or "tensorboard" in cfg.log.report_to else None,
+        resume_step=tr.step if state else None,
+        tracker=tracker,
+    ) as logger:
+        if not state:
+            before = tr.evaluate(data.eval) if cfg.eval.before or warmup_only else None
+            summary["eval_before"] = before
+            logger.log({"step": 0, "stage": stage.name, **data.info, **eval_row(before)})
+            if before is not None:
+                say(
+                    f"{data.split.replace('heldout', 'held-out')} accuracy before {stage.name} (the base model): "
+                    f"{100 * before['accuracy']:.1f}%"
+                )
+        if warmup_only:
+            summary["warmup_only"] = True
+            return
+        say(
+            f"[{stage.name} stage] steps {tr.step + 1}..{stage.steps}: {stage.prompts_per_step} prompts x "
+            f"{cfg.rollout.n} ({stage.phases[-1].k} teacher) per step on {stage.data}"
         )
-        name = "held-out" if split == "heldout" else split
-        print(f"{name} accuracy: {fmt(before)} -> {fmt(after)}", flush=True)
-    return 0
+        run_stage(tr, stage, logger, data.eval, summary)
+
+
+def report(cfg, run: RunDir, summary: dict, split: str, tracker=None) -> None:
+    """summary.json, the dynamics plot (also to W&B), and the last two lines of the run (outputs, accuracy
+    before -> after)."""
+    if cfg.log.plot:
+        from .plot import plot_run
+
+        plot_run(run.metrics, run.plot, title=f"{cfg.algorithm.mode} — {cfg.output_dir}")
+        if tracker is not None:
+            tracker.log_image("dynamics", run.plot)
+    if tracker is not None:
+        tracker.finish()
+    write_text(run.summary, json.dumps(json_ready(summary), indent=2, default=str, allow_nan=False))
+
+    def fmt(e):
+        return "n/a" if e is None else f"{100 * e['accuracy']:.1f}%"
+
+    print(f"outputs: {cfg.output_dir} (metrics.jsonl, dynamics.png, {os.path.basename(run.latest() or '')})")
+    name = "held-out" if split == "heldout" else split
+    print(
+        f"{name} accuracy: {fmt(summary.get('eval_before'))} -> {fmt(summary.get('eval_after'))}", flush=True
+    )
 
 
 if __name__ == "__main__":
