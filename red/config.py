@@ -44,7 +44,7 @@ class DataConfig:
     # eval.split=validation evaluates these (tuning); null -> data.eval's synthetic tasks on their validation
     # split (a file in data.eval has no validation split: list validation files here)
     validation: list[str] | None = None
-    columns: str = "auto"  # auto | plain | openr1 | luffy
+    columns: str = "auto"  # COLUMN_LAYOUTS of red/data.py
     problem_key: str | None = None  # explicit column names override the preset
     answer_key: str | None = None
     trace_key: str | None = None
@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | vllm | auto
+    engine: str = "hf"  # ENGINES of red/rollout/factory.py
     n: int = 8  # group size (online + offline)
     num_offline: int = 1  # k teacher traces per group
     temperature: float = 1.0
@@ -87,12 +87,12 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    mode: str = "red"  # see red/modes.py
+    mode: str = "red"  # MODES of red/modes.py
     adv_std: bool = True
     adv_stats: str = "group"  # group | online
     dynamic_sampling: bool = True
     max_refill: int = 3
-    offline_weight: str = "entropy_ratio"  # entropy_ratio | fixed
+    offline_weight: str = "entropy_ratio"  # OFFLINE_WEIGHTS of red/algorithm.py
     w_min: float = 1.0
     w_max: float | None = None  # None -> n - k
     w_eps: float = 1e-8
@@ -106,15 +106,13 @@ class LossConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     dual_clip: float | None = None
-    offline_shaping: str = (
-        "accuracy_shift"  # accuracy_shift (RED's) | luffy | none; old name 'red' deprecated
-    )
+    offline_shaping: str = "accuracy_shift"  # SHAPINGS of red_kernels/policy_loss.py ('red': old name)
     shaping_gamma: float = 0.1
     r_min: float | None = None  # None -> 1 / (2n)
     sft_coef: float = 0.0
     entropy_coef: float | None = None  # None -> mode default (luffy 0.001, else 0)
     kl_coef: float = 0.0
-    loss_agg: str = "seq_sum_const"  # seq_sum_const | token_mean | seq_mean
+    loss_agg: str = "seq_sum_const"  # AGGREGATIONS of red_kernels/policy_loss.py
     loss_const: float | None = None  # None -> rollout.max_new_tokens
 
 
@@ -345,7 +343,7 @@ def _check(cond, key, msg):
 
 
 CHOICES = {
-    "algorithm.mode": tuple(MODES),
+    "algorithm.mode": MODES,  # the table itself: a row added there is a valid choice
     "model.dtype": ("float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "rollout.engine": ENGINES,

@@ -20,7 +20,7 @@ from .eval import evaluate, summarise
 from .metrics import write_samples
 from .modes import loss_config, offline_weight_settings
 from .records import STATUSES
-from .step import rl_step, sft_step
+from .step import run_step
 from .stop import Stopped
 from .update import make_optimizer
 
@@ -198,7 +198,7 @@ def run_stage(tr: Trainer, stage, logger, eval_items=(), summary=None) -> None:
         if tr.phase_changes_optimizer():
             tr.new_optimizer(tr.step)
         skipped_before = tr.policy.skipped_updates
-        m = (sft_step if phase.mode == "sft" else rl_step)(tr, phase)
+        m = run_step(tr, phase)
         with warnings.catch_warnings():  # a step whose groups were all dropped made no optimizer step
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             tr.sched.step()

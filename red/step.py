@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from red_kernels.policy_loss import TOKEN_NORMALISED
+
 from . import parallel, rewards
 from .algorithm import (
     GROUP_KINDS,
@@ -31,6 +33,7 @@ from .algorithm import (
     teacher_only_advantages,
 )
 from .metrics import batch_sums, finish_rollout_metrics
+from .modes import MODES
 from .plan import Plan
 from .records import RolloutBatch
 from .rollout.base import SamplingConfig
@@ -64,13 +67,13 @@ def on_policy(cfg) -> bool:
 
 def _plan(tr, batch: RolloutBatch, loss_cfg, split: bool = False) -> tuple[Plan, dict]:
     """The step's plan (red/plan.py), built once, padded to the most micro-batches any rank has; and the global
-    normaliser (sequences, or tokens for token_mean), tokens and kept groups — all in one reduction."""
+    normaliser (sequences, or tokens for the TOKEN_NORMALISED aggregations), tokens and kept groups — all in one reduction."""
     p = tr.policy
     plan = Plan.build(batch, tr.cfg.train.micro_batch_tokens, p.pad_id, p.packing, p.device, split)
     first, second = plan.counts()
     sums, mx = parallel.reduce(
         {
-            "norm": batch.B if loss_cfg.loss_agg != "token_mean" else int(batch.response_len.sum()),
+            "norm": int(batch.response_len.sum()) if loss_cfg.loss_agg in TOKEN_NORMALISED else batch.B,
             "tokens": int(batch.lengths.sum()),
             "groups_kept": batch.G,
         },
@@ -95,6 +98,12 @@ def _update(tr, plan: Plan, loss_cfg, pre: dict, use_old: bool, between=None) ->
         )
     tr.rollout.weights_changed()  # synced lazily, right before the next generate
     return upd
+
+
+def run_step(tr, phase) -> dict:
+    """One optimizer step of the phase's leaf mode: sft_step for modes of kind 'sft', else rl_step
+    (red/modes.py). The metrics row of the step."""
+    return (sft_step if MODES[phase.mode].kind == "sft" else rl_step)(tr, phase)
 
 
 def sft_step(tr, phase) -> dict:

@@ -18,7 +18,8 @@ import torch
 
 SHAPINGS = ("accuracy_shift", "luffy", "none")  # RED's first: the order error messages list them in
 SHAPING_ALIASES = {"red": "accuracy_shift"}  # old name -> new name (deprecated)
-AGGREGATIONS = ("seq_sum_const", "token_mean", "seq_mean")
+AGGREGATIONS = ("seq_sum_const", "token_mean", "seq_mean")  # see aggregation_weights
+TOKEN_NORMALISED = ("token_mean",)  # aggregations whose global_normalizer counts loss tokens (else sequences)
 
 
 @dataclass
