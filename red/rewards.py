@@ -113,7 +113,7 @@ def load_reward_fn(spec: str):
     """The callable `package.module:name` names (ConfigError naming reward.fn when it cannot be imported)."""
     import importlib
 
-    from .config import ConfigError
+    from .errors import ConfigError
 
     module, _, name = spec.partition(":")
     if not module or not name:
