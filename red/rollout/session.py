@@ -38,7 +38,7 @@ class RolloutSession:
 
     def sync(self) -> None:
         """Bring the engine's weights up to date when stale or dropped; a no-op otherwise."""
-        if not (self.stale or not self.engine.weights_valid):
+        if not self.stale and self.engine.weights_valid:
             return
         if not self.engine.colocated:
             self.engine.load_weights(engine_weights(self.model))
