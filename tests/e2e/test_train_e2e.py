@@ -38,8 +38,8 @@ def _rows(out):
 
 
 def _stable(row):
-    """Metrics that must be reproduced exactly (timings are not)."""
-    return {k: v for k, v in row.items() if not k.startswith("time") and k != "tokens_per_s"}
+    """Metrics that must be reproduced exactly (timings and memory readings are not)."""
+    return {k: v for k, v in row.items() if not k.startswith(("time", "mem_", "tokens_per_s"))}
 
 
 @pytest.mark.parametrize("mode", ["red", "luffy", "grpo", "sft", "sft_then_grpo"])
