@@ -143,3 +143,31 @@ def markdown(r: dict) -> str:
             )
     lines += ["", f"Chosen arms (`--arms`): `{r['arms']}`", "", f"Command: `{r['command']}`", ""]
     return "\n".join(lines)
+
+
+TOG = "algorithm.teacher_only_groups"
+
+
+def decisive_arms(sweep: dict, ablate: tuple = ("luffy", "red")) -> str:
+    """The decisive comparison's `--arms` from a sweep result: every method at its chosen (validation)
+    settings, plus, for each method in `ablate`, the teacher_only_groups ablation — the same settings with the
+    faithful `keep` (or `zero_online` when `keep` was chosen), named METHOD_ALT."""
+    arms = [m["arm"] for m in sweep["methods"].values() if m["arm"]]
+    for name in ablate:
+        m = sweep["methods"].get(name)
+        if not m or not m["chosen"]:
+            continue
+        over = m["chosen"]["overrides"]
+        chosen = next((o.split("=", 1)[1] for o in over if o.startswith(TOG + "=")), "keep")
+        alt = "zero_online" if chosen == "keep" else "keep"
+        rest = [o for o in over if not o.startswith(TOG + "=")] + [f"{TOG}={alt}"]
+        arms.append(":".join([f"{name}_{alt}={m['mode']}", *rest]))
+    return ",".join(arms)
+
+
+if __name__ == "__main__":  # python -m red.sweep arms SWEEP.json: the decisive comparison's --arms
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "arms":
+        sys.exit("usage: python -m red.sweep arms SWEEP.json")
+    print(decisive_arms(json.load(open(sys.argv[2]))))

@@ -66,3 +66,34 @@ def test_unequal_trial_counts_are_refused():
     }
     with pytest.raises(ConfigError, match="same number of trials"):
         trials(spec)
+
+
+def test_decisive_arms_add_the_teacher_only_ablation():
+    from red.sweep import decisive_arms
+
+    sweep = {
+        "methods": {
+            "grpo": {
+                "mode": "grpo",
+                "arm": "grpo:optim.lr=0.001",
+                "chosen": {"overrides": ["optim.lr=0.001"]},
+            },
+            "red": {
+                "mode": "red",
+                "arm": "red:optim.lr=5e-4:algorithm.teacher_only_groups=drop",
+                "chosen": {"overrides": ["optim.lr=5e-4", "algorithm.teacher_only_groups=drop"]},
+            },
+            "luffy": {
+                "mode": "luffy",
+                "arm": "luffy:optim.lr=2e-4",
+                "chosen": {"overrides": ["optim.lr=2e-4"]},
+            },
+        }
+    }
+    assert decisive_arms(sweep).split(",") == [
+        "grpo:optim.lr=0.001",
+        "red:optim.lr=5e-4:algorithm.teacher_only_groups=drop",
+        "luffy:optim.lr=2e-4",
+        "luffy_zero_online=luffy:optim.lr=2e-4:algorithm.teacher_only_groups=zero_online",
+        "red_keep=red:optim.lr=5e-4:algorithm.teacher_only_groups=keep",
+    ]

@@ -76,13 +76,13 @@ def test_yaml_file_and_packaged_real_model_config(tmp_path):
 def test_mode_table():
     grpo = load_config(overrides=["algorithm.mode=grpo"])
     assert (
-        modes.phases(grpo) == (modes.Phase("grpo", 60, 0),)
+        modes.phases(grpo) == (modes.Phase("grpo", 40, 0),)
         and modes.offline_weight_settings(grpo, "grpo", 0)["w_max"] == 8.0
     )
     red = load_config()
     lc, w = modes.loss_config(red, "red"), modes.offline_weight_settings(red, "red", 1)
     assert (
-        modes.phases(red) == (modes.Phase("red", 60, 1),)
+        modes.phases(red) == (modes.Phase("red", 40, 1),)
         and lc.offline_shaping == "accuracy_shift"
         and not w["fixed"]
     )
