@@ -98,7 +98,7 @@ class AlgorithmConfig:
     w_eps: float = 1e-8
     entropy_ema: float | None = None  # None: off; alpha in [0, 1): H~ = alpha H~_prev + (1-alpha) H
     sft_steps: int | None = None  # sft_then_grpo: SFT steps before GRPO (None -> train.steps // 2)
-    teacher_only_groups: str = "keep"  # keep | zero_online | drop (red/algorithm.py TEACHER_ONLY_CHOICES)
+    teacher_only_groups: str = "zero_online"  # keep | zero_online | drop (red/algorithm.py; README)
 
 
 @dataclass
