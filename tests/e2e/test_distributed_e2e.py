@@ -5,7 +5,6 @@ checkpoint under ddp and fsdp2, with a small constant number of red's own collec
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -106,7 +105,6 @@ def test_torchrun_fsdp2_bf16_writes_an_hf_loadable_checkpoint(tmp_path):
 
     out = str(tmp_path / "run")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    t = time.time()
     res = subprocess.run(
         [
             sys.executable,
@@ -126,7 +124,7 @@ def test_torchrun_fsdp2_bf16_writes_an_hf_loadable_checkpoint(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "held-out accuracy:" in res.stdout and time.time() - t < 600
+    assert "held-out accuracy:" in res.stdout
     model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "step_2"), dtype="auto")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert all(

