@@ -98,7 +98,7 @@ class AlgorithmConfig:
     w_eps: float = 1e-8
     entropy_ema: float | None = None  # None: off; alpha in [0, 1): H~ = alpha H~_prev + (1-alpha) H
     sft_steps: int | None = None  # sft_then_grpo: SFT steps before GRPO (None -> train.steps // 2)
-    teacher_only_groups: str = "zero_online"  # keep | zero_online | drop (red/algorithm.py; README)
+    teacher_only_groups: str = "auto"  # auto (the mode's, red/modes.py) | keep | zero_online | drop
 
 
 @dataclass
@@ -349,7 +349,7 @@ CHOICES = {
     "rollout.engine": ENGINES,
     "rollout.is_correction": ("none", "tis"),
     "algorithm.adv_stats": ("group", "online"),
-    "algorithm.teacher_only_groups": TEACHER_ONLY_CHOICES,
+    "algorithm.teacher_only_groups": ("auto", *TEACHER_ONLY_CHOICES),
     "algorithm.offline_weight": OFFLINE_WEIGHTS,
     "loss.offline_shaping": SHAPINGS,
     "loss.loss_agg": AGGREGATIONS,

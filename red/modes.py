@@ -33,6 +33,9 @@ class Mode:
     offline_weight: str | None = None  # forced w policy (None: algorithm.offline_weight)
     entropy_coef: float = 0.0  # entropy bonus when loss.entropy_coef is null
     then: str | None = None  # the RL mode after the SFT phase
+    teacher_only_groups: str = (
+        "zero_online"  # algorithm.teacher_only_groups=auto (validation choice, issue 22)
+    )
 
     def __post_init__(self):
         if self.shaping is not None and self.shaping not in SHAPINGS:
@@ -68,7 +71,14 @@ class Mode:
 
 MODES: dict[str, Mode] = {
     "red": Mode("rl", teacher=True),
-    "luffy": Mode("rl", teacher=True, shaping="luffy", offline_weight="fixed", entropy_coef=0.001),
+    "luffy": Mode(
+        "rl",
+        teacher=True,
+        shaping="luffy",
+        offline_weight="fixed",
+        entropy_coef=0.001,
+        teacher_only_groups="keep",
+    ),
     "grpo": Mode("rl"),
     "sft": Mode("sft"),
     "sft_then_grpo": Mode("sft_then_rl", then="grpo"),
@@ -199,6 +209,13 @@ def plan(cfg) -> list[Stage]:
         ),
         main,
     ]
+
+
+def teacher_only_groups(cfg, mode: str) -> str:
+    """algorithm.teacher_only_groups of a leaf mode: the key, or with 'auto' the mode's validation-chosen default
+    (red: zero_online, luffy: keep; experiments/embedded/sweep_teacher_only.md)."""
+    v = cfg.algorithm.teacher_only_groups
+    return MODES[mode].teacher_only_groups if v == "auto" else v
 
 
 def uses_traces(cfg) -> bool:

@@ -33,7 +33,7 @@ from .algorithm import (
     teacher_only_advantages,
 )
 from .metrics import batch_sums, finish_rollout_metrics
-from .modes import MODES
+from .modes import MODES, teacher_only_groups
 from .plan import Plan
 from .records import RolloutBatch
 from .rollout.base import SamplingConfig
@@ -158,7 +158,7 @@ def rl_step(tr, phase) -> dict:
         need[0] = max(int(mx["short"]), 1)
         return mx["short"] > 0
 
-    tog = cfg.algorithm.teacher_only_groups
+    tog = teacher_only_groups(cfg, phase.mode)
     parts, ds = refill(
         draw, tr.per_rank, cfg.algorithm.max_refill, cfg.algorithm.dynamic_sampling, need_more, tog
     )

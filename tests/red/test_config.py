@@ -280,3 +280,16 @@ def test_sft_phase_has_its_own_schedule_and_optimizer_span():
     assert red.schedule_of(0).lr == 1e-4 and red.optimizer_span(0) == 10  # RL modes: optim.*
     with pytest.raises(ConfigError, match="'sft.lr'"):
         load_config(overrides=["sft.lr=0"])
+
+
+def test_teacher_only_groups_auto_is_the_modes_validation_choice():
+    cfg = load_config()
+    assert cfg.algorithm.teacher_only_groups == "auto"
+    assert (
+        modes.teacher_only_groups(cfg, "red") == "zero_online"
+        and modes.teacher_only_groups(cfg, "luffy") == "keep"
+    )
+    cfg = load_config(overrides=["algorithm.teacher_only_groups=drop"])
+    assert modes.teacher_only_groups(cfg, "luffy") == "drop"
+    with pytest.raises(ConfigError, match="'algorithm.teacher_only_groups': must be one of auto, keep"):
+        load_config(overrides=["algorithm.teacher_only_groups=zero"])
