@@ -24,7 +24,7 @@ publish() {   # publish NAME COMMAND...
 
 case "${1:-}" in
   sweep)   # every knob on the validation split, the same number of trials per method (experiments/embedded/sweep.yaml)
-    cmd=("$PY" -m red.compare --sweep experiments/embedded/sweep.yaml --jobs "${JOBS:-2}")
+    cmd=("$PY" -m red.sweep run experiments/embedded/sweep.yaml --jobs "${JOBS:-2}")
     "${cmd[@]}"
     cp runs/sweep/sweep.json runs/sweep/sweep.md experiments/embedded/
     { echo "command: ${cmd[*]}"; echo "commit: $(git rev-parse HEAD)"; echo "date: $(date -u +%FT%TZ)"; } \

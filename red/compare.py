@@ -2,7 +2,7 @@
 
     python -m red.compare [--config FILE] [--arms ARMS | --modes M1,M2] [--seeds 3 | --seeds 11,12,13]
                           [--baseline grpo] [--jobs 1] [key.sub=value ...]
-    python -m red.compare --sweep SPEC.yaml [--jobs 2] [output_dir=...]   # tuning on validation, red/sweep.py
+    python -m red.sweep run SPEC.yaml [--jobs 2] [output_dir=...]        # tuning on validation, red/sweep.py
 
 ARMS: comma-separated arms, each `NAME=MODE:key=value:key=value` or just `MODE` (the arm is named after its
 mode), e.g. `--arms grpo,red,red_phi_p=red:loss.offline_shaping=none,luffy_zero=luffy:algorithm.teacher_only_groups=zero_online`.
@@ -478,7 +478,6 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a list 11,12,13 (default 3)")
     ap.add_argument("--baseline", default="grpo", help="arm the paired differences are taken against")
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
-    ap.add_argument("--sweep", default=None, help="a sweep spec (YAML): tune on validation, see red/sweep.py")
     ap.add_argument(
         "overrides", nargs="*", help="key.sub=value, passed to every run (output_dir = compare root)"
     )
@@ -487,15 +486,6 @@ def main(argv=None) -> int:
         ap.error("--jobs must be >= 1")
     out_root, overrides = parse_overrides(a.overrides)
     cmd = "python -m red.compare " + " ".join(sys.argv[1:] if argv is None else argv)
-    if a.sweep:
-        from .sweep import run_sweep
-
-        try:
-            run_sweep(a.sweep, a.jobs, overrides, out_root if out_root != "runs/compare" else None, cmd)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
     try:
         if a.modes and (a.arms or a.arm):
             ap.error("--modes and --arms/--arm: give one of them")

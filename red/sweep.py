@@ -1,5 +1,5 @@
-"""Tuning on the validation split with the same number of trials for every method (`python -m red.compare
---sweep SPEC.yaml`). Held-out problems are never evaluated here.
+"""Tuning on the validation split with the same number of trials for every method (`python -m red.sweep run
+SPEC.yaml [--jobs 2] [key=value ...]`). Held-out problems are never evaluated here.
 
 SPEC (YAML):
 
@@ -18,12 +18,14 @@ as one `--arms` string for the decisive comparison (arm names = method names).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
 import os
+import sys
 
-from .compare import Arm, compare, parse_arm
+from .compare import Arm, compare, parse_arm, parse_overrides
 from .config import ConfigError, load_yaml, resolve_config_path
 from .run_dir import json_ready, write_text
 
@@ -124,7 +126,7 @@ def markdown(r: dict) -> str:
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
     lines = [
-        "# red.compare --sweep: tuning on the validation split",
+        "# red.sweep: tuning on the validation split",
         "",
         f"{r['trials_per_method']} trials per method, seeds {r['seeds']}; common overrides: "
         f"`{' '.join(r['common_overrides'])}`. Held-out problems are not evaluated.",
@@ -165,9 +167,32 @@ def decisive_arms(sweep: dict, ablate: tuple = ("luffy", "red")) -> str:
     return ",".join(arms)
 
 
-if __name__ == "__main__":  # python -m red.sweep arms SWEEP.json: the decisive comparison's --arms
-    import sys
+def main(argv=None) -> int:
+    """`run SPEC.yaml [--jobs N] [key=value ...]`: the sweep; `arms SWEEP.json`: print its decisive --arms."""
+    ap = argparse.ArgumentParser(prog="python -m red.sweep", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="tune every method on the validation split (writes OUT/sweep.{json,md})")
+    run.add_argument("spec", help="a sweep spec (YAML), e.g. experiments/embedded/sweep.yaml")
+    run.add_argument("--jobs", type=int, default=1, help="runs at the same time")
+    run.add_argument("overrides", nargs="*", help="key.sub=value for every trial (output_dir = sweep root)")
+    arms = sub.add_parser("arms", help="print the decisive comparison's --arms from a sweep.json")
+    arms.add_argument("sweep_json")
+    a = ap.parse_args(argv)
+    if a.cmd == "arms":
+        with open(a.sweep_json, encoding="utf-8") as f:
+            print(decisive_arms(json.load(f)))
+        return 0
+    if a.jobs < 1:
+        ap.error("--jobs must be >= 1")
+    out_root, overrides = parse_overrides(a.overrides)
+    cmd = "python -m red.sweep " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        run_sweep(a.spec, a.jobs, overrides, out_root if out_root != "runs/compare" else None, cmd)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
-    if len(sys.argv) != 3 or sys.argv[1] != "arms":
-        sys.exit("usage: python -m red.sweep arms SWEEP.json")
-    print(decisive_arms(json.load(open(sys.argv[2]))))
+
+if __name__ == "__main__":
+    sys.exit(main())

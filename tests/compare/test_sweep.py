@@ -1,4 +1,4 @@
-"""red.compare --sweep (red/sweep.py) with an injected runner: equal trial counts enforced, every trial
+"""red.sweep run (red/sweep.py) with an injected runner: equal trial counts enforced, every trial
 evaluated on the validation split, the best mean validation accuracy chosen per method."""
 
 import json
