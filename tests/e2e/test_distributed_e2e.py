@@ -47,7 +47,7 @@ COLLECTIVES = (
 
 def _rank(rank, port, out, kind, counts_path):
     init_rank(rank, 2, port)
-    import red.loop
+    import red.step
     from red.train import main
 
     counter = {"n": 0}
@@ -60,7 +60,7 @@ def _rank(rank, port, out, kind, counts_path):
             return _real(*a, **k)
 
         setattr(dist, name, counted)
-    per_step, real_step = [], red.loop.rl_step
+    per_step, real_step = [], red.step.rl_step
 
     def step(*a, **k):
         before = counter["n"]
@@ -68,7 +68,7 @@ def _rank(rank, port, out, kind, counts_path):
         per_step.append(counter["n"] - before)
         return out_
 
-    red.loop.rl_step = step
+    red.step.rl_step = step  # run_step looks rl_step up at call time
     assert main([f"output_dir={out}", f"train.parallel={kind}", *ARGS]) == 0
     if rank == 0:
         torch.save(per_step, counts_path)

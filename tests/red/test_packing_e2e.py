@@ -55,7 +55,8 @@ def test_default_config_trains_packed_with_the_metrics_of_padded(tmp_path):
     )
     for a, b in zip(packed, padded):
         assert a.keys() == b.keys()
-        bad = {k: (a[k], b[k]) for k in a if not _close(a[k], b[k])}
+        # mem_*: the process's resident memory, not a training quantity
+        bad = {k: (a[k], b[k]) for k in a if not k.startswith("mem_") and not _close(a[k], b[k])}
         assert not bad, bad
 
 
