@@ -99,7 +99,9 @@ def test_a_second_signal_stops_at_once():
 
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_is_bitwise_exact(reference, tmp_path):
-    seed = int(os.environ.get("RED_FAULT_SEED", random.randrange(2**31)))
+    # fixed by default so CI is reproducible; RED_FAULT_SEED=random draws one
+    env_seed = os.environ.get("RED_FAULT_SEED", "0")
+    seed = random.randrange(2**31) if env_seed == "random" else int(env_seed)
     rng = random.Random(seed)
     out, kills = str(tmp_path / "run"), []
     for _ in range(3):
@@ -110,5 +112,6 @@ def test_kill_9_at_random_points_then_resume_is_bitwise_exact(reference, tmp_pat
         proc.kill()
         proc.wait()
         kills.append(_last_step(out))
-    assert main(tiny_args(out, STEPS)) == 0, f"seed {seed}, killed after steps {kills}"
+    if _last_step(out) < STEPS:  # a kill after the last checkpoint leaves a finished run: a resume is refused
+        assert main(tiny_args(out, STEPS)) == 0, f"seed {seed}, killed after steps {kills}"
     _same_run(reference, out)
