@@ -1,10 +1,12 @@
 """Which attention implementation the model uses, and whether micro-batches are packed with it.
 
 `model.attn_implementation: auto` picks, by device:
-* CPU: `sdpa`. Packed rows work through transformers' masks: with attention_mask=None, use_cache=False and no
-  cache, masking_utils._preprocess_mask_arguments calls find_packed_sequence_indices(position_ids) (a new
-  sequence wherever the position does not grow by 1) and create_causal_mask ANDs a block-diagonal mask into the
-  causal one (also for `eager`). Layout "rows" (red/packing.py).
+* CPU: `sdpa`. Layout "shared" by default (`train.share_prompts`, red/packing.py): one row per micro-batch
+  with a group's prompt once and an explicit [1, 1, L, L] mask, which masking_utils passes through as a custom 4-D
+  mask (sdpa and eager, any device). Without prompt sharing, layout "rows": packed rows work through transformers'
+  masks: with attention_mask=None, use_cache=False and no cache, masking_utils._preprocess_mask_arguments calls
+  find_packed_sequence_indices(position_ids) (a new sequence wherever the position does not grow by 1) and
+  create_causal_mask ANDs a block-diagonal mask into the causal one (also for `eager`).
 * CUDA: `flash_attention_2` when flash-attn is installed (extra `[gpu]`; transformers' padding-free path turns
   packed position_ids of a b = 1 row into cu_seqlens for flash_attn_varlen_func), else `torch_varlen` — this
   module's registration of torch.nn.attention.varlen.varlen_attn as a transformers attention function —, else
@@ -62,12 +64,17 @@ def resolve(name: str, device, dtype: str = "bfloat16") -> str:
     return "sdpa"
 
 
-def packing_layout(attn: str, device, enabled: bool = True) -> str:
-    """Micro-batch layout for `train.packing` = enabled with attention `attn` on `device`: off | rows | flat."""
+def packing_layout(attn: str, device, enabled: bool = True, share_prompts: bool = False) -> str:
+    """Micro-batch layout for `train.packing` = enabled and `train.share_prompts` with attention `attn` on
+    `device`: off | rows | flat | shared. Prompt sharing needs an explicit attention mask (a member sees its
+    prompt, not the other members), which sdpa and eager take on any device; the varlen kernels (cu_seqlens)
+    cannot express it, so FlashAttention keeps the one-row "flat" layout."""
     if not enabled:
         return "off"
     if attn in FLAT:
         return "flat"
+    if attn in MASKED and share_prompts:
+        return "shared"
     if attn in MASKED and torch.device(device).type == "cpu":
         return "rows"
     warnings.warn(

@@ -23,7 +23,8 @@ IGNORE = -100
 class MicroBatch:
     rows: Tensor  # [S] the RolloutBatch row of each sequence ([0] for a dummy)
     input_ids: Tensor  # [b, L]
-    attention_mask: Tensor | None  # [b, L] 1 on real tokens; None when packed (masks come from position_ids)
+    # [b, L] 1 on real tokens; None when packed (masks come from position_ids); [b, 1, L, L] bool when shared
+    attention_mask: Tensor | None
     position_ids: Tensor  # [b, L]
     targets: Tensor  # [b, L-1] next token on response positions, IGNORE elsewhere
     offline_mask: Tensor  # [b, L-1] bool, teacher-trace tokens
@@ -41,6 +42,9 @@ class MicroBatch:
         None  # [b, L-1] the rollout engine's log-probs (online tokens; 0 elsewhere)
     )
     entropy: Tensor | None = None  # [b, L-1] float32 token entropies of the policy before the step (passes)
+    # [b, T] column of the hidden state that predicts each target (layout "shared"); None: column t predicts t + 1,
+    # and per-token tensors are [b, L-1]
+    hidden_index: Tensor | None = None
 
     @property
     def loss_mask(self) -> Tensor:

@@ -132,6 +132,7 @@ class TrainConfig:
     prompts_per_step: int = 64  # groups per optimizer step (whole batch, all ranks)
     micro_batch_tokens: int = 16384  # tokens (padding included) per forward/backward
     packing: bool = True  # pack sequences into rows (no padding) where the attention supports it
+    share_prompts: bool = True  # packed with sdpa/eager: a group's prompt runs once per micro-batch
     ppo_epochs: int = 1
     parallel: str = "ddp"  # ddp | fsdp2 (world size 1: no wrapper)
     max_nonfinite_steps: int = 3  # this many steps in a row with a non-finite loss/gradient stop the run

@@ -15,6 +15,17 @@ Layouts:
 * "rows": several rows per micro-batch, as wide as its longest sequence, rows × width ≤ budget (SDPA/eager with
   a dense block mask: the attention cost of a row stays that of the padded row it replaces).
 In both, a sequence longer than the budget is a micro-batch of its own, as when padded.
+
+Layout "shared" (prompt sharing, SDPA/eager): the members of a group share one prompt, so it is run once per
+micro-batch instead of once per member. A micro-batch is one row of chunks `prompt response_1 response_2 ...`
+(a group's members that fit the budget together; a larger group takes several chunks, each with its prompt).
+Positions are those of the padded sequences (response_j continues at the prompt's length), and an explicit
+attention mask [1, 1, L, L] (bool, True = attend) lets a token see its chunk's prompt and its own response, never
+another member's. The hidden state that predicts response token t of a member is at column `hidden_index`:
+the prompt's last token for t = 0, the member's token t − 1 after that; per-token tensors are then [1, T] with T
+the micro-batch's response tokens, each sequence's targets contiguous. Same log-probs, loss and gradients as
+the other layouts (the prompt's gradient is the sum of what each member sends back), for the prompt tokens of
+a group counted once: at a group of 8 with prompts as long as responses, 9 tokens run where 16 did.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import torch
 from .batching import IGNORE, MicroBatch, collate, token_budget_groups
 from .records import RolloutBatch
 
-LAYOUTS = ("off", "rows", "flat")
+LAYOUTS = ("off", "rows", "flat", "shared")
 
 
 def first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -69,25 +80,67 @@ def packed_groups(lengths: list[int], token_budget: int, layout: str) -> list[li
     return [[row for row in mb if row] for mb in out]
 
 
-def groups(lengths: list[int], token_budget: int, layout: str = "off") -> list[list[list[int]]]:
+def shared_groups(prompts: list[tuple], lengths: list[int], token_budget: int) -> list[list[list[int]]]:
+    """Micro-batches -> chunks -> sequence indices for layout "shared": sequences with equal prompts (`prompts`,
+    token tuples; `lengths` prompt + response) form chunks of at most `token_budget` tokens counting the prompt
+    once (first-fit, longest response first; a response that does not fit beside its prompt gets a chunk of its
+    own), then the chunks are packed first-fit into one-row micro-batches of at most `token_budget` tokens.
+    Deterministic for the same inputs."""
+    by_prompt: dict[tuple, list[int]] = {}
+    for i, key in enumerate(prompts):
+        by_prompt.setdefault(key, []).append(i)
+    chunks, cost = [], []
+    for key, members in by_prompt.items():
+        resp = [lengths[i] - len(key) for i in members]
+        for part in first_fit_rows(resp, max(token_budget - len(key), 1)):
+            chunks.append([members[j] for j in part])
+            cost.append(len(key) + sum(resp[j] for j in part))
+    return [[chunks[c] for c in row] for row in first_fit_rows(cost, token_budget)]
+
+
+def groups(
+    lengths: list[int], token_budget: int, layout: str = "off", prompts: list[tuple] | None = None
+) -> list[list[list[int]]]:
     """The one planner: micro-batches -> rows -> sequence indices for `layout` ("off": padded, one sequence per
-    row, red/batching.py; "rows" / "flat": packed, `packed_groups`). Deterministic for the same lengths."""
+    row, red/batching.py; "rows" / "flat": packed, `packed_groups`; "shared": micro-batches -> chunks ->
+    sequence indices, `shared_groups`, which needs each sequence's prompt tokens in `prompts`). Deterministic
+    for the same inputs."""
     if layout == "off":
         return [[[i] for i in mb] for mb in token_budget_groups(lengths, token_budget)]
+    if layout == "shared":
+        if prompts is None:
+            raise ValueError("layout 'shared' groups sequences by prompt: pass prompts=[prompt token tuples]")
+        return shared_groups(prompts, lengths, token_budget)
     return packed_groups(lengths, token_budget, layout)
 
 
+def prompt_keys(batch: RolloutBatch, rows: list[int]) -> list[tuple]:
+    """The prompt tokens of each of `rows`, as tuples (the key layout "shared" groups sequences by)."""
+    return [tuple(batch.prompt[i, : int(batch.prompt_len[i])].tolist()) for i in rows]
+
+
+def plan_rows(batch: RolloutBatch, rows: list[int], token_budget: int, layout: str) -> list[list[list[int]]]:
+    """`groups` of the batch rows `rows` (micro-batches -> rows or chunks -> batch rows)."""
+    if not rows:
+        return []
+    keys = prompt_keys(batch, rows) if layout == "shared" else None
+    plan = groups(batch.lengths[rows].tolist(), token_budget, layout, keys)
+    return [[[rows[i] for i in part] for part in mb] for mb in plan]
+
+
 def micro_batch_count(lengths: list[int], token_budget: int, layout: str = "off") -> int:
-    """How many micro-batches `groups` makes of sequences with these lengths."""
+    """How many micro-batches `groups` makes of sequences with these lengths (layouts without prompts)."""
     return len(groups(lengths, token_budget, layout))
 
 
 def collate_layout(
     batch: RolloutBatch, rows: list[list[int]], pad_id: int, layout: str = "off"
 ) -> MicroBatch:
-    """The MicroBatch of one planned micro-batch (rows of batch rows) in `layout`."""
+    """The MicroBatch of one planned micro-batch (rows, or chunks for "shared", of batch rows) in `layout`."""
     if layout == "off":
         return collate(batch, [i for row in rows for i in row], pad_id)
+    if layout == "shared":
+        return collate_shared(batch, rows)
     return collate_packed(batch, rows, pad_id)
 
 
@@ -98,7 +151,7 @@ def micro_batches(
     builds them once, as a red/plan.py Plan.)"""
     return [
         collate_layout(batch, mb, pad_id, packing)
-        for mb in groups(batch.lengths.tolist(), token_budget, packing)
+        for mb in plan_rows(batch, list(range(batch.B)), token_budget, packing)
     ]
 
 
@@ -156,4 +209,77 @@ def collate_packed(batch: RolloutBatch, rows: list[list[int]], pad_id: int) -> M
         sequence_ids=sid,
         seq_row=seq_row,
         engine_logprobs=per_tok(batch.engine_logprobs, 0.0),
+    )
+
+
+def collate_shared(batch: RolloutBatch, chunks: list[list[int]]) -> MicroBatch:
+    """The prompt-sharing MicroBatch (layout "shared", module docstring) of `chunks`: lists of batch rows with
+    equal prompts, laid out as one row `prompt response_1 ... response_k` per chunk, chunk after chunk."""
+    seqs = [i for chunk in chunks for i in chunk]
+    idx = torch.tensor(seqs, dtype=torch.long)
+    r = batch.response_len[idx]
+    if bool((r == 0).any()):
+        raise ValueError("a sequence without response tokens cannot be trained on")
+    p_len = [int(batch.prompt_len[c[0]]) for c in chunks]
+    width = sum(p_len) + int(r.sum())
+    ids = torch.empty(width, dtype=torch.long)
+    pos = torch.empty(width, dtype=torch.long)
+    chunk_of = torch.empty(width, dtype=torch.long)
+    member = torch.empty(width, dtype=torch.long)  # −1 on prompt tokens, else the sequence k
+    n_targets = int(r.sum())
+    hidden_index = torch.empty(n_targets, dtype=torch.long)
+    targets = torch.empty(n_targets, dtype=torch.long)
+    sid = torch.empty(n_targets, dtype=torch.long)
+    start = torch.empty(len(seqs), dtype=torch.long)
+    o = t = k = 0
+    for c, (chunk, p) in enumerate(zip(chunks, p_len)):
+        prompt = batch.prompt[chunk[0], :p]
+        ids[o : o + p], pos[o : o + p], chunk_of[o : o + p], member[o : o + p] = (
+            prompt,
+            torch.arange(p),
+            c,
+            -1,
+        )
+        last, o = o + p - 1, o + p
+        for i in chunk:
+            if int(batch.prompt_len[i]) != p or not torch.equal(batch.prompt[i, :p], prompt):
+                raise ValueError(f"rows {chunk[0]} and {i} share a chunk but not a prompt")
+            n, resp = int(batch.response_len[i]), batch.response[i, : int(batch.response_len[i])]
+            ids[o : o + n], pos[o : o + n], chunk_of[o : o + n], member[o : o + n] = (
+                resp,
+                p + torch.arange(n),
+                c,
+                k,
+            )
+            hidden_index[t] = last
+            hidden_index[t + 1 : t + n] = torch.arange(o, o + n - 1)
+            targets[t : t + n], sid[t : t + n], start[k] = resp, k, t
+            o, t, k = o + n, t + n, k + 1
+    col = torch.arange(width)
+    see = (chunk_of[:, None] == chunk_of[None]) & (col[None] <= col[:, None])
+    see &= (member[None] == -1) | (member[None] == member[:, None])
+
+    def per_tok(v):  # response-aligned [B, R] -> [1, T]
+        return None if v is None else torch.cat([v[i, : int(batch.response_len[i])] for i in seqs])[None]
+
+    def per_seq(v):
+        return None if v is None else v[idx].float()
+
+    return MicroBatch(
+        idx,
+        ids[None],
+        see[None, None],
+        pos[None],
+        targets[None],
+        batch.is_offline[idx][sid][None],
+        start,
+        per_seq(batch.advantage),
+        per_seq(batch.group_accuracy),
+        per_seq(batch.offline_weight),
+        per_tok(batch.old_logprobs),
+        per_tok(batch.is_weights),
+        sequence_ids=sid[None],
+        seq_row=torch.zeros(len(seqs), dtype=torch.long),
+        engine_logprobs=per_tok(batch.engine_logprobs),
+        hidden_index=hidden_index[None],
     )

@@ -3,7 +3,7 @@
 `Plan.build` groups a RolloutBatch's rows into token-budgeted micro-batches and collates them on the device once;
 every pass of the step (the old-policy pass, each PPO epoch of the update) runs over the same MicroBatch objects.
 The layout is the policy's: padded (one sequence per row, red/batching.py) or packed (several per row,
-red/packing.py); packing.groups is the one planner for both. Per-token values live in the layout from the moment they
+red/packing.py, also prompt-sharing); packing.groups is the one planner for all. Per-token values live in the layout from the moment they
 are computed: the passes write `old_logprobs` and `entropy` ([b, L-1], on the device) into each micro-batch, the
 engine's log-probs are placed there at build time, and per-sequence inputs (advantages, r̄, w) are set with
 `set_sequences`. `response` reads any of them back as response-aligned [B, R] (for metrics and tests).
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .batching import MicroBatch, dummy_micro_batch
-from .packing import collate_layout, groups
+from .packing import collate_layout, plan_rows
 from .records import RolloutBatch
 
 
@@ -53,14 +53,8 @@ class Plan:
             parts = [torch.nonzero(~batch.is_offline).flatten(), torch.nonzero(batch.is_offline).flatten()]
         built = []
         for idx in parts:
-            ids = idx.tolist()
-            plan = groups(batch.lengths[idx].tolist(), token_budget, layout) if ids else []
-            built.append(
-                [
-                    collate_layout(batch, [[ids[i] for i in row] for row in mb], pad_id, layout).to(device)
-                    for mb in plan
-                ]
-            )
+            plan = plan_rows(batch, idx.tolist(), token_budget, layout)
+            built.append([collate_layout(batch, mb, pad_id, layout).to(device) for mb in plan])
         first, second = built if split else (built[0], [])
         out = cls(
             first + second, len(first), batch.response.shape[1], batch.response_len.clone(), pad_id, device

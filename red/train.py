@@ -269,7 +269,9 @@ def build_trainer(cfg, model, tok, eos_id: int, device, run: RunDir) -> Trainer:
     by rollout.engine, the verifier, and the Trainer holding them."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     policy = Policy(model, cfg.model.dtype, cfg.train.parallel, pad_id)
-    policy.packing = packing_layout(model.config._attn_implementation, device, cfg.train.packing)
+    policy.packing = packing_layout(
+        model.config._attn_implementation, device, cfg.train.packing, cfg.train.share_prompts
+    )
     engine = factory.make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id))
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s, fn=cfg.reward.fn)
     return Trainer(cfg, policy, tok, RolloutSession(engine, model), verifier, run)

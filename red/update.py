@@ -33,7 +33,7 @@ class Policy:
     (itself, DDP or FSDP2), the compute dtype and, for float16, the GradScaler."""
 
     packing = (
-        "off"  # micro-batch layout (red/packing.py): off | rows | flat; set from red.attention.packing_layout
+        "off"  # micro-batch layout (red/packing.py): off | rows | flat | shared; red.attention.packing_layout
     )
     skipped_updates = 0  # optimizer steps skipped for a non-finite loss or gradient (red/loop.py reads it)
 
@@ -77,14 +77,26 @@ class Policy:
                 self.model.forward = saved
 
     def hidden_and_head(self, mb):
-        """(hidden [b, L-1, H], lm_head weight, bias) in the compute dtype for a micro-batch; call inside `call`."""
+        """(hidden [b, L-1, H] ([b, T, H] with hidden_index), lm_head weight, bias) in the compute dtype for a
+        micro-batch; call inside `call`."""
+        mask = mb.attention_mask
+        if mask is not None and mask.dim() == 4 and self.model.config._attn_implementation == "eager":
+            # eager adds the mask to the scores: a bool "may attend" mask becomes 0 / dtype-min
+            dt = self.compute if self.compute != torch.float32 else self.model.dtype
+            mask = torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dt).min
+            )
         out = self.model.base_model(
             input_ids=mb.input_ids,
-            attention_mask=mb.attention_mask,
+            attention_mask=mask,
             position_ids=mb.position_ids,
             use_cache=False,
         )
-        h = out.last_hidden_state[:, :-1]
+        h = out.last_hidden_state
+        if mb.hidden_index is None:  # column t predicts token t + 1
+            h = h[:, :-1]
+        else:  # prompt sharing: a prompt's last column predicts every member's first token
+            h = h.gather(1, mb.hidden_index[..., None].expand(-1, -1, h.shape[-1]))
         head = self.model.get_output_embeddings()
         bias = head.bias.to(h.dtype) if getattr(head, "bias", None) is not None else None
         return h, head.weight.to(h.dtype), bias

@@ -1,5 +1,5 @@
-"""The embedded default (red/configs/default.yaml: warm-up SFT stage, then RED) trains with packing on, and its
-metrics equal those of the same run with padded micro-batches."""
+"""The embedded default (red/configs/default.yaml: warm-up SFT stage, then RED) trains with packing and prompt
+sharing on (the defaults), and its metrics equal those of the same run with padded micro-batches."""
 
 import json
 import math
@@ -48,7 +48,7 @@ def test_default_config_trains_packed_with_the_metrics_of_padded(tmp_path):
             summary["attention"],
         )
     (packed, attn_on), (padded, attn_off) = runs["true"], runs["false"]
-    assert attn_on == {"implementation": "sdpa", "packing": "rows"} and attn_off["packing"] == "off"
+    assert attn_on == {"implementation": "sdpa", "packing": "shared"} and attn_off["packing"] == "off"
     assert len(packed) == len(padded) == 2 + 3
     assert [r["mode"] for r in packed[3:]] == ["red", "red"] and not any(
         r.get("skipped_update") for r in packed
@@ -62,7 +62,8 @@ def test_default_config_trains_packed_with_the_metrics_of_padded(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_packed_passes_equal_padded():
-    """The real SmolLM2-135M-Instruct (a Llama; the smollm2 config's model), packed rows vs padded, fp32."""
+    """The real SmolLM2-135M-Instruct (a Llama; the smollm2 config's model), packed rows and shared prompts vs
+    padded, fp32."""
     import torch
     from test_packing import mixed_batch
     from transformers import AutoModelForCausalLM
@@ -86,3 +87,12 @@ def test_smollm2_packed_passes_equal_padded():
         runs[layout] = old_policy_pass(p, b, 64, 1.0)
     assert torch.allclose(runs["rows"].old_logprobs, runs["off"].old_logprobs, rtol=1e-5, atol=1e-5)
     assert torch.allclose(runs["rows"].entropy, runs["off"].entropy, rtol=1e-5, atol=1e-5)
+    from test_prompt_sharing import grouped_batch
+
+    g = grouped_batch(3, 4, 1, seed=7)
+    for layout in ("off", "shared"):
+        p = Policy(model, pad_id=0)
+        p.packing = layout
+        runs[layout] = old_policy_pass(p, g, 64, 1.0)
+    assert torch.allclose(runs["shared"].old_logprobs, runs["off"].old_logprobs, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(runs["shared"].entropy, runs["off"].entropy, rtol=1e-5, atol=1e-5)
