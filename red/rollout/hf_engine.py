@@ -37,7 +37,8 @@ class _RecordLogprobs:
 
 
 class HFEngine:
-    """RolloutEngine (red/rollout/base.py): generate() with left padding in chunks of `batch_size` sequences;
+    """RolloutEngine (red/rollout/base.py): generate() with left padding in chunks of about `batch_size`
+    sequences, each prompt's prefill run once for its n members;
     stop at any of `stop_token_ids`. `colocated`: it samples from the trainer's own module, so a weight sync has
     nothing to copy and its weights are always valid; sleep, wake and close have nothing to do."""
 
@@ -70,21 +71,43 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Rollout]]:
-        flat = [p for p in prompt_ids for _ in range(n)]
-        results: list[Rollout] = []
+        """n rollouts of each prompt. Prompts are taken in chunks of about `batch_size` sequences; each chunk's
+        prompts run their prefill once and the key/value cache is repeated for the n members (HF generate would
+        run it n times: at a group of 8, 7/8 of the prefill)."""
+        per_chunk = max(self.batch_size // max(n, 1), 1)
+        results: list[list[Rollout]] = []
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
-                for start in range(0, len(flat), self.batch_size):
-                    results.extend(self._generate_chunk(flat[start : start + self.batch_size], sampling))
+                for start in range(0, len(prompt_ids), per_chunk):
+                    flat = self._generate_chunk(prompt_ids[start : start + per_chunk], n, sampling)
+                    results.extend(flat[i * n : (i + 1) * n] for i in range(len(flat) // n))
         finally:
             self.model.train(was_training)
-        return [results[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+        return results
 
-    def _generate_chunk(self, prompts, sampling):
+    def _prefill(self, ids, mask, n):
+        """The key/value cache of every prompt's tokens but its last ([g, W-1], left-padded), run once per prompt
+        and repeated n times along the batch (generate then runs the last prompt token and samples)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        pos = (mask[:, :-1].cumsum(1) - 1).clamp(min=0)
+        self.model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        return cache
+
+    def _generate_chunk(self, prompts, n, sampling):
         from transformers import GenerationConfig, LogitsProcessorList
 
         device = next(self.model.parameters()).device
@@ -94,6 +117,8 @@ class HFEngine:
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        cache = self._prefill(ids, mask, n) if width > 1 else None
         greedy = sampling.temperature == 0
         gen_cfg = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
@@ -107,8 +132,9 @@ class HFEngine:
         )
         rec = _RecordLogprobs(sampling.temperature) if self.return_logprobs else None
         out = self.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
+            input_ids=ids.repeat_interleave(n, 0),
+            attention_mask=mask.repeat_interleave(n, 0),
+            past_key_values=cache,
             generation_config=gen_cfg,
             logits_processor=LogitsProcessorList([rec]) if rec else None,
         )
@@ -116,7 +142,7 @@ class HFEngine:
         lps = rec.finish(out[:, -1]).cpu() if rec else None
         stop = torch.tensor(self.stop_ids)
         rollouts = []
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(q for q in prompts for _ in range(n)):
             row = new[i].tolist()
             is_stop = torch.isin(new[i], stop).nonzero()
             if len(is_stop):

@@ -75,6 +75,43 @@ def test_engine_seeds_and_greedy_are_reproducible(tiny):
     assert torch.equal(state, torch.get_rng_state())  # sampling never disturbs the trainer's RNG
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_prefill_once_per_prompt_samples_what_generate_samples(tiny, temperature):
+    """The engine runs each prompt's prefill once and repeats its cache for the n members: the same tokens as
+    transformers' generate over the n copies (greedy, and sampled with the same seed), prompts of several
+    lengths (left padding inside a chunk)."""
+    from transformers import GenerationConfig
+
+    model, tok = tiny
+    prompts = _prompts(tok, 3)
+    assert len({len(p) for p in prompts}) > 1
+    eng = HFEngine(model, tok, batch_size=64, return_logprobs=False)
+    got = eng.generate(prompts, 4, SamplingConfig(24, temperature, 1.0, seed=5))
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[eng.pad_id] * (width - len(p)) + p for p in prompts for _ in range(4)])
+    mask = (
+        torch.arange(width)[None]
+        >= torch.tensor([width - len(p) for p in prompts for _ in range(4)])[:, None]
+    )
+    cfg = GenerationConfig(
+        max_new_tokens=24,
+        do_sample=temperature > 0,
+        temperature=temperature or None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=eng.pad_id,
+        eos_token_id=eng.stop_ids,
+    )
+    torch.manual_seed(5)
+    model.eval()
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=cfg)[:, width:]
+    flat = [ro.token_ids for group in got for ro in group]
+    assert len(flat) == 12
+    for row, ro in zip(ref.tolist(), flat):
+        assert row[: len(ro)] == ro
+
+
 @pytest.mark.parametrize("n, c, k", [(4, 1, 2), (5, 2, 1), (8, 3, 4), (10, 0, 3), (6, 6, 2), (16, 1, 16)])
 def test_pass_at_k_is_unbiased_estimator(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
