@@ -17,13 +17,15 @@ Layouts:
 In both, a sequence longer than the budget is a micro-batch of its own, as when padded.
 
 Layout "shared" (prompt sharing, SDPA/eager): the members of a group share one prompt, so it is run once per
-micro-batch instead of once per member. A micro-batch is one row of chunks `prompt response_1 response_2 ...`
-(a group's members that fit the budget together; a larger group takes several chunks, each with its prompt).
+chunk instead of once per member. A chunk is `prompt response_1 response_2 ...` (a group's members that fit a
+row together; a larger group takes several chunks, each with its prompt); chunks are packed into rows like the
+sequences of layout "rows", and a row is at most `row_tokens` wide (dense masked attention costs its width
+squared: red.attention.shared_row_tokens).
 Positions are those of the padded sequences (response_j continues at the prompt's length), and an explicit
-attention mask [1, 1, L, L] (bool, True = attend) lets a token see its chunk's prompt and its own response, never
-another member's. The hidden state that predicts response token t of a member is at column `hidden_index`:
-the prompt's last token for t = 0, the member's token t − 1 after that; per-token tensors are then [1, T] with T
-the micro-batch's response tokens, each sequence's targets contiguous. Same log-probs, loss and gradients as
+attention mask [b, 1, L, L] (bool, True = attend) lets a token see its chunk's prompt and its own response, never
+another member's. The hidden state that predicts response token t of a member is at column `hidden_index` of its
+row: the prompt's last token for t = 0, the member's token t − 1 after that; per-token tensors are then [b, T]
+with T the most response tokens of a row, each sequence's targets contiguous (IGNORE / −1 after them). Same log-probs, loss and gradients as
 the other layouts (the prompt's gradient is the sum of what each member sends back), for the prompt tokens of
 a group counted once: at a group of 8 with prompts as long as responses, 9 tokens run where 16 did.
 """
@@ -80,37 +82,46 @@ def packed_groups(lengths: list[int], token_budget: int, layout: str) -> list[li
     return [[row for row in mb if row] for mb in out]
 
 
-def shared_groups(prompts: list[tuple], lengths: list[int], token_budget: int) -> list[list[list[int]]]:
-    """Micro-batches -> chunks -> sequence indices for layout "shared": sequences with equal prompts (`prompts`,
-    token tuples; `lengths` prompt + response) form chunks of at most `token_budget` tokens counting the prompt
-    once (first-fit, longest response first; a response that does not fit beside its prompt gets a chunk of its
-    own), then the chunks are packed first-fit into one-row micro-batches of at most `token_budget` tokens.
+def shared_groups(
+    prompts: list[tuple], lengths: list[int], token_budget: int, row_tokens: int | None = None
+) -> list[list[list[list[int]]]]:
+    """Micro-batches -> rows -> chunks -> sequence indices for layout "shared". Sequences with equal prompts
+    (`prompts`, token tuples; `lengths` prompt + response) form chunks of at most min(token_budget, row_tokens)
+    tokens counting the prompt once (first-fit, longest response first; a response that does not fit beside its
+    prompt gets a chunk of its own); the chunks are then packed like the sequences of layout "rows"
+    (`packed_groups`): rows as wide as a micro-batch's widest chunk, rows × width <= token_budget. `row_tokens`
+    bounds a row because masked attention over a row costs its width squared (red.attention.shared_row_tokens).
     Deterministic for the same inputs."""
+    cap = token_budget if row_tokens is None else max(min(token_budget, row_tokens), 1)
     by_prompt: dict[tuple, list[int]] = {}
     for i, key in enumerate(prompts):
         by_prompt.setdefault(key, []).append(i)
     chunks, cost = [], []
     for key, members in by_prompt.items():
         resp = [lengths[i] - len(key) for i in members]
-        for part in first_fit_rows(resp, max(token_budget - len(key), 1)):
+        for part in first_fit_rows(resp, max(cap - len(key), 1)):
             chunks.append([members[j] for j in part])
             cost.append(len(key) + sum(resp[j] for j in part))
-    return [[chunks[c] for c in row] for row in first_fit_rows(cost, token_budget)]
+    return [[[chunks[c] for c in row] for row in mb] for mb in packed_groups(cost, token_budget, "rows")]
 
 
 def groups(
-    lengths: list[int], token_budget: int, layout: str = "off", prompts: list[tuple] | None = None
-) -> list[list[list[int]]]:
+    lengths: list[int],
+    token_budget: int,
+    layout: str = "off",
+    prompts: list[tuple] | None = None,
+    row_tokens: int | None = None,
+) -> list:
     """The one planner: micro-batches -> rows -> sequence indices for `layout` ("off": padded, one sequence per
-    row, red/batching.py; "rows" / "flat": packed, `packed_groups`; "shared": micro-batches -> chunks ->
-    sequence indices, `shared_groups`, which needs each sequence's prompt tokens in `prompts`). Deterministic
-    for the same inputs."""
+    row, red/batching.py; "rows" / "flat": packed, `packed_groups`); for "shared", micro-batches -> rows ->
+    chunks -> sequence indices (`shared_groups`, which needs each sequence's prompt tokens in `prompts` and
+    takes the row bound `row_tokens`). Deterministic for the same inputs."""
     if layout == "off":
         return [[[i] for i in mb] for mb in token_budget_groups(lengths, token_budget)]
     if layout == "shared":
         if prompts is None:
             raise ValueError("layout 'shared' groups sequences by prompt: pass prompts=[prompt token tuples]")
-        return shared_groups(prompts, lengths, token_budget)
+        return shared_groups(prompts, lengths, token_budget, row_tokens)
     return packed_groups(lengths, token_budget, layout)
 
 
@@ -119,13 +130,18 @@ def prompt_keys(batch: RolloutBatch, rows: list[int]) -> list[tuple]:
     return [tuple(batch.prompt[i, : int(batch.prompt_len[i])].tolist()) for i in rows]
 
 
-def plan_rows(batch: RolloutBatch, rows: list[int], token_budget: int, layout: str) -> list[list[list[int]]]:
-    """`groups` of the batch rows `rows` (micro-batches -> rows or chunks -> batch rows)."""
+def plan_rows(
+    batch: RolloutBatch, rows: list[int], token_budget: int, layout: str, row_tokens: int | None = None
+) -> list:
+    """`groups` of the batch rows `rows`, its leaves mapped to batch rows."""
     if not rows:
         return []
     keys = prompt_keys(batch, rows) if layout == "shared" else None
-    plan = groups(batch.lengths[rows].tolist(), token_budget, layout, keys)
-    return [[[rows[i] for i in part] for part in mb] for mb in plan]
+
+    def to_rows(node):
+        return rows[node] if isinstance(node, int) else [to_rows(x) for x in node]
+
+    return to_rows(groups(batch.lengths[rows].tolist(), token_budget, layout, keys, row_tokens))
 
 
 def micro_batch_count(lengths: list[int], token_budget: int, layout: str = "off") -> int:
@@ -140,18 +156,18 @@ def collate_layout(
     if layout == "off":
         return collate(batch, [i for row in rows for i in row], pad_id)
     if layout == "shared":
-        return collate_shared(batch, rows)
+        return collate_shared(batch, rows, pad_id)
     return collate_packed(batch, rows, pad_id)
 
 
 def micro_batches(
-    batch: RolloutBatch, token_budget: int, pad_id: int, packing: str = "off"
+    batch: RolloutBatch, token_budget: int, pad_id: int, packing: str = "off", row_tokens: int | None = None
 ) -> list[MicroBatch]:
     """The whole batch as token-budgeted micro-batches (longest first), padded or packed. (The trainer's step
     builds them once, as a red/plan.py Plan.)"""
     return [
         collate_layout(batch, mb, pad_id, packing)
-        for mb in plan_rows(batch, list(range(batch.B)), token_budget, packing)
+        for mb in plan_rows(batch, list(range(batch.B)), token_budget, packing, row_tokens)
     ]
 
 
@@ -212,26 +228,19 @@ def collate_packed(batch: RolloutBatch, rows: list[list[int]], pad_id: int) -> M
     )
 
 
-def collate_shared(batch: RolloutBatch, chunks: list[list[int]]) -> MicroBatch:
-    """The prompt-sharing MicroBatch (layout "shared", module docstring) of `chunks`: lists of batch rows with
-    equal prompts, laid out as one row `prompt response_1 ... response_k` per chunk, chunk after chunk."""
-    seqs = [i for chunk in chunks for i in chunk]
-    idx = torch.tensor(seqs, dtype=torch.long)
-    r = batch.response_len[idx]
-    if bool((r == 0).any()):
-        raise ValueError("a sequence without response tokens cannot be trained on")
+def _shared_row(batch: RolloutBatch, chunks: list[list[int]], k0: int) -> dict:
+    """One row of layout "shared": the chunks laid out `prompt response_1 ... response_k` one after the other,
+    its sequences numbered from k0. Row-local tensors: ids, pos, see [n, n] (may attend), hidden_index,
+    targets, sid (the sequence of each target), start (each sequence's first target)."""
     p_len = [int(batch.prompt_len[c[0]]) for c in chunks]
-    width = sum(p_len) + int(r.sum())
-    ids = torch.empty(width, dtype=torch.long)
-    pos = torch.empty(width, dtype=torch.long)
-    chunk_of = torch.empty(width, dtype=torch.long)
-    member = torch.empty(width, dtype=torch.long)  # −1 on prompt tokens, else the sequence k
-    n_targets = int(r.sum())
-    hidden_index = torch.empty(n_targets, dtype=torch.long)
-    targets = torch.empty(n_targets, dtype=torch.long)
-    sid = torch.empty(n_targets, dtype=torch.long)
-    start = torch.empty(len(seqs), dtype=torch.long)
-    o = t = k = 0
+    r_len = [int(batch.response_len[i]) for c in chunks for i in c]
+    n, n_t = sum(p_len) + sum(r_len), sum(r_len)
+    ids, pos = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+    chunk_of, member = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)  # member −1: prompt
+    hidden_index, targets, sid = (torch.empty(n_t, dtype=torch.long) for _ in range(3))
+    start = []
+    o = t = 0
+    k = k0
     for c, (chunk, p) in enumerate(zip(chunks, p_len)):
         prompt = batch.prompt[chunk[0], :p]
         ids[o : o + p], pos[o : o + p], chunk_of[o : o + p], member[o : o + p] = (
@@ -244,42 +253,81 @@ def collate_shared(batch: RolloutBatch, chunks: list[list[int]]) -> MicroBatch:
         for i in chunk:
             if int(batch.prompt_len[i]) != p or not torch.equal(batch.prompt[i, :p], prompt):
                 raise ValueError(f"rows {chunk[0]} and {i} share a chunk but not a prompt")
-            n, resp = int(batch.response_len[i]), batch.response[i, : int(batch.response_len[i])]
-            ids[o : o + n], pos[o : o + n], chunk_of[o : o + n], member[o : o + n] = (
+            m = int(batch.response_len[i])
+            resp = batch.response[i, :m]
+            ids[o : o + m], pos[o : o + m], chunk_of[o : o + m], member[o : o + m] = (
                 resp,
-                p + torch.arange(n),
+                p + torch.arange(m),
                 c,
                 k,
             )
             hidden_index[t] = last
-            hidden_index[t + 1 : t + n] = torch.arange(o, o + n - 1)
-            targets[t : t + n], sid[t : t + n], start[k] = resp, k, t
-            o, t, k = o + n, t + n, k + 1
-    col = torch.arange(width)
+            hidden_index[t + 1 : t + m] = torch.arange(o, o + m - 1)
+            targets[t : t + m], sid[t : t + m] = resp, k
+            start.append(t)
+            o, t, k = o + m, t + m, k + 1
+    col = torch.arange(n)
     see = (chunk_of[:, None] == chunk_of[None]) & (col[None] <= col[:, None])
     see &= (member[None] == -1) | (member[None] == member[:, None])
+    return dict(ids=ids, pos=pos, see=see, hidden_index=hidden_index, targets=targets, sid=sid, start=start)
 
-    def per_tok(v):  # response-aligned [B, R] -> [1, T]
-        return None if v is None else torch.cat([v[i, : int(batch.response_len[i])] for i in seqs])[None]
+
+def collate_shared(batch: RolloutBatch, rows: list[list[list[int]]], pad_id: int = 0) -> MicroBatch:
+    """The prompt-sharing MicroBatch (layout "shared", module docstring) of `rows`: each row a list of chunks,
+    each chunk a list of batch rows with equal prompts. Rows are right-padded with `pad_id` to the widest (a pad
+    token attends to itself only) and their targets with IGNORE (sequence id −1)."""
+    seqs = [i for row in rows for chunk in row for i in chunk]
+    idx = torch.tensor(seqs, dtype=torch.long)
+    if bool((batch.response_len[idx] == 0).any()):
+        raise ValueError("a sequence without response tokens cannot be trained on")
+    built, k = [], 0
+    for row in rows:
+        built.append(_shared_row(batch, row, k))
+        k += sum(len(chunk) for chunk in row)
+    b = len(rows)
+    width = max(len(r["ids"]) for r in built)
+    n_t = max(len(r["targets"]) for r in built)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    pos = torch.arange(width).repeat(b, 1)
+    see = torch.eye(width, dtype=torch.bool).repeat(b, 1, 1, 1)
+    hidden_index = torch.zeros(b, n_t, dtype=torch.long)
+    targets = torch.full((b, n_t), IGNORE, dtype=torch.long)
+    sid = torch.full((b, n_t), -1, dtype=torch.long)
+    seq_row, start = [], []
+    for j, r in enumerate(built):
+        n, m = len(r["ids"]), len(r["targets"])
+        ids[j, :n], pos[j, :n], see[j, 0, :n, :n] = r["ids"], r["pos"], r["see"]
+        hidden_index[j, :m], targets[j, :m], sid[j, :m] = r["hidden_index"], r["targets"], r["sid"]
+        seq_row += [j] * len(r["start"])
+        start += r["start"]
+    is_target = sid >= 0
+    s = sid.clamp(min=0)
+    col = torch.arange(n_t)[None] - torch.tensor(start)[s]  # response column of each target
+
+    def per_tok(v, fill):  # response-aligned [B, R] -> [b, T]
+        if v is None:
+            return None
+        vals = v[idx][s, col.clamp(0, v.shape[1] - 1)]
+        return torch.where(is_target, vals, torch.full_like(vals, fill))
 
     def per_seq(v):
         return None if v is None else v[idx].float()
 
     return MicroBatch(
         idx,
-        ids[None],
-        see[None, None],
-        pos[None],
-        targets[None],
-        batch.is_offline[idx][sid][None],
-        start,
+        ids,
+        see,
+        pos,
+        targets,
+        is_target & batch.is_offline[idx][s],
+        torch.tensor(start, dtype=torch.long),
         per_seq(batch.advantage),
         per_seq(batch.group_accuracy),
         per_seq(batch.offline_weight),
-        per_tok(batch.old_logprobs),
-        per_tok(batch.is_weights),
-        sequence_ids=sid[None],
-        seq_row=torch.zeros(len(seqs), dtype=torch.long),
-        engine_logprobs=per_tok(batch.engine_logprobs),
-        hidden_index=hidden_index[None],
+        per_tok(batch.old_logprobs, 0.0),
+        per_tok(batch.is_weights, 1.0),
+        sequence_ids=sid,
+        seq_row=torch.tensor(seq_row, dtype=torch.long),
+        engine_logprobs=per_tok(batch.engine_logprobs, 0.0),
+        hidden_index=hidden_index,
     )

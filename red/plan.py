@@ -46,14 +46,16 @@ class Plan:
         device="cpu",
         split: bool = False,
         counts: tuple[int, int] | None = None,
+        row_tokens: int | None = None,
     ) -> Plan:
-        """The plan of `batch` (split: online rows first, then offline rows), padded by `pad(counts)`."""
+        """The plan of `batch` (split: online rows first, then offline rows), padded by `pad(counts)`;
+        row_tokens: the widest row of layout "shared"."""
         parts = [torch.arange(batch.B)]
         if split:
             parts = [torch.nonzero(~batch.is_offline).flatten(), torch.nonzero(batch.is_offline).flatten()]
         built = []
         for idx in parts:
-            plan = plan_rows(batch, idx.tolist(), token_budget, layout)
+            plan = plan_rows(batch, idx.tolist(), token_budget, layout, row_tokens)
             built.append([collate_layout(batch, mb, pad_id, layout).to(device) for mb in plan])
         first, second = built if split else (built[0], [])
         out = cls(

@@ -69,7 +69,9 @@ def _plan(tr, batch: RolloutBatch, loss_cfg, split: bool = False) -> tuple[Plan,
     """The step's plan (red/plan.py), built once, padded to the most micro-batches any rank has; and the global
     normaliser (sequences, or tokens for the TOKEN_NORMALISED aggregations), tokens and kept groups — all in one reduction."""
     p = tr.policy
-    plan = Plan.build(batch, tr.cfg.train.micro_batch_tokens, p.pad_id, p.packing, p.device, split)
+    plan = Plan.build(
+        batch, tr.cfg.train.micro_batch_tokens, p.pad_id, p.packing, p.device, split, row_tokens=p.row_tokens
+    )
     first, second = plan.counts()
     sums, mx = parallel.reduce(
         {

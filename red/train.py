@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from transformers import set_seed
 
 from . import checkpoint, drift, modes, parallel, synthetic
-from .attention import packing_layout, resolve
+from .attention import packing_layout, resolve, shared_row_tokens
 from .config import ConfigError, load_config
 from .data import DataError, eval_sources, load_source, tokenize_examples
 from .eval import package_versions
@@ -272,6 +272,7 @@ def build_trainer(cfg, model, tok, eos_id: int, device, run: RunDir) -> Trainer:
     policy.packing = packing_layout(
         model.config._attn_implementation, device, cfg.train.packing, cfg.train.share_prompts
     )
+    policy.row_tokens = shared_row_tokens(model.config)
     engine = factory.make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id))
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s, fn=cfg.reward.fn)
     return Trainer(cfg, policy, tok, RolloutSession(engine, model), verifier, run)

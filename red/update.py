@@ -35,6 +35,7 @@ class Policy:
     packing = (
         "off"  # micro-batch layout (red/packing.py): off | rows | flat | shared; red.attention.packing_layout
     )
+    row_tokens = None  # layout "shared": the widest row (red.attention.shared_row_tokens); None: the budget
     skipped_updates = 0  # optimizer steps skipped for a non-finite loss or gradient (red/loop.py reads it)
 
     def __init__(self, model, dtype: str = "float32", parallel_kind: str = "ddp", pad_id: int = 0):
@@ -114,6 +115,7 @@ def _plan(policy: Policy, batch: RolloutBatch, budget: int, count: int | None) -
         policy.packing,
         policy.device,
         counts=None if count is None else (count, 0),
+        row_tokens=policy.row_tokens,
     )
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from test_packing import _loss_config, policy
 from test_update import _Recorder
 
-from red import attention
+from red import attention, synthetic
 from red.batching import IGNORE
 from red.packing import collate_shared, micro_batches, shared_groups
 from red.records import PromptItem, RolloutBatch
@@ -53,7 +53,7 @@ def test_collate_shared_lays_out_one_prompt_per_chunk():
     b = b.replace(
         advantage=torch.tensor([1.0, 2.0]), old_logprobs=torch.tensor([[-1.0, -2.0, -3.0], [-4, -5, 0]])
     )
-    mb = collate_shared(b, [[0, 1]])
+    mb = collate_shared(b, [[[0, 1]]])
     assert mb.input_ids.tolist() == [[5, 6, 7, 4, 3, 2, 8, 9]]
     assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]  # each member continues the prompt
     # member 0's targets 4 3 2 come from columns 2 (the prompt's last), 3, 4; member 1's 8 9 from 2 and 6
@@ -72,7 +72,7 @@ def test_collate_shared_lays_out_one_prompt_per_chunk():
 def test_collate_shared_refuses_members_of_different_prompts():
     b = grouped_batch(2, 2, 0)
     with pytest.raises(ValueError, match="share a chunk but not a prompt"):
-        collate_shared(b, [[0, 2]])
+        collate_shared(b, [[[0, 2]]])
 
 
 def _cost(prompts, lengths, chunk):
@@ -83,35 +83,49 @@ def _cost(prompts, lengths, chunk):
 @given(
     st.lists(st.tuples(st.integers(0, 5), st.integers(1, 120)), min_size=1, max_size=40),
     st.sampled_from([16, 64, 256, 1024]),
+    st.sampled_from([None, 50, 200]),
 )
-def test_shared_plan_holds_every_sequence_once_and_counts_a_prompt_once(members, budget):
+def test_shared_plan_holds_every_sequence_once_and_counts_a_prompt_once(members, budget, row_tokens):
     prompt_len = {0: 3, 1: 40, 2: 7, 3: 90, 4: 15, 5: 1}
     prompts = [tuple(range(100 + g, 100 + g + prompt_len[g])) for g, _ in members]
     lengths = [len(p) + r for p, (_, r) in zip(prompts, members)]
-    plan = shared_groups(prompts, lengths, budget)
-    assert sorted(i for mb in plan for chunk in mb for i in chunk) == list(range(len(members)))
+    plan = shared_groups(prompts, lengths, budget, row_tokens)
+    cap = budget if row_tokens is None else min(budget, row_tokens)
+    assert sorted(i for mb in plan for row in mb for chunk in row for i in chunk) == list(range(len(members)))
     for mb in plan:
-        for chunk in mb:
-            assert len({prompts[i] for i in chunk}) == 1  # a chunk shares one prompt
-        tokens = sum(_cost(prompts, lengths, c) for c in mb)
-        assert tokens <= budget or (len(mb) == 1 and len(mb[0]) == 1)  # or one sequence over the budget
-    assert sum(_cost(prompts, lengths, c) for mb in plan for c in mb) <= sum(lengths)  # never more tokens
+        fills = [sum(_cost(prompts, lengths, c) for c in row) for row in mb]
+        for row in mb:
+            for chunk in row:
+                assert len({prompts[i] for i in chunk}) == 1  # a chunk shares one prompt
+                assert _cost(prompts, lengths, chunk) <= cap or len(chunk) == 1  # or one sequence too long
+        alone = len(mb) == 1 and len(mb[0]) == 1 and len(mb[0][0]) == 1
+        assert len(mb) * max(fills) <= budget or alone  # rows x width within the budget
+    total = sum(_cost(prompts, lengths, c) for mb in plan for row in mb for c in row)
+    assert total <= sum(lengths)  # never more tokens than unshared
 
 
 def test_shared_micro_batches_run_fewer_tokens():
     b = grouped_batch(4, 8, 1, seed=2)
-    shared = micro_batches(b, 10_000, 0, "shared")
-    assert len(shared) == 1 and len(shared[0].rows) == b.B
-    # one prompt per group instead of one per member
-    assert shared[0].input_ids.numel() == int(b.lengths.sum() - (b.prompt_len * 7 / 8).sum())
+    (mb,) = micro_batches(b, 10_000, 0, "shared")
+    assert len(mb.rows) == b.B and mb.input_ids.shape[0] == 4  # a row per group (chunk)
+    # one prompt per group instead of one per member (tokens are 3..199, the pad 0)
+    assert int((mb.input_ids != 0).sum()) == int(b.lengths.sum() - (b.prompt_len * 7 / 8).sum())
+    rows = micro_batches(b, 10_000, 0, "shared", row_tokens=60)
+    assert len(rows) == 1 and rows[0].input_ids.shape[0] > 1 and rows[0].input_ids.shape[1] <= 60 + 18
 
 
-@pytest.mark.parametrize("budget", [24, 64, 10_000])
-def test_old_policy_pass_shared_equals_padded(tiny, budget):
+def shared_policy(model, tok, row_tokens=None):
+    p = policy(model, tok, "shared")
+    p.row_tokens = row_tokens
+    return p
+
+
+@pytest.mark.parametrize("budget, row_tokens", [(24, None), (64, None), (10_000, None), (10_000, 30)])
+def test_old_policy_pass_shared_equals_padded(tiny, budget, row_tokens):
     model, tok = tiny
     b = grouped_batch(4, 5, 1, seed=3)
     ref = old_policy_pass(policy(model, tok, "off"), b, 64, temperature=0.7)
-    got = old_policy_pass(policy(model, tok, "shared"), b, budget, temperature=0.7)
+    got = old_policy_pass(shared_policy(model, tok, row_tokens), b, budget, temperature=0.7)
     assert torch.allclose(got.old_logprobs, ref.old_logprobs, rtol=1e-5, atol=1e-6)
     assert torch.allclose(got.entropy, ref.entropy, rtol=1e-5, atol=1e-6)
     assert not got.old_logprobs[~b.response_mask()].any()
@@ -120,7 +134,7 @@ def test_old_policy_pass_shared_equals_padded(tiny, budget):
 def test_a_member_never_sees_another_member(tiny):
     model, tok = tiny
     b = grouped_batch(3, 4, 1, seed=4)
-    assert len(micro_batches(b, 10_000, 0, "shared")) == 1  # every member in one row
+    assert len(micro_batches(b, 10_000, 0, "shared")) == 1  # every member in one micro-batch
     base = old_policy_pass(policy(model, tok, "shared"), b, 10_000, 1.0)
     victim = 5  # group 1, member 1
     resp = b.response.clone()
@@ -147,9 +161,10 @@ def test_update_shared_equals_padded(tiny, mode, agg):
     )
     norm = b.B if agg != "token_mean" else int(b.response_len.sum())
     runs = []
-    for lay, budget in (("off", 64), ("shared", 40), ("shared", 10_000)):
+    for lay, budget, row_tokens in (("off", 64, None), ("shared", 40, None), ("shared", 10_000, 30)):
         rec = _Recorder(model.parameters())
-        m = policy_update(policy(model, tok, lay), b, _loss_config(mode, agg), budget, rec, 1e9, norm)
+        pol = policy(model, tok, lay) if lay == "off" else shared_policy(model, tok, row_tokens)
+        m = policy_update(pol, b, _loss_config(mode, agg), budget, rec, 1e9, norm)
         runs.append((m, rec.grads))
     (m1, g1) = runs[0]
     assert m1["loss"] != 0.0
@@ -192,3 +207,11 @@ def test_layout_selection_with_prompt_sharing():
     assert attention.packing_layout("sdpa", "cpu", True, False) == "rows"
     assert attention.packing_layout("flash_attention_2", "cuda", True, True) == "flat"  # varlen: no mask
     assert attention.packing_layout("sdpa", "cpu", False, True) == "off"
+
+
+def test_row_bound_from_the_model_shape():
+    tok = synthetic.build_tokenizer()
+    tiny = synthetic.build_model(tok, {"hidden_size": 128, "intermediate_size": 384}, seed=0)
+    assert attention.shared_row_tokens(tiny.config) == 128 + 288
+    smollm2 = type("C", (), {"hidden_size": 576, "intermediate_size": 1536})
+    assert attention.shared_row_tokens(smollm2) == 1728
