@@ -61,6 +61,8 @@ def run_at(code: Path, config: str, steps: int, out: Path, threads: int) -> dict
     res["time_step_each"] = [round(r["time_step"], 2) for r in steps_]
     res["tokens"] = statistics.median(r.get("tokens") or 0 for r in steps_)
     res["peak_rss_mib"] = usage.ru_maxrss / 1024
+    summary = out / "run" / "summary.json"
+    res["attention"] = json.loads(summary.read_text()).get("attention") if summary.is_file() else None
     res["command"] = " ".join(cmd[1:])
     return res
 
@@ -75,13 +77,14 @@ def markdown(res: dict) -> str:
         "medians of the rest).",
         f"Command: `{res['command']}`",
         "",
-        "| commit | step s | rollout s | reward s | old pass s | update s | tokens/step | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| commit | step s | rollout s | reward s | old pass s | update s | tokens/step | peak RSS MiB | layout |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in (("before " + res["before_commit"][:10], b), ("after " + res["after_commit"][:10], a)):
         lines.append(
             f"| {name} | {r['time_step']:.1f} | {r['time_rollout']:.1f} | {r['time_reward']:.1f} | "
-            f"{r['time_old_pass']:.1f} | {r['time_update']:.1f} | {r['tokens']:.0f} | {r['peak_rss_mib']:.0f} |"
+            f"{r['time_old_pass']:.1f} | {r['time_update']:.1f} | {r['tokens']:.0f} | {r['peak_rss_mib']:.0f} | "
+            f"{(r.get('attention') or {}).get('packing', 'n/a')} |"
         )
     lines += [
         "",

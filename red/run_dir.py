@@ -73,43 +73,47 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock: the file is written whole under a unique name and hard-linked into place (link fails
-        if the lock exists), so a crash never leaves a torn lock."""
+        if the lock exists), so a crash never leaves a torn lock. A taken lock is examined, and a stale one
+        removed and replaced, only while holding an exclusive flock on the run folder: two runs that find the
+        same stale lock cannot both remove it (the second would otherwise delete the first's fresh lock and
+        link its own, and both would write here)."""
         mine = f"{self.path}.{self.me['pid']}.{self.me['host']}"
         with open(mine, "w") as fh:
             json.dump(self.me, fh)
             fh.flush()
             os.fsync(fh.fileno())
         try:
-            for _ in range(3):
-                try:
-                    os.link(mine, self.path)
-                    return
-                except FileExistsError:
-                    self._take_over_or_raise()
+            try:
+                os.link(mine, self.path)
+                return
+            except FileExistsError:
+                pass
+            with self._takeover_guard():
+                for _ in range(3):
+                    try:
+                        os.link(mine, self.path)
+                        return
+                    except FileExistsError:
+                        self._take_over_or_raise()
             raise RunLockError(f"{self.path}: could not take the lock (another run keeps taking it)")
         finally:
             os.remove(mine)
 
-    def _take_over_or_raise(self) -> None:
-        h = self._holder()
-        if h is None:
-            log.warning("%s is unreadable: taken over", self.path)
-        elif h.get("host") != self.me["host"] or _alive(h["pid"], h.get("proc_start")):
-            raise RunLockError(
-                f"{os.path.dirname(self.path)} is in use by another run: pid {h['pid']} on host "
-                f"{h.get('host')}, started {h.get('started')} (lock file {self.path}). Wait for it to "
-                f"end, choose another output_dir, or delete the lock file if that run is gone."
-            )
-        else:
-            log.warning(
-                "%s: the run that held it (pid %d on %s, started %s) is gone: lock taken over",
-                self.path,
-                h["pid"],
-                h.get("host"),
-                h.get("started"),
-            )
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path)
+    @contextlib.contextmanager
+    def _takeover_guard(self):
+        """An exclusive flock on the run folder (blocking) while a taken lock is examined and replaced; a no-op
+        where flock is missing (not POSIX)."""
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def release(self) -> None:
         h = self._holder()
