@@ -4,7 +4,8 @@
     python -m bench.config_step --before 154bdbc --record        # + bench/results/config-step-<config>.json/.md
 
 For each commit (`--before`, and the working tree), in a fresh process with that commit's code (a detached git
-worktree for the old one) and that commit's own copy of `--config`:
+worktree for the old one, run in that folder, with a link to this checkout's runs/; the script checks that `red`
+imports from there) and that commit's own copy of `--config`:
 
     python -m red.train --config CONFIG output_dir=TMP train.steps=N eval.before=false data.eval_limit=1 ...
 
@@ -50,8 +51,21 @@ def run_at(code: Path, config: str, steps: int, out: Path, threads: int) -> dict
         "checkpoint.resume=never",
     ]
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads)}
+    if code != REPO and not (code / "runs").exists():  # the config's relative paths (runs/...) resolve there
+        (code / "runs").symlink_to(REPO / "runs")
+    # `python -m` puts the working directory first on sys.path: run in `code`, and check which code imports
+    where = subprocess.run(
+        [sys.executable, "-c", "import red; print(red.__file__)"],
+        cwd=code,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(where).resolve().is_relative_to(code.resolve()):
+        raise RuntimeError(f"the run in {code} would import red from {where}")
     with open(out / "stdout", "w") as so, open(out / "stderr", "w") as se:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=so, stderr=se)
+        proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=so, stderr=se)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{(out / 'stderr').read_text()[-3000:]}")
