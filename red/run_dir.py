@@ -115,6 +115,27 @@ class RunLock:
         finally:
             os.close(fd)  # releases the flock
 
+    def _take_over_or_raise(self) -> None:
+        h = self._holder()
+        if h is None:
+            log.warning("%s is unreadable: taken over", self.path)
+        elif h.get("host") != self.me["host"] or _alive(h["pid"], h.get("proc_start")):
+            raise RunLockError(
+                f"{os.path.dirname(self.path)} is in use by another run: pid {h['pid']} on host "
+                f"{h.get('host')}, started {h.get('started')} (lock file {self.path}). Wait for it to "
+                f"end, choose another output_dir, or delete the lock file if that run is gone."
+            )
+        else:
+            log.warning(
+                "%s: the run that held it (pid %d on %s, started %s) is gone: lock taken over",
+                self.path,
+                h["pid"],
+                h.get("host"),
+                h.get("started"),
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
     def release(self) -> None:
         h = self._holder()
         if h and h.get("pid") == self.me["pid"] and h.get("host") == self.me["host"]:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import tiny_args
@@ -79,3 +80,49 @@ def test_train_refuses_a_folder_in_use_and_touches_nothing(tmp_path, capsys):
     assert f"is in use by another run: pid {holder.pid}" in err and "Traceback" not in err
     assert sorted(os.listdir(out)) == ["metrics.jsonl", "run.lock"]
     assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+def test_two_runs_taking_over_one_stale_lock_never_both_hold_it(tmp_path):
+    """Run A finds a stale lock and is about to replace it when run B finds the same stale lock: B must wait
+    until A has replaced it, then see A's live lock and stop (before the flock guard, B removed A's fresh lock
+    and linked its own, and both wrote to the folder)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # B's (live) identity
+    try:
+        _write_lock(str(tmp_path), dead.pid)
+        a, b = RunLock(str(tmp_path)), RunLock(str(tmp_path))
+        b.me = {**b.me, "pid": other.pid, "proc_start": _proc_start(other.pid)}
+        inside, go = threading.Event(), threading.Event()
+        take_over = a._take_over_or_raise
+
+        def slow_take_over():  # A examines the stale lock, then waits inside the guard
+            inside.set()
+            assert go.wait(10)
+            take_over()
+
+        a._take_over_or_raise = slow_take_over
+        outcome = {}
+
+        def run_b():
+            try:
+                b.acquire()
+                outcome["b"] = "acquired"
+            except RunLockError as e:
+                outcome["b"] = str(e)
+
+        ta = threading.Thread(target=a.acquire)
+        ta.start()
+        assert inside.wait(10)
+        tb = threading.Thread(target=run_b)
+        tb.start()
+        tb.join(0.5)
+        assert tb.is_alive()  # B waits for A's takeover to finish
+        go.set()
+        ta.join(10)
+        tb.join(10)
+        assert json.load(open(tmp_path / "run.lock"))["pid"] == os.getpid()  # A holds it
+        assert f"in use by another run: pid {os.getpid()}" in outcome["b"]
+    finally:
+        other.kill()
+        other.wait()
