@@ -200,32 +200,8 @@ def collate_packed(batch: RolloutBatch, rows: list[list[int]], pad_id: int) -> M
     is_target = (sid >= 0) & (t >= start[s]) & (t < (start + r)[s])
     targets = torch.where(is_target, ids[:, 1:], torch.full_like(sid, IGNORE))
 
-    def per_tok(v, fill):  # response-aligned [B, R] -> [b, L-1]
-        if v is None:
-            return None
-        vals = v[idx][s, (t - start[s]).clamp(0, v.shape[1] - 1)]
-        return torch.where(is_target, vals, torch.full_like(vals, fill))
-
-    def per_seq(v):
-        return None if v is None else v[idx].float()
-
-    return MicroBatch(
-        idx,
-        ids,
-        None,
-        pos,
-        targets,
-        is_target & batch.is_offline[idx][s],
-        start,
-        per_seq(batch.advantage),
-        per_seq(batch.group_accuracy),
-        per_seq(batch.offline_weight),
-        per_tok(batch.old_logprobs, 0.0),
-        per_tok(batch.is_weights, 1.0),
-        sequence_ids=sid,
-        seq_row=seq_row,
-        engine_logprobs=per_tok(batch.engine_logprobs, 0.0),
-    )
+    col = t - start[s]
+    return _packed_micro_batch(batch, idx, ids, None, pos, targets, sid, is_target, col, start, seq_row)
 
 
 def _shared_row(batch: RolloutBatch, chunks: list[list[int]], k0: int) -> dict:
@@ -300,11 +276,33 @@ def collate_shared(batch: RolloutBatch, rows: list[list[list[int]]], pad_id: int
         hidden_index[j, :m], targets[j, :m], sid[j, :m] = r["hidden_index"], r["targets"], r["sid"]
         seq_row += [j] * len(r["start"])
         start += r["start"]
-    is_target = sid >= 0
-    s = sid.clamp(min=0)
-    col = torch.arange(n_t)[None] - torch.tensor(start)[s]  # response column of each target
+    col = torch.arange(n_t)[None] - torch.tensor(start)[sid.clamp(min=0)]  # response column of each target
 
-    def per_tok(v, fill):  # response-aligned [B, R] -> [b, T]
+    return _packed_micro_batch(
+        batch,
+        idx,
+        ids,
+        see,
+        pos,
+        targets,
+        sid,
+        sid >= 0,
+        col,
+        torch.tensor(start, dtype=torch.long),
+        torch.tensor(seq_row, dtype=torch.long),
+        hidden_index,
+    )
+
+
+def _packed_micro_batch(
+    batch, idx, ids, mask, pos, targets, sid, is_target, col, start, seq_row, hidden_index=None
+) -> MicroBatch:
+    """The MicroBatch of a packed layout from its token layout: `sid` [b, T'] the sequence of each slot (−1:
+    none), `is_target` [b, T'] the slots that hold a response target, `col` [b, T'] the response column there;
+    the batch's per-token values placed on the targets (fill elsewhere), its per-sequence values taken for `idx`."""
+    s = sid.clamp(min=0)
+
+    def per_tok(v, fill):  # response-aligned [B, R] -> [b, T']
         if v is None:
             return None
         vals = v[idx][s, col.clamp(0, v.shape[1] - 1)]
@@ -316,18 +314,18 @@ def collate_shared(batch: RolloutBatch, rows: list[list[list[int]]], pad_id: int
     return MicroBatch(
         idx,
         ids,
-        see,
+        mask,
         pos,
         targets,
         is_target & batch.is_offline[idx][s],
-        torch.tensor(start, dtype=torch.long),
+        start,
         per_seq(batch.advantage),
         per_seq(batch.group_accuracy),
         per_seq(batch.offline_weight),
         per_tok(batch.old_logprobs, 0.0),
         per_tok(batch.is_weights, 1.0),
         sequence_ids=sid,
-        seq_row=torch.tensor(seq_row, dtype=torch.long),
+        seq_row=seq_row,
         engine_logprobs=per_tok(batch.engine_logprobs, 0.0),
         hidden_index=hidden_index,
     )

@@ -192,8 +192,8 @@ def test_update_packed_equals_padded(tiny, layout, mode, agg):
         assert torch.allclose(c, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
 
 
-def test_packed_llama_matches_padded():
-    """SmolLM2 is a Llama: packing must hold there too (tiny random Llama, same tokens)."""
+def tiny_llama(attn: str = "sdpa"):
+    """A tiny random Llama (SmolLM2's architecture: GQA, tied embeddings), seed 0."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -205,9 +205,14 @@ def test_packed_llama_matches_padded():
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=True,
-        attn_implementation="sdpa",
+        attn_implementation=attn,
     )
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def test_packed_llama_matches_padded():
+    """SmolLM2 is a Llama: packing must hold there too (tiny random Llama, same tokens)."""
+    model = tiny_llama()
     b = mixed_batch(10, seed=6)
     ref = old_policy_pass(Policy(model, pad_id=0), b, 64, 1.0)
     for layout in LAYOUTS:

@@ -80,19 +80,14 @@ def test_smollm2_packed_passes_equal_padded():
     assert any(
         len(mb.rows) > mb.input_ids.shape[0] for mb in micro_batches(b, 64, 0, "rows")
     )  # really packed
-    runs = {}
-    for layout in ("off", "rows"):
-        p = Policy(model, pad_id=0)
-        p.packing = layout
-        runs[layout] = old_policy_pass(p, b, 64, 1.0)
-    assert torch.allclose(runs["rows"].old_logprobs, runs["off"].old_logprobs, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(runs["rows"].entropy, runs["off"].entropy, rtol=1e-5, atol=1e-5)
     from test_prompt_sharing import grouped_batch
 
     g = grouped_batch(3, 4, 1, seed=7)
-    for layout in ("off", "shared"):
-        p = Policy(model, pad_id=0)
-        p.packing = layout
-        runs[layout] = old_policy_pass(p, g, 64, 1.0)
-    assert torch.allclose(runs["shared"].old_logprobs, runs["off"].old_logprobs, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(runs["shared"].entropy, runs["off"].entropy, rtol=1e-5, atol=1e-5)
+    for layout, batch in (("rows", b), ("shared", g)):  # shared: groups of 4 sharing a prompt
+        runs = {}
+        for lay in ("off", layout):
+            p = Policy(model, pad_id=0)
+            p.packing = lay
+            runs[lay] = old_policy_pass(p, batch, 64, 1.0)
+        assert torch.allclose(runs[layout].old_logprobs, runs["off"].old_logprobs, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(runs[layout].entropy, runs["off"].entropy, rtol=1e-5, atol=1e-5)

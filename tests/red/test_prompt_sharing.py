@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_packing import _loss_config, policy
+from test_packing import _loss_config, policy, tiny_llama
 from test_update import _Recorder
 
 from red import attention, synthetic
@@ -179,20 +179,7 @@ def test_update_shared_equals_padded(tiny, mode, agg):
 def test_shared_llama_matches_padded(attn):
     """SmolLM2 is a Llama: the custom mask must reach its attention in both implementations (eager adds it to
     the scores, so the policy turns the bool mask into 0 / dtype-min)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        attn_implementation=attn,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(attn)
     b = grouped_batch(3, 4, 1, seed=7)
     pad = type("T", (), {"pad_token_id": 0})
     ref = old_policy_pass(Policy(model, pad_id=0), b, 64, 1.0)
