@@ -43,6 +43,19 @@ def mixed_batch(n=12, seed=0) -> RolloutBatch:
     )
 
 
+def moved_policy_batch(model, tok, b, agg):
+    """(b with old log-probs of a policy that moved since the rollout — ratios != 1, clipping active — and TIS
+    weights, the global normaliser of aggregation `agg`)."""
+    b = old_policy_pass(policy(model, tok, "off"), b, 10_000, 0.9)
+    g = torch.Generator().manual_seed(1)
+    mask = b.response_mask()
+    b = b.replace(
+        old_logprobs=b.old_logprobs + 0.3 * torch.randn(mask.shape, generator=g) * mask,
+        is_weights=torch.where(mask, 0.5 + torch.rand(mask.shape, generator=g), 1.0),
+    )
+    return b, (b.B if agg != "token_mean" else int(b.response_len.sum()))
+
+
 def policy(model, tok, layout):
     p = Policy(model, pad_id=tok.pad_token_id)
     p.packing = layout
@@ -170,14 +183,7 @@ def test_update_packed_equals_padded(tiny, layout, mode, agg):
     b = mixed_batch(12, seed=5)
     if mode == "grpo":  # online rows only
         b = b.replace(is_offline=torch.zeros(b.B, dtype=torch.bool))
-    b = old_policy_pass(policy(model, tok, "off"), b, 10_000, 0.9)
-    g = torch.Generator().manual_seed(1)  # the policy moved since the rollout: ratios != 1, clipping active
-    mask = b.response_mask()
-    b = b.replace(
-        old_logprobs=b.old_logprobs + 0.3 * torch.randn(mask.shape, generator=g) * mask,
-        is_weights=torch.where(mask, 0.5 + torch.rand(mask.shape, generator=g), 1.0),
-    )
-    norm = b.B if agg != "token_mean" else int(b.response_len.sum())
+    b, norm = moved_policy_batch(model, tok, b, agg)
     cfg = _loss_config(mode, agg)
     runs = []
     for lay in ("off", layout):

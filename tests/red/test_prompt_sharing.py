@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_packing import _loss_config, policy, tiny_llama
+from test_packing import _loss_config, moved_policy_batch, policy, tiny_llama
 from test_update import _Recorder
 
 from red import attention, synthetic
@@ -152,14 +152,7 @@ def test_a_member_never_sees_another_member(tiny):
 def test_update_shared_equals_padded(tiny, mode, agg):
     model, tok = tiny
     b = grouped_batch(4, 5, 0 if mode == "grpo" else 1, seed=5)
-    b = old_policy_pass(policy(model, tok, "off"), b, 10_000, 0.9)
-    g = torch.Generator().manual_seed(1)  # the policy moved since the rollout: ratios != 1, clipping active
-    mask = b.response_mask()
-    b = b.replace(
-        old_logprobs=b.old_logprobs + 0.3 * torch.randn(mask.shape, generator=g) * mask,
-        is_weights=torch.where(mask, 0.5 + torch.rand(mask.shape, generator=g), 1.0),
-    )
-    norm = b.B if agg != "token_mean" else int(b.response_len.sum())
+    b, norm = moved_policy_batch(model, tok, b, agg)
     runs = []
     for lay, budget, row_tokens in (("off", 64, None), ("shared", 40, None), ("shared", 10_000, 30)):
         rec = _Recorder(model.parameters())
