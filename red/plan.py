@@ -6,7 +6,8 @@ The layout is the policy's: padded (one sequence per row, red/batching.py) or pa
 group's prompt shared by its members: red/packing.py); packing.groups is the one planner for all. Per-token
 values live in the layout from the moment they are computed: the passes write `old_logprobs` and `entropy`
 ([b, L-1], or [b, T] when prompts are shared; on the device) into each micro-batch, the engine's log-probs are
-placed there at build time, and per-sequence inputs (advantages, r̄, w) are set with `set_sequences`. `response` reads any of them back as response-aligned [B, R] (for metrics and tests).
+placed there at build time, and per-sequence inputs (advantages, r̄, w) are set with `set_sequences`.
+`response` reads any of them back as response-aligned [B, R] (for metrics and tests).
 
 `split=True` puts the online sequences' micro-batches first (`first`) and the offline ones after (`second`):
 the update then learns H_on from its own forward of the online part before the offline part needs w.

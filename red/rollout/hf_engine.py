@@ -74,7 +74,9 @@ class HFEngine:
         """n rollouts of each prompt. Prompts are taken in chunks of about `batch_size` sequences; each chunk's
         prompts run their prefill once and the key/value cache is repeated for the n members (HF generate would
         run it n times: at a group of 8, 7/8 of the prefill)."""
-        per_chunk = max(self.batch_size // max(n, 1), 1)
+        if n <= 0:  # every member of the group is a teacher trace (rollout.num_offline = rollout.n)
+            return [[] for _ in prompt_ids]
+        per_chunk = max(self.batch_size // n, 1)
         results: list[list[Rollout]] = []
         was_training = self.model.training
         self.model.eval()

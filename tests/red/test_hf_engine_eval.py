@@ -110,6 +110,8 @@ def test_prefill_once_per_prompt_samples_what_generate_samples(tiny, temperature
     assert len(flat) == 12
     for row, ro in zip(ref.tolist(), flat):
         assert row[: len(ro)] == ro
+    # no online member (rollout.num_offline = rollout.n): one empty group per prompt, nothing generated
+    assert eng.generate(prompts, 0, SamplingConfig(24, temperature, 1.0, seed=5)) == [[], [], []]
 
 
 @pytest.mark.parametrize("n, c, k", [(4, 1, 2), (5, 2, 1), (8, 3, 4), (10, 0, 3), (6, 6, 2), (16, 1, 16)])
