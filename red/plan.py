@@ -9,8 +9,13 @@ values live in the layout from the moment they are computed: the passes write `o
 placed there at build time, and per-sequence inputs (advantages, r̄, w) are set with `set_sequences`.
 `response` reads any of them back as response-aligned [B, R] (for metrics and tests).
 
-`split=True` puts the online sequences' micro-batches first (`first`) and the offline ones after (`second`):
-the update then learns H_on from its own forward of the online part before the offline part needs w.
+The micro-batches run in three parts, in this order: `frozen`, `first`, `second`.
+* `frozen`: the sequences given as `gradient_free` (every loss term identically zero:
+  red_kernels.policy_loss.gradient_free). The update runs them without autograd: their log-probs, entropies
+  and metrics as before, no activations kept, no backward.
+* `split=True` puts the online sequences' micro-batches first (`first`) and the offline ones after (`second`):
+  the update then learns H_on from its own forward of the online part (and of the frozen part) before the
+  offline part needs w. Unsplit, every sequence with a gradient is in `first`.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from .records import RolloutBatch
 
 @dataclass
 class Plan:
-    """batches: the micro-batches on `device` (dummies at the end of each part); n_first: how many belong to
-    the first part (all of them unless split); width: R, the batch's response width; response_len: [B]."""
+    """batches: the micro-batches on `device`, parts frozen, first, second (dummies at the end of each part);
+    n_frozen, n_first: how many belong to the frozen and the first part; width: R, the batch's response width;
+    response_len: [B]."""
 
     batches: list[MicroBatch]
     n_first: int
@@ -36,6 +42,7 @@ class Plan:
     response_len: Tensor
     pad_id: int = 0
     device: torch.device | str = "cpu"
+    n_frozen: int = 0
 
     @classmethod
     def build(
@@ -46,48 +53,67 @@ class Plan:
         layout: str = "off",
         device="cpu",
         split: bool = False,
-        counts: tuple[int, int] | None = None,
+        counts: tuple[int, int, int] | None = None,
         row_tokens: int | None = None,
+        gradient_free: Tensor | None = None,
     ) -> Plan:
-        """The plan of `batch` (split: online rows first, then offline rows), padded by `pad(counts)`;
-        row_tokens: the widest row of layout "shared"."""
-        parts = [torch.arange(batch.B)]
-        if split:
-            parts = [torch.nonzero(~batch.is_offline).flatten(), torch.nonzero(batch.is_offline).flatten()]
-        built = []
-        for idx in parts:
-            plan = plan_rows(batch, idx.tolist(), token_budget, layout, row_tokens)
-            built.append([collate_layout(batch, mb, pad_id, layout).to(device) for mb in plan])
-        first, second = built if split else (built[0], [])
+        """The plan of `batch`, padded by `pad(counts)`: the `gradient_free` rows ([B] bool; None: none) in the
+        frozen part, then the others (split: online rows first, then offline rows); row_tokens: the widest row
+        of layout "shared"."""
+        free = torch.zeros(batch.B, dtype=torch.bool) if gradient_free is None else gradient_free.cpu().bool()
+        off = batch.is_offline.cpu().bool()
+        masks = [free, ~free & ~off, ~free & off] if split else [free, ~free, torch.zeros_like(free)]
+        frozen, first, second = [
+            [
+                collate_layout(batch, mb, pad_id, layout).to(device)
+                for mb in plan_rows(
+                    batch, torch.nonzero(m).flatten().tolist(), token_budget, layout, row_tokens
+                )
+            ]
+            for m in masks
+        ]
         out = cls(
-            first + second, len(first), batch.response.shape[1], batch.response_len.clone(), pad_id, device
+            frozen + first + second,
+            len(first),
+            batch.response.shape[1],
+            batch.response_len.clone(),
+            pad_id,
+            device,
+            len(frozen),
         )
         return out.pad(counts or out.counts())
 
-    def pad(self, counts: tuple[int, int]) -> Plan:
-        """Zero-loss dummies appended to each part up to counts (first, second) — the most any rank has, so that
-        every rank runs the same forwards and backwards — and at least one micro-batch in all. In place."""
+    def pad(self, counts: tuple[int, int, int]) -> Plan:
+        """Zero-loss dummies appended to each part up to counts (frozen, first, second) — the most any rank
+        has, so that every rank runs the same forwards and backwards — and at least one micro-batch with a
+        backward (first or second) in all. In place."""
 
         def dummies(n):
             return [dummy_micro_batch(self.pad_id).to(self.device) for _ in range(max(n, 0))]
 
-        first = self.first + dummies(counts[0] - self.n_first)
-        second = self.second + dummies(counts[1] - (len(self.batches) - self.n_first))
+        frozen, first, second = (
+            part + dummies(n - len(part)) for part, n in zip((self.frozen, self.first, self.second), counts)
+        )
         if not first and not second:
             first = dummies(1)
-        self.batches, self.n_first = first + second, len(first)
+        self.batches, self.n_frozen, self.n_first = frozen + first + second, len(frozen), len(first)
         return self
 
     @property
+    def frozen(self) -> list[MicroBatch]:
+        """The gradient-free part: run without autograd (no backward)."""
+        return self.batches[: self.n_frozen]
+
+    @property
     def first(self) -> list[MicroBatch]:
-        return self.batches[: self.n_first]
+        return self.batches[self.n_frozen : self.n_frozen + self.n_first]
 
     @property
     def second(self) -> list[MicroBatch]:
-        return self.batches[self.n_first :]
+        return self.batches[self.n_frozen + self.n_first :]
 
-    def counts(self) -> tuple[int, int]:
-        return self.n_first, len(self.batches) - self.n_first
+    def counts(self) -> tuple[int, int, int]:
+        return self.n_frozen, self.n_first, len(self.batches) - self.n_frozen - self.n_first
 
     def set_sequences(self, **per_row: Tensor) -> None:
         """Per-sequence inputs from [B] tensors, e.g. set_sequences(advantages=a, offline_weight=w)."""

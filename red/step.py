@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from red_kernels.policy_loss import TOKEN_NORMALISED
+from red_kernels.policy_loss import TOKEN_NORMALISED, gradient_free
 
 from . import parallel, rewards
 from .algorithm import (
@@ -65,23 +65,33 @@ def on_policy(cfg) -> bool:
     return cfg.train.ppo_epochs == 1 and cfg.rollout.is_correction != "tis"
 
 
-def _plan(tr, batch: RolloutBatch, loss_cfg, split: bool = False) -> tuple[Plan, dict]:
-    """The step's plan (red/plan.py), built once, padded to the most micro-batches any rank has; and the global
-    normaliser (sequences, or tokens for the TOKEN_NORMALISED aggregations), tokens and kept groups — all in one reduction."""
+def _plan(tr, batch: RolloutBatch, loss_cfg, split: bool = False, gradient_free=None) -> tuple[Plan, dict]:
+    """The step's plan (red/plan.py), built once, padded to the most micro-batches any rank has in each part;
+    and the global normaliser (sequences, or tokens for the TOKEN_NORMALISED aggregations), tokens and kept
+    groups — all in one reduction. gradient_free: [B] bool, the rows of the plan's frozen part (no backward)."""
     p = tr.policy
     plan = Plan.build(
-        batch, tr.cfg.train.micro_batch_tokens, p.pad_id, p.packing, p.device, split, row_tokens=p.row_tokens
+        batch,
+        tr.cfg.train.micro_batch_tokens,
+        p.pad_id,
+        p.packing,
+        p.device,
+        split,
+        row_tokens=p.row_tokens,
+        gradient_free=gradient_free,
     )
-    first, second = plan.counts()
+    frozen, first, second = plan.counts()
     sums, mx = parallel.reduce(
         {
             "norm": int(batch.response_len.sum()) if loss_cfg.loss_agg in TOKEN_NORMALISED else batch.B,
             "tokens": int(batch.lengths.sum()),
             "groups_kept": batch.G,
+            "norm_sequences": batch.B,
+            "gradient_free": int(gradient_free.sum()) if gradient_free is not None else 0,
         },
-        {"first": first, "second": second},
+        {"frozen": frozen, "first": first, "second": second},
     )
-    plan.pad((int(mx["first"]), int(mx["second"])))
+    plan.pad((int(mx["frozen"]), int(mx["first"]), int(mx["second"])))
     return plan, sums
 
 
@@ -179,13 +189,6 @@ def rl_step(tr, phase) -> dict:
     # w from this step's entropies, needed before the offline tokens' loss: the update runs the online
     # sequences first and learns H_on from its own forward; only the offline rows get a no-grad pass (H_off)
     split = skip_old and k > 0 and not tr.weight.fixed
-    plan, pre = _plan(tr, batch, loss_cfg, split)
-    timers["time_plan"] = time.perf_counter() - t
-    if pre["groups_kept"] == 0:
-        sums, maxes = parallel.reduce(rsums, rmax)
-        log.warning("step %d: every group was dropped by dynamic sampling; no update", tr.step + 1)
-        no_share = {group_share_key(kind): None for kind in GROUP_KINDS}  # no kept group: no share
-        return {**finish_rollout_metrics(sums, maxes, tr), **timers, **no_share, "skipped_update": 1}
     off = batch.is_offline
     acc, grouped_off = batch.grouped(batch.correct.float()), batch.grouped(off)
     adv = group_advantages(
@@ -202,6 +205,16 @@ def rl_step(tr, phase) -> dict:
         group_accuracy=rbar.repeat_interleave(batch.n),
         offline_weight=torch.ones(batch.B),
     )
+    # sequences with A = 0 and no other loss term (e.g. the online members that teacher_only_groups=zero_online
+    # zeroes) send no gradient: the update runs them without a backward
+    free = gradient_free(batch.advantage, off, loss_cfg)
+    plan, pre = _plan(tr, batch, loss_cfg, split, free)
+    timers["time_plan"] = time.perf_counter() - t
+    if pre["groups_kept"] == 0:
+        sums, maxes = parallel.reduce(rsums, rmax)
+        log.warning("step %d: every group was dropped by dynamic sampling; no update", tr.step + 1)
+        no_share = {group_share_key(kind): None for kind in GROUP_KINDS}  # no kept group: no share
+        return {**finish_rollout_metrics(sums, maxes, tr), **timers, **no_share, "skipped_update": 1}
     plan.set_sequences(
         advantages=batch.advantage, group_accuracy=batch.group_accuracy, offline_weight=batch.offline_weight
     )
@@ -279,6 +292,7 @@ def rl_step(tr, phase) -> dict:
         groups_kept=g,
         **{group_share_key(kind): sums[f"kept_{kind}"] / g for kind in GROUP_KINDS},
         tokens=pre["tokens"],
+        gradient_free_frac=pre["gradient_free"] / pre["norm_sequences"],
     )
     m["tokens_per_s"] = pre["tokens"] / max(sum(v for kk, v in m.items() if kk.startswith("time_")), 1e-9)
     tr.last_samples = tr.samples(batch)

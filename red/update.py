@@ -114,7 +114,7 @@ def _plan(policy: Policy, batch: RolloutBatch, budget: int, count: int | None) -
         policy.pad_id,
         policy.packing,
         policy.device,
-        counts=None if count is None else (count, 0),
+        counts=None if count is None else (0, count, 0),
         row_tokens=policy.row_tokens,
     )
 
@@ -165,11 +165,13 @@ def update(
     (sequences or tokens of the whole batch, all ranks), gradients reduced once (last micro-batch), clipped,
     AdamW, gradients freed. Returns this rank's metric sums (reduce them with `finish_metrics`).
 
+    The plan's frozen part (gradient-free sequences, see Plan) runs first, without autograd: its loss terms are
+    zero by construction, its log-probs, entropies and metrics are kept as for any other micro-batch.
     use_old=False: on-policy (ρ ≡ 1), the loss takes no old log-probs. A micro-batch without old_logprobs /
     entropy gets the forward's own detached values (computed before the optimizer step, so they are the
     pre-step policy's: exactly what an old-policy pass would give, up to float round-off).
-    between(): called once after the plan's first part (see Plan, split=True), before the second part's
-    forwards; it may set the second part's per-sequence inputs (the offline weight w)."""
+    between(): called once after the plan's frozen and first parts (see Plan, split=True), before the second
+    part's forwards; it may set the second part's per-sequence inputs (the offline weight w)."""
     from red_kernels import red_loss
 
     mbs = plan.batches
@@ -181,9 +183,10 @@ def update(
         stats[k] = stats.get(k, 0.0) + v
 
     for i, mb in enumerate(mbs):
-        if i == plan.n_first and between is not None:
+        if i == plan.n_frozen + plan.n_first and between is not None:
             between()
             between = None
+        grad = i >= plan.n_frozen  # the frozen part sends no gradient: no graph, no backward
 
         def fn(mb=mb):
             h, w, b = policy.hidden_and_head(mb)
@@ -204,12 +207,16 @@ def update(
                 sequence_ids=mb.sequence_ids,
             )
 
-        with parallel.gradient_sync(policy.wrapped, i == len(mbs) - 1):
-            out = policy.call(fn)
-            loss = (
-                out.loss * parallel.world_size()
-            )  # the wrappers average gradients; the global normaliser wants a sum
-            (policy.scaler.scale(loss) if policy.scaler else loss).backward()
+        if not grad:
+            with torch.no_grad():
+                out = policy.call(fn)
+        else:
+            with parallel.gradient_sync(policy.wrapped, i == len(mbs) - 1):
+                out = policy.call(fn)
+                loss = (
+                    out.loss * parallel.world_size()
+                )  # the wrappers average gradients; the normaliser wants a sum
+                (policy.scaler.scale(loss) if policy.scaler else loss).backward()
         if mb.old_logprobs is None:
             mb.old_logprobs = out.logprobs
         if mb.entropy is None:

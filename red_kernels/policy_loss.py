@@ -140,6 +140,20 @@ def token_terms(logp, entropy, side, cfg: REDLossConfig):
     return terms
 
 
+def gradient_free(advantages, offline, cfg: REDLossConfig):
+    """[S] bool: the sequences whose every loss term is identically zero, so that they send no gradient whatever
+    their (finite) log-probs: A = 0 (the online term −min(ρ·0, clip(ρ)·0) and the offline term −φ·w·0 vanish), no offline
+    NLL on them (sft_coef = 0, or an online sequence) and no term on every token (entropy_coef = kl_coef = 0).
+    advantages [S] float, offline [S] bool. A trainer may run such sequences without a backward (their
+    log-probs and entropies are still wanted for metrics and for RED's entropy ratio): the gradient is the same."""
+    if cfg.entropy_coef or cfg.kl_coef:
+        return torch.zeros(advantages.shape, dtype=torch.bool, device=advantages.device)
+    free = advantages == 0
+    if cfg.sft_coef:
+        free = free & ~offline.bool()
+    return free
+
+
 def aggregation_weights(loss_mask, cfg: REDLossConfig, global_normalizer=None, seq_ids=None, num_seqs=None):
     """a [B, T] so that loss = Σ a·ℓ implements `loss_agg`; loss_mask [B, T] float.
 

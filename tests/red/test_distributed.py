@@ -14,7 +14,8 @@ from test_batching import make_batch
 
 from red import checkpoint, parallel
 from red.batching import token_budget_groups
-from red.update import Policy, make_optimizer, old_policy_pass, policy_update
+from red.plan import Plan
+from red.update import Policy, make_optimizer, old_policy_pass, policy_update, update
 
 GROUPS, BUDGET = 8, 24
 
@@ -37,31 +38,41 @@ def init_rank(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo")
 
 
-def two_updates(kind: str, groups) -> tuple[dict, list]:
-    """Two optimizer steps over `groups` of the shared batch: (full float32 state afterwards, grad norms)."""
+def two_updates(kind: str, groups, freeze: bool = False) -> tuple[dict, list]:
+    """Two optimizer steps over `groups` of the shared batch: (full float32 state afterwards, grad norms).
+    freeze: rows 0 and 1 get A = 0 and run in the plan's frozen part (no backward), each part padded to the
+    most micro-batches any rank has, as the trainer's step does: with the split below only rank 1 has any."""
     from red_kernels import REDLossConfig
+    from red_kernels.policy_loss import gradient_free
 
+    cfg = REDLossConfig(loss_const=8.0)
     model, _ = tiny_model(seed=3)
     policy = Policy(model, "float32", kind, pad_id=0)
     opt, _ = make_optimizer(model, 1e-3, [0.9, 0.95], 0.0, 10, 0, 0.1)
-    batch = make_batch(GROUPS, seed=2).select_groups(groups)
+    batch = make_batch(GROUPS, seed=2)
+    if freeze:
+        batch = batch.replace(advantage=torch.where(torch.arange(batch.B) < 2, 0.0, batch.advantage))
+    batch = batch.select_groups(groups)
     _, mx = parallel.reduce(maxes={"m": len(token_budget_groups(batch.lengths.tolist(), BUDGET))})
     b = old_policy_pass(policy, batch, BUDGET, 1.0, int(mx["m"]))
-    norms = [
-        policy_update(policy, b, REDLossConfig(loss_const=8.0), BUDGET, opt, 1e9, GROUPS, int(mx["m"]))[
-            "grad_norm"
-        ]
-        for _ in range(2)
-    ]
+    norms = []
+    for _ in range(2):
+        if not freeze:
+            norms.append(policy_update(policy, b, cfg, BUDGET, opt, 1e9, GROUPS, int(mx["m"]))["grad_norm"])
+            continue
+        plan = Plan.build(b, BUDGET, 0, gradient_free=gradient_free(b.advantage, b.is_offline, cfg))
+        _, most = parallel.reduce(maxes=dict(zip(("frozen", "first", "second"), plan.counts())))
+        plan.pad((int(most["frozen"]), int(most["first"]), int(most["second"])))
+        norms.append(update(policy, plan, cfg, opt, 1e9, GROUPS)["grad_norm"])
     return checkpoint.full_state(model), norms
 
 
-def _worker(rank, world, port, kind, out, empty):
+def _worker(rank, world, port, kind, out, empty, freeze=False):
     init_rank(rank, world, port)
     try:
         # ranks hold different numbers of groups (micro-batches); `empty`: rank 1 holds none (all dropped there)
         split = {0: list(range(GROUPS)), 1: []} if empty else {0: list(range(2, GROUPS)), 1: [0, 1]}
-        result = two_updates(kind, split[rank])
+        result = two_updates(kind, split[rank], freeze)
         if rank == 0:
             torch.save(result, out)
     finally:
@@ -90,4 +101,22 @@ def test_two_ranks_reproduce_the_one_process_update(tmp_path, reference, kind, e
     # relative to all weights: AdamW turns the round-off of gradients that are zero in exact arithmetic (the key
     # bias cannot change a softmax) into lr-sized steps of either sign, in both runs alike
     rel = float((flat(got) - flat(reference)).norm() / flat(reference).norm())
+    assert rel < 1e-4, rel
+
+
+@pytest.fixture(scope="module")
+def frozen_reference():
+    return two_updates("ddp", list(range(GROUPS)), freeze=True)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_a_frozen_part_on_one_rank_only_reproduces_the_one_process_update(tmp_path, frozen_reference, kind):
+    """Rank 1 runs its two sequences without backward, rank 0 has none to freeze: the padded parts keep the
+    wrappers' collectives in step, and the weights match the one-process update."""
+    out = str(tmp_path / "state.pt")
+    mp.spawn(_worker, args=(2, free_port(), kind, out, False, True), nprocs=2, join=True)
+    (got, norms), (reference, ref_norms) = torch.load(out), frozen_reference
+    assert norms == pytest.approx(ref_norms, rel=1e-5)
+    flat = [torch.cat([st[k].reshape(-1) for k in sorted(st)]) for st in (got, reference)]
+    rel = float((flat[0] - flat[1]).norm() / flat[1].norm())  # relative to all weights, as above
     assert rel < 1e-4, rel
