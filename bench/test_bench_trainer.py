@@ -45,6 +45,7 @@ GRPO_OVERRIDES = [
     f"rollout.n={GRPO_SHAPE['group']}",
     f"rollout.max_new_tokens={GRPO_SHAPE['max_new']}",
     "algorithm.dynamic_sampling=false",
+    "reward.fn=bench.rewards:red_reward",  # a learning signal for the random model (bench/rewards.py)
     *OVERRIDES[1:],
 ]
 
@@ -127,6 +128,8 @@ def test_trainer_grpo_step_vs_trl(benchmark, bench_rows, tmp_path, impl):
             str(GRPO_SHAPE["group"]),
             "--max-new",
             str(GRPO_SHAPE["max_new"]),
+            "--reward",
+            "parity",
         ]
     result = {}
 

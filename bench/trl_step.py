@@ -52,6 +52,7 @@ def build(
     model_dir: str | None = None,
     task: str | None = None,
     template: str = "{problem}",
+    reward: str = "answer",
 ):
     import datasets
     from transformers import TrainerCallback
@@ -107,9 +108,11 @@ def build(
         shuffle_dataset=False,
     )
     cls = REDKernelsGRPOTrainer if trainer_name == "red_kernels" else GRPOTrainer
-    trainer = cls(
-        model=model, reward_funcs=reward_answer, args=args, train_dataset=data, processing_class=tok
-    )
+    if reward == "parity":  # bench/rewards.py: a learning signal for a model that solves nothing
+        from bench.rewards import trl_reward as reward_fn
+    else:
+        reward_fn = reward_answer
+    trainer = cls(model=model, reward_funcs=reward_fn, args=args, train_dataset=data, processing_class=tok)
 
     steps_out, timers = [], dict.fromkeys(PHASES, 0.0)
     _timed(trainer, "_generate", "time_rollout", timers)
@@ -151,10 +154,16 @@ def main(argv=None):
     p.add_argument("--task", default=None, help="synthetic task of the prompts (default: data.train)")
     p.add_argument("--template", default="{problem}", help="prompt text around {problem}")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--reward",
+        choices=("answer", "parity"),
+        default="answer",
+        help="answer: \\boxed{answer} in the completion; parity: bench/rewards.py (non-zero advantages)",
+    )
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     trainer, steps = build(
-        a.trainer, a.prompts, a.group, a.max_new, a.steps, a.out, 0, a.model, a.task, a.template
+        a.trainer, a.prompts, a.group, a.max_new, a.steps, a.out, 0, a.model, a.task, a.template, a.reward
     )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
