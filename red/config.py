@@ -33,6 +33,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (master weights stay fp32)
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {rope_theta: 40000}
     gradient_checkpointing: bool = False
+    lean_layers: bool = (
+        True  # RMSNorm / SwiGLU that save less for the backward (red/lean_layers.py), same math
+    )
     tiny: dict[str, Any] = field(default_factory=dict)  # Qwen2Config kwargs for the synthetic model
     attn_implementation: str = "auto"  # auto: red/attention.py picks by device; or any HF name
 
@@ -133,6 +136,9 @@ class TrainConfig:
     micro_batch_tokens: int = 16384  # tokens (padding included) per forward/backward
     packing: bool = True  # pack sequences into rows (no padding) where the attention supports it
     share_prompts: bool = True  # packed with sdpa/eager: a group's prompt runs once per micro-batch
+    release_host_memory: bool = (
+        True  # CPU: free heap pages back to the OS per micro-batch (red/host_memory.py)
+    )
     ppo_epochs: int = 1
     parallel: str = "ddp"  # ddp | fsdp2 (world size 1: no wrapper)
     max_nonfinite_steps: int = 3  # this many steps in a row with a non-finite loss/gradient stop the run

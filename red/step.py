@@ -1,8 +1,12 @@
 """One optimizer step of each kind, composing the stages (see red/records.py for the record they pass on).
 
 RL:  draw prompts -> engine.generate (n - k online) + k teacher traces -> rewards.score -> dynamic sampling with
-     refill -> the step's plan (red/plan.py, built once) -> advantages, r̄ -> [old-policy pass] -> w from the
+     refill -> advantages, r̄ -> the step's plan (red/plan.py, built once) -> [old-policy pass] -> w from the
      entropy-change ratio -> [TIS weights] -> update.update -> one metrics reduction.
+     Sequences whose every loss term is zero (red_kernels.policy_loss.gradient_free: A = 0 and no per-token
+     term, e.g. the online members that teacher_only_groups=zero_online zeroes) are planned in the plan's
+     frozen part: the update runs them without autograd (their log-probs, entropies and metrics as before,
+     no backward); `gradient_free_frac` is their share of the step's sequences.
      On-policy (`on_policy`: one epoch, no TIS) there is no old-policy pass: the update's own detached
      log-probs are the old ones (ρ ≡ 1) and its forward gives the pre-step entropies; RED's w, which the
      offline loss needs, comes from the online part of the update (run first) and a no-grad pass over the

@@ -25,11 +25,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import set_seed
 
-from . import checkpoint, drift, modes, parallel, synthetic
+from . import checkpoint, drift, lean_layers, modes, parallel, synthetic
 from .attention import packing_layout, resolve, shared_row_tokens
 from .config import ConfigError, load_config
 from .data import DataError, eval_sources, load_source, tokenize_examples
 from .eval import package_versions
+from .host_memory import HeapTrimmer
 from .loop import Trainer, eval_row, run_stage
 from .metrics import MetricsFileError, MetricsLogger
 from .models import load_pretrained, stop_token_ids, trace_eos_id
@@ -69,6 +70,9 @@ def build_model(cfg, device, run: RunDir, resume_dir):
         model.config._attn_implementation = attn
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.model.lean_layers:
+        swapped = lean_layers.apply(model)
+        log.info("lean layers: %d RMSNorm, %d SwiGLU MLP modules", swapped["rmsnorm"], swapped["mlp"])
     return model.float().to(device), tok, bool(resume_dir or warm)
 
 
@@ -273,6 +277,7 @@ def build_trainer(cfg, model, tok, eos_id: int, device, run: RunDir) -> Trainer:
         model.config._attn_implementation, device, cfg.train.packing, cfg.train.share_prompts
     )
     policy.row_tokens = shared_row_tokens(model.config)
+    policy.trimmer = HeapTrimmer(cfg.train.release_host_memory and torch.device(device).type == "cpu")
     engine = factory.make_engine(cfg, model, tok, stop_token_ids=stop_token_ids(tok, eos_id))
     verifier = Verifier(cfg.reward.workers, cfg.reward.timeout_s, fn=cfg.reward.fn)
     return Trainer(cfg, policy, tok, RolloutSession(engine, model), verifier, run)

@@ -37,6 +37,7 @@ class Policy:
     )
     row_tokens = None  # layout "shared": the widest row (red.attention.shared_row_tokens); None: the budget
     skipped_updates = 0  # optimizer steps skipped for a non-finite loss or gradient (red/loop.py reads it)
+    trimmer = None  # red.host_memory.HeapTrimmer called after each micro-batch of the update (CPU), or None
 
     def __init__(self, model, dtype: str = "float32", parallel_kind: str = "ddp", pad_id: int = 0):
         self.model, self.pad_id, self.dtype_name = model, pad_id, dtype
@@ -217,6 +218,8 @@ def update(
                     out.loss * parallel.world_size()
                 )  # the wrappers average gradients; the normaliser wants a sum
                 (policy.scaler.scale(loss) if policy.scaler else loss).backward()
+        if policy.trimmer is not None:
+            policy.trimmer()
         if mb.old_logprobs is None:
             mb.old_logprobs = out.logprobs
         if mb.entropy is None:
