@@ -12,7 +12,9 @@ from red.algorithm import group_advantages
 
 def test_parity_is_deterministic_and_about_even():
     rng = random.Random(0)
-    texts = ["".join(rng.choice("abcdef 0123456789\\{}") for _ in range(rng.randint(1, 80))) for _ in range(2000)]
+    texts = [
+        "".join(rng.choice("abcdef 0123456789\\{}") for _ in range(rng.randint(1, 80))) for _ in range(2000)
+    ]
     values = [parity(t) for t in texts]
     assert set(values) == {0.0, 1.0}
     assert 0.45 < sum(values) / len(values) < 0.55
