@@ -68,8 +68,8 @@ def build_model(cfg, device, run: RunDir, resume_dir):
         tok = synthetic.build_tokenizer()
         model = synthetic.build_model(tok, cfg.model.tiny, seed=cfg.seed)
         model.config._attn_implementation = attn
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.model.gradient_checkpointing:  # transformers >= 5.25 renames it (the old name warns, gone in v6)
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if cfg.model.lean_layers:
         swapped = lean_layers.apply(model)
         log.info("lean layers: %d RMSNorm, %d SwiGLU MLP modules", swapped["rmsnorm"], swapped["mlp"])

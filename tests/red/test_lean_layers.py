@@ -131,3 +131,24 @@ def test_other_modules_are_left_alone():
     net = torch.nn.Sequential(RMSNorm(), torch.nn.Linear(4, 4), torch.nn.SiLU())
     assert lean_layers.apply(net) == {"rmsnorm": 0, "mlp": 0}
     assert all("forward" not in m.__dict__ for m in net.modules())
+
+
+@pytest.mark.parametrize("lean, checkpointing", [(True, False), (False, True)])
+def test_the_trainer_builds_its_model_with_the_configured_layers(tmp_path, lean, checkpointing):
+    from types import SimpleNamespace
+
+    from red.config import load_config
+    from red.train import build_model
+
+    cfg = load_config(
+        None,
+        [
+            f"model.lean_layers={str(lean).lower()}",
+            f"model.gradient_checkpointing={str(checkpointing).lower()}",
+        ],
+    )
+    model, _, _ = build_model(cfg, "cpu", SimpleNamespace(warmup=str(tmp_path / "warmup")), None)
+    swapped = [m for m in model.modules() if "forward" in m.__dict__]
+    layers = model.config.num_hidden_layers
+    assert len(swapped) == (3 * layers + 1 if lean else 0)
+    assert model.is_gradient_checkpointing == checkpointing
