@@ -69,10 +69,10 @@ def on_policy(cfg) -> bool:
     return cfg.train.ppo_epochs == 1 and cfg.rollout.is_correction != "tis"
 
 
-def _plan(tr, batch: RolloutBatch, loss_cfg, split: bool = False, gradient_free=None) -> tuple[Plan, dict]:
+def _plan(tr, batch: RolloutBatch, loss_cfg, split: bool = False, free=None) -> tuple[Plan, dict]:
     """The step's plan (red/plan.py), built once, padded to the most micro-batches any rank has in each part;
     and the global normaliser (sequences, or tokens for the TOKEN_NORMALISED aggregations), tokens and kept
-    groups — all in one reduction. gradient_free: [B] bool, the rows of the plan's frozen part (no backward)."""
+    groups — all in one reduction. free: [B] bool, the gradient-free rows (the plan's frozen part, no backward)."""
     p = tr.policy
     plan = Plan.build(
         batch,
@@ -82,7 +82,7 @@ def _plan(tr, batch: RolloutBatch, loss_cfg, split: bool = False, gradient_free=
         p.device,
         split,
         row_tokens=p.row_tokens,
-        gradient_free=gradient_free,
+        gradient_free=free,
     )
     frozen, first, second = plan.counts()
     sums, mx = parallel.reduce(
@@ -90,8 +90,8 @@ def _plan(tr, batch: RolloutBatch, loss_cfg, split: bool = False, gradient_free=
             "norm": int(batch.response_len.sum()) if loss_cfg.loss_agg in TOKEN_NORMALISED else batch.B,
             "tokens": int(batch.lengths.sum()),
             "groups_kept": batch.G,
-            "norm_sequences": batch.B,
-            "gradient_free": int(gradient_free.sum()) if gradient_free is not None else 0,
+            "sequences": batch.B,
+            "gradient_free": int(free.sum()) if free is not None else 0,
         },
         {"frozen": frozen, "first": first, "second": second},
     )
@@ -296,7 +296,7 @@ def rl_step(tr, phase) -> dict:
         groups_kept=g,
         **{group_share_key(kind): sums[f"kept_{kind}"] / g for kind in GROUP_KINDS},
         tokens=pre["tokens"],
-        gradient_free_frac=pre["gradient_free"] / pre["norm_sequences"],
+        gradient_free_frac=pre["gradient_free"] / pre["sequences"],
     )
     m["tokens_per_s"] = pre["tokens"] / max(sum(v for kk, v in m.items() if kk.startswith("time_")), 1e-9)
     tr.last_samples = tr.samples(batch)
