@@ -4,7 +4,9 @@ test_trainer_red_step: the embedded default (red/configs/default.yaml) in RED mo
 test_trainer_grpo_step_vs_trl: stock trl.GRPOTrainer, REDKernelsGRPOTrainer and `python -m red.train
 algorithm.mode=grpo` on the same tiny model, prompts per step, group size and completion length (GRPO_SHAPE), each
 in a fresh process (bench/trl_step.py for TRL), with that process's peak RSS (os.wait4). TRL's phases come from
-wrapping its own methods (see trl_step.py); TRL skips the old-policy pass when it is on-policy, red.train does not.
+wrapping its own methods (see trl_step.py). Both skip the old-policy pass when the step is on-policy. Every
+trainer gets bench/rewards.py's parity reward: the random model solves nothing, and with every advantage 0
+red.train would skip the backward of every sequence (gradient-free), so the step would not be a real one.
 
 Runs `python -m red.train` in a fresh process (the config sets its own thread count) for a few RED steps with the
 warm-up SFT stage and the before-training evaluation off, then reads the per-phase times the trainer logs in

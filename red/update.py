@@ -214,9 +214,8 @@ def update(
         else:
             with parallel.gradient_sync(policy.wrapped, i == len(mbs) - 1):
                 out = policy.call(fn)
-                loss = (
-                    out.loss * parallel.world_size()
-                )  # the wrappers average gradients; the normaliser wants a sum
+                # the wrappers average gradients; the global normaliser wants a sum
+                loss = out.loss * parallel.world_size()
                 (policy.scaler.scale(loss) if policy.scaler else loss).backward()
         if policy.trimmer is not None:
             policy.trimmer()
